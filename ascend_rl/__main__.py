@@ -1,0 +1,5 @@
+import sys
+
+from ascend_rl.cli.main import main
+
+sys.exit(main())

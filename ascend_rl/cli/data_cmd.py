@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="WHAT")
+
+    tiny = sub.add_parser("tiny-model", help="a tiny random Qwen3-architecture model + char tokenizer (HF dir)")
+    tiny.add_argument("out", help="output directory")
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--heads", type=int, default=4)
+    tiny.add_argument("--kv-heads", type=int, default=2)
+    tiny.add_argument("--intermediate-size", type=int, default=384)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_tiny_model)
+
+    arith = sub.add_parser("arithmetic", help="the two-number addition task in verl's parquet schema")
+    arith.add_argument("out", help="output directory (train.parquet, test.parquet)")
+    arith.add_argument("--train-size", type=int, default=4096)
+    arith.add_argument("--test-size", type=int, default=256)
+    arith.add_argument("--max-operand", type=int, default=99)
+    arith.add_argument("--seed", type=int, default=0)
+    arith.set_defaults(run=_arithmetic)
+
+    gsm = sub.add_parser("gsm8k", help="convert GSM8K rows (jsonl/parquet/HF dataset dir) to verl's schema")
+    gsm.add_argument("--input", action="append", required=True, help="a GSM8K file or directory (repeatable)")
+    gsm.add_argument("--split", choices=("train", "test"), help="default: from the file name")
+    gsm.add_argument("out", help="output directory ({split}.parquet)")
+    gsm.set_defaults(run=_gsm8k)
+
+
+def _tiny_model(args) -> int:
+    from ascend_rl.data.tiny_model import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(args.hidden_size, args.layers, args.heads, args.kv_heads, args.intermediate_size,
+                         seed=args.seed)
+    print(f"wrote {build_tiny_model(args.out, spec)}")
+    return 0
+
+
+def _arithmetic(args) -> int:
+    from ascend_rl.data.tasks import write_arithmetic
+
+    for split, path in write_arithmetic(args.out, args.train_size, args.test_size, args.max_operand, args.seed).items():
+        print(f"wrote {path}")
+    return 0
+
+
+def _gsm8k(args) -> int:
+    from ascend_rl.data.tasks import convert_gsm8k
+
+    for split, path in convert_gsm8k(args.input, args.out, args.split).items():
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,112 @@
+"""Warnings for keys that do nothing (or something else than in verl) in the chosen setup, and the list
+of features a config asks for that are not built yet.
+
+A lint rule fires only for keys the user changed from verl's defaults, so a plain config is silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from ascend_rl.config import schema
+
+A = "actor_rollout_ref"
+SGLANG_KW = f"+{A}.rollout.engine_kwargs.sglang"
+
+
+@dataclass(frozen=True)
+class LintRule:
+    key: str
+    applies: Callable[[DictConfig], bool]
+    message: Callable[[DictConfig], str]
+
+
+def _sglang(cfg: DictConfig) -> bool:
+    return cfg[A].rollout.name == "sglang"
+
+
+LINT_RULES = (
+    LintRule(f"{A}.rollout.enable_chunked_prefill", _sglang,
+             lambda c: f"has no effect with rollout.name=sglang (only vLLM reads it); to turn chunked prefill off "
+                       f"use {SGLANG_KW}.chunked_prefill_size=-1"),
+    LintRule(f"{A}.rollout.multi_stage_wake_up", lambda c: True,
+             lambda c: "has no effect: weight sync always wakes the weights first and the KV cache after them"),
+    LintRule("data.truncation", lambda c: not c.data.filter_overlong_prompts,
+             lambda c: f"is applied here: prompts over data.max_prompt_length={c.data.max_prompt_length} tokens are "
+                       f"{'rejected' if c.data.truncation == 'error' else f'cut ({c.data.truncation})'}; "
+                       f"verl stores this key without applying it; to drop long prompts instead use "
+                       f"data.filter_overlong_prompts=True"),
+    LintRule(f"{A}.rollout.val_kwargs.do_sample", lambda c: True,
+             lambda c: f"has no effect: validation samples when val_kwargs.temperature > 0 (here "
+                       f"{c[A].rollout.val_kwargs.temperature}) and is greedy at 0; set val_kwargs.temperature"),
+    LintRule(f"{A}.rollout.max_model_len", _sglang,
+             lambda c: f"only caps max_new_tokens; SGLang's context window is {SGLANG_KW}.context_length=N"),
+    LintRule(f"{A}.actor.clip_ratio", lambda c: True,
+             lambda c: f"has no effect while clip_ratio_low/clip_ratio_high are set (they default to 0.2); "
+                       f"set {A}.actor.clip_ratio_low and {A}.actor.clip_ratio_high"),
+    LintRule(f"{A}.actor.ppo_micro_batch_size", lambda c: True,
+             lambda c: f"is verl's deprecated global micro-batch; use {A}.actor.ppo_micro_batch_size_per_gpu"),
+)
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    requested: Callable[[DictConfig, int], bool]
+    instead: str
+
+
+# What a config can ask for that this build does not have yet. `train` stops at start-up on these.
+UNSUPPORTED = (
+    Feature("training loop (the trainer issue)", lambda c, w: True, "run `ascend-rl plan` for the layout"),
+    Feature("Megatron training (actor.strategy=megatron)", lambda c, w: c[A].actor.strategy == "megatron",
+            f"{A}.actor.strategy=fsdp"),
+    Feature("SGLang rollout (rollout.name=sglang)", lambda c, w: c[A].rollout.name == "sglang",
+            f"{A}.rollout.name=native"),
+    Feature("rollout backends other than native/sglang", lambda c, w: c[A].rollout.name not in ("native", "sglang"),
+            f"{A}.rollout.name=native"),
+    Feature("multi-device training (Ray worker groups)", lambda c, w: w > 1,
+            "trainer.nnodes=1 trainer.n_gpus_per_node=1"),
+    Feature("Ulysses sequence parallelism", lambda c, w: c[A].actor.ulysses_sequence_parallel_size > 1,
+            f"{A}.actor.ulysses_sequence_parallel_size=1"),
+    Feature("dynamic batch size (use_dynamic_bsz)", lambda c, w: c[A].actor.use_dynamic_bsz,
+            f"{A}.actor.use_dynamic_bsz=False"),
+    Feature("LoRA (model.lora_rank > 0)", lambda c, w: c[A].model.lora_rank > 0, f"{A}.model.lora_rank=0"),
+    Feature("PPO with a critic (adv_estimator=gae / critic.enable)",
+            lambda c, w: c.critic.enable or (c.critic.enable is None and c.algorithm.adv_estimator == "gae"),
+            "algorithm.adv_estimator=grpo"),
+    Feature("reward models (reward.reward_model.enable)", lambda c, w: c.reward.reward_model.enable,
+            "rule rewards or reward.custom_reward_function.path"),
+    Feature("profiling (global_profiler.tool)", lambda c, w: c.global_profiler.tool is not None,
+            "global_profiler.tool=null"),
+)
+
+
+@lru_cache(maxsize=1)
+def _resolved_defaults() -> DictConfig:
+    cfg = schema.defaults_tree().copy()
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def changed_keys(cfg: DictConfig) -> set[str]:
+    """Keys whose value differs from verl's default."""
+    defaults = _resolved_defaults()
+    return {
+        path for path in schema.leaf_paths(cfg)
+        if not isinstance(OmegaConf.select(cfg, path), DictConfig)
+        and OmegaConf.select(cfg, path) != OmegaConf.select(defaults, path, default="<absent>")
+    }
+
+
+def lint(cfg: DictConfig) -> list[str]:
+    changed = changed_keys(cfg)
+    return [f"{r.key}: {r.message(cfg)}" for r in LINT_RULES if r.key in changed and r.applies(cfg)]
+
+
+def unsupported_features(cfg: DictConfig, world_size: int) -> list[str]:
+    return [f"{f.name} is not built yet; for now use {f.instead}" for f in UNSUPPORTED if f.requested(cfg, world_size)]

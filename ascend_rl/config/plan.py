@@ -1,0 +1,114 @@
+"""`ascend-rl plan`: everything a config implies, computed without devices, models or data."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from omegaconf import DictConfig
+
+from ascend_rl.config.environment import EnvFinding, check_environment
+from ascend_rl.config.layout import Layout, compute_layout
+from ascend_rl.config.lint import lint, unsupported_features
+from ascend_rl.config.memory import MemoryEstimate, estimate_memory
+from ascend_rl.config.validate import data_files, missing_inputs, validate
+from ascend_rl.platform import resolve_device
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    memory: MemoryEstimate
+    total_steps: int | None
+    steps_note: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    environment: list[EnvFinding] = field(default_factory=list)
+    missing_inputs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "layout": self.layout.to_dict(),
+            "memory": self.memory.to_dict(),
+            "total_steps": self.total_steps,
+            "steps_note": self.steps_note,
+            "errors": self.errors,
+            "warnings": self.warnings,
+            "unsupported": self.unsupported,
+            "environment": [asdict(f) for f in self.environment],
+            "missing_inputs": self.missing_inputs,
+        }
+
+
+def make_plan(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> Plan:
+    environ = os.environ if environ is None else environ
+    layout = compute_layout(cfg, resolve_device(cfg.trainer.device))
+    total, note = total_steps(cfg)
+    return Plan(
+        layout=layout,
+        memory=estimate_memory(cfg, layout),
+        total_steps=total,
+        steps_note=note,
+        errors=validate(cfg, layout),
+        warnings=lint(cfg),
+        unsupported=unsupported_features(cfg, layout.world_size),
+        environment=check_environment(cfg, layout.device, environ),
+        missing_inputs=missing_inputs(cfg),
+    )
+
+
+def total_steps(cfg: DictConfig) -> tuple[int | None, str]:
+    """Training steps: trainer.total_training_steps, else epochs × full batches per epoch."""
+    epochs, batch = cfg.trainer.total_epochs, cfg.data.train_batch_size
+    if cfg.trainer.total_training_steps:
+        return cfg.trainer.total_training_steps, "trainer.total_training_steps"
+    rows = count_rows(data_files(cfg.data.train_files))
+    if rows is None:
+        return None, f"{epochs} epoch(s) × ⌊rows / {batch}⌋; the training data is not on this machine"
+    if cfg.data.train_max_samples and cfg.data.train_max_samples > 0:
+        rows = min(rows, cfg.data.train_max_samples)
+    return epochs * (rows // batch), f"{epochs} epoch(s) × ⌊{rows} rows / {batch}⌋"
+
+
+def count_rows(files: list[str]) -> int | None:
+    """Rows in parquet files, from their metadata (nothing is read); None if any is absent."""
+    if not files or not all(Path(f).is_file() for f in files):
+        return None
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def format_plan(plan: Plan) -> str:
+    lay, b, mem = plan.layout, plan.layout.batch, plan.memory
+    micro = lay.batch.micro_batch_size_per_device
+    lines = [
+        f"devices        {lay.device}: {lay.nnodes} node(s) × {lay.devices_per_node} = {lay.world_size}",
+        f"training       {lay.train.describe()}",
+        f"rollout        {lay.rollout.describe()} ({lay.rollout.devices_per_replica} device(s) each)",
+        f"per step       {b.prompts_per_step} prompts × n = {b.samples_per_step} samples",
+        f"updates        {b.mini_batches_per_step} mini-batch(es) of {b.samples_per_mini_batch} samples × "
+        f"{b.ppo_epochs} epoch(s) = {b.optimizer_steps_per_step} optimizer step(s) per step",
+        f"micro-batches  {b.micro_batches_per_mini_batch} per mini-batch per rank ({b.samples_per_rank_per_mini_batch}"
+        f" samples / micro-batch {micro if micro else 'unset: all at once'})",
+        f"total steps    {plan.total_steps if plan.total_steps is not None else '?'} ({plan.steps_note})",
+        _format_memory(mem),
+    ]
+    sections = (("error", plan.errors), ("warning", plan.warnings), ("not built", plan.unsupported),
+                ("environment", [f.message for f in plan.environment]), ("input", plan.missing_inputs))
+    for label, items in sections:
+        lines += [f"{label}: {item}" for item in items]
+    return "\n".join(lines)
+
+
+def _format_memory(mem: MemoryEstimate) -> str:
+    if mem.parameters is None:
+        return f"memory         unknown: parameter count {mem.parameters_source}"
+    off = f"; offloaded to host: {', '.join(mem.offloaded)}" if mem.offloaded else ""
+    return (f"memory         {mem.parameters / 1e9:.2f}B parameters ({mem.parameters_source}); per device while "
+            f"training ≈ {mem.train_phase_gib:.1f} GiB (actor params {mem.actor_params_gib}, grads "
+            f"{mem.actor_grads_gib}, optimizer {mem.actor_optimizer_gib}, ref {mem.ref_params_gib}); rollout "
+            f"weights {mem.rollout_weights_gib} GiB per device + KV cache{off}")

@@ -1,0 +1,148 @@
+"""Semantic checks of a loaded config: each returns one-line messages naming the keys involved.
+
+`validate(cfg, layout)` is what every command runs; `missing_inputs(cfg)` (model and data paths on disk)
+is an error for `train` and a note for `plan`, which needs neither.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+from ascend_rl.config.layout import Layout
+from ascend_rl.platform import PLATFORMS
+
+A = "actor_rollout_ref"
+TRUNCATION_MODES = ("error", "left", "right", "middle")
+RESUME_MODES = ("auto", "disable", "resume_path")
+
+
+def validate(cfg: DictConfig, layout: Layout) -> list[str]:
+    return [*_check_choices(cfg), *_check_ranges(cfg), *_check_batches(cfg, layout), *_check_rollout(cfg, layout)]
+
+
+def _choice(key: str, value, valid) -> list[str]:
+    return [] if value in valid else [f"{key}={value!r}: expected one of {', '.join(map(str, valid))}"]
+
+
+def _kl_kind_ok(kind: str) -> bool:
+    return kind.removesuffix("+") in KL_ESTIMATORS
+
+
+def _check_choices(cfg: DictConfig) -> list[str]:
+    actor, alg = cfg[A].actor, cfg.algorithm
+    errors = [
+        *_choice("algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS.names()),
+        *_choice(f"{A}.actor.policy_loss.loss_mode", actor.policy_loss.loss_mode, POLICY_LOSSES.names()),
+        *_choice(f"{A}.actor.loss_agg_mode", actor.loss_agg_mode, LOSS_AGG_MODES),
+        *_choice("algorithm.kl_ctrl.type", alg.kl_ctrl.type, KL_CONTROLLERS.names()),
+        *_choice("data.truncation", cfg.data.truncation, TRUNCATION_MODES),
+        *_choice("trainer.resume_mode", cfg.trainer.resume_mode, RESUME_MODES),
+        *_choice(f"{A}.actor.strategy", actor.strategy, ("fsdp", "fsdp2", "megatron")),
+    ]
+    for key, kind in ((f"{A}.actor.kl_loss_type", actor.kl_loss_type), ("algorithm.kl_penalty", alg.kl_penalty)):
+        if not _kl_kind_ok(kind):
+            errors.append(f"{key}={kind!r}: expected one of {', '.join(KL_ESTIMATORS.names())} (optionally with '+')")
+    if cfg.trainer.device is not None:
+        errors += _choice("trainer.device", cfg.trainer.device, sorted(PLATFORMS))
+    if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
+        errors.append("trainer.resume_mode=resume_path needs trainer.resume_from_path")
+    if cfg[A].model.path in (None, ""):
+        errors.append(f"{A}.model.path is not set: give a local Hugging Face model directory")
+    return errors
+
+
+def _check_ranges(cfg: DictConfig) -> list[str]:
+    actor, ro = cfg[A].actor, cfg[A].rollout
+    rules = [
+        (f"{A}.actor.clip_ratio_low", actor.clip_ratio_low, lambda v: 0 <= v < 1, "in [0, 1)"),
+        (f"{A}.actor.clip_ratio_high", actor.clip_ratio_high, lambda v: v >= 0, ">= 0"),
+        (f"{A}.actor.clip_ratio_c", actor.clip_ratio_c, lambda v: v > 1, "> 1 (dual clip)"),
+        (f"{A}.actor.optim.lr", actor.optim.lr, lambda v: v >= 0, ">= 0"),
+        (f"{A}.actor.ppo_epochs", actor.ppo_epochs, lambda v: v >= 1, ">= 1"),
+        (f"{A}.rollout.n", ro.n, lambda v: v >= 1, ">= 1"),
+        (f"{A}.rollout.temperature", ro.temperature, lambda v: v >= 0, ">= 0"),
+        (f"{A}.rollout.val_kwargs.temperature", ro.val_kwargs.temperature, lambda v: v >= 0, ">= 0"),
+        (f"{A}.rollout.top_p", ro.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        (f"{A}.rollout.val_kwargs.top_p", ro.val_kwargs.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        (f"{A}.rollout.top_k", ro.top_k, lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
+        (f"{A}.rollout.gpu_memory_utilization", ro.gpu_memory_utilization, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("data.max_prompt_length", cfg.data.max_prompt_length, lambda v: v >= 1, ">= 1"),
+        ("data.max_response_length", cfg.data.max_response_length, lambda v: v >= 1, ">= 1"),
+        ("data.train_batch_size", cfg.data.train_batch_size, lambda v: v >= 1, ">= 1"),
+        (f"{A}.actor.ppo_mini_batch_size", actor.ppo_mini_batch_size, lambda v: v >= 1, ">= 1"),
+        ("trainer.nnodes", cfg.trainer.nnodes, lambda v: v >= 1, ">= 1"),
+        ("trainer.n_gpus_per_node", cfg.trainer.n_gpus_per_node, lambda v: v >= 1, ">= 1"),
+        ("algorithm.gamma", cfg.algorithm.gamma, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("algorithm.lam", cfg.algorithm.lam, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ]
+    return [f"{key}={value} must be {what}" for key, value, ok, what in rules if not ok(value)]
+
+
+def _check_batches(cfg: DictConfig, layout: Layout) -> list[str]:
+    errors = []
+    actor, train, batch = cfg[A].actor, layout.train, layout.batch
+    world, n = layout.world_size, cfg[A].rollout.n
+    if actor.ppo_mini_batch_size > cfg.data.train_batch_size:
+        errors.append(f"{A}.actor.ppo_mini_batch_size={actor.ppo_mini_batch_size} is larger than "
+                      f"data.train_batch_size={cfg.data.train_batch_size}")
+    if train.strategy == "megatron":
+        model_parallel = train.tp * train.pp * train.cp
+        if world % model_parallel:
+            errors.append(f"{world} training devices do not divide into Megatron TP·PP·CP = {model_parallel}")
+        unit = train.data_parallel * (actor.ppo_micro_batch_size_per_gpu or 1)
+        what = f"Megatron DP {train.data_parallel} × {A}.actor.ppo_micro_batch_size_per_gpu"
+    else:
+        if world % train.ulysses_sp:
+            errors.append(f"{world} training devices do not divide into {A}.actor.ulysses_sequence_parallel_size="
+                          f"{train.ulysses_sp}")
+        unit, what = world, f"{world} training devices (trainer.nnodes × trainer.n_gpus_per_node)"
+    if batch.samples_per_step % unit:
+        errors.append(f"data.train_batch_size × rollout.n = {batch.samples_per_step} samples per step do not "
+                      f"divide over {what} = {unit}")
+    if batch.samples_per_mini_batch % train.data_parallel:
+        errors.append(f"{A}.actor.ppo_mini_batch_size × rollout.n = {batch.samples_per_mini_batch} samples do not "
+                      f"divide over {train.data_parallel} data-parallel ranks")
+    micro = actor.ppo_micro_batch_size_per_gpu
+    per_rank = batch.samples_per_rank_per_mini_batch
+    if micro is not None and micro < 1:
+        errors.append(f"{A}.actor.ppo_micro_batch_size_per_gpu={micro} must be >= 1")
+    elif micro is not None and per_rank and micro <= per_rank and per_rank % micro:
+        errors.append(f"{A}.actor.ppo_micro_batch_size_per_gpu={micro} does not divide the {per_rank} samples "
+                      f"each rank gets per mini-batch")
+    return errors
+
+
+def _check_rollout(cfg: DictConfig, layout: Layout) -> list[str]:
+    ro, errors = layout.rollout, []
+    if layout.world_size % ro.devices_per_replica:
+        errors.append(f"{layout.world_size} devices do not divide into rollout replicas of "
+                      f"tensor_model_parallel_size·data_parallel_size·pipeline_model_parallel_size = "
+                      f"{ro.devices_per_replica}")
+    if ro.ep > 1 and ro.ep != ro.tp * ro.dp:
+        errors.append(f"{A}.rollout.expert_parallel_size={ro.ep} must equal tensor_model_parallel_size × "
+                      f"data_parallel_size = {ro.tp * ro.dp}")
+    return errors
+
+
+def data_files(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, ListConfig)) else [str(value)]
+
+
+def missing_inputs(cfg: DictConfig) -> list[str]:
+    """Inputs that must exist on disk before training."""
+    out = []
+    model = cfg[A].model.path
+    if model and not Path(model).is_dir():
+        out.append(f"{A}.model.path={model}: no such directory (models are not downloaded; pass a local "
+                   f"Hugging Face model directory)")
+    for key in ("data.train_files", "data.val_files"):
+        files = data_files(OmegaConf.select(cfg, key))
+        if key == "data.train_files" and not files:
+            out.append("data.train_files is not set")
+        out += [f"{key}: {f}: no such file" for f in files if not Path(f).is_file()]
+    return out

@@ -1,0 +1,12 @@
+"""Errors a user can fix. The CLI prints their messages (one line each) and exits non-zero; anything
+else that escapes is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class UserError(Exception):
+    def __init__(self, messages: str | Sequence[str]):
+        self.messages = [messages] if isinstance(messages, str) else list(messages)
+        super().__init__("\n".join(self.messages))

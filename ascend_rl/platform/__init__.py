@@ -1,0 +1,48 @@
+"""The only place that knows device kinds: names, communication backends, visible-device variables,
+Ray resource names and the environment each kind needs. Nobody else branches on the device."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str  # torch device type
+    comm_backend: str  # torch.distributed backend for device tensors
+    visible_devices_var: str | None
+    ray_resource: str | None
+    noset_visible_devices_var: str | None = None  # makes Ray leave the visible-devices variable alone
+
+
+PLATFORMS: dict[str, Platform] = {
+    "cpu": Platform("cpu", "gloo", None, None),
+    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", "GPU", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"),
+    "npu": Platform("npu", "hccl", "ASCEND_RT_VISIBLE_DEVICES", "NPU",
+                    "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"),
+}
+
+
+def get_platform(name: str) -> Platform:
+    try:
+        return PLATFORMS[name]
+    except KeyError:
+        raise ValueError(f"trainer.device={name!r}: expected one of {sorted(PLATFORMS)}") from None
+
+
+def detect_device() -> str:
+    """npu when torch_npu is installed and sees a device, else cuda when available, else cpu."""
+    import torch
+
+    if importlib.util.find_spec("torch_npu") is not None:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+
+        if torch.npu.is_available():
+            return "npu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(requested: str | None) -> str:
+    """`trainer.device` when set (validated), else what this machine has."""
+    return get_platform(requested).name if requested else detect_device()
