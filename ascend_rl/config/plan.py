@@ -108,7 +108,14 @@ def _format_memory(mem: MemoryEstimate) -> str:
     if mem.parameters is None:
         return f"memory         unknown: parameter count {mem.parameters_source}"
     off = f"; offloaded to host: {', '.join(mem.offloaded)}" if mem.offloaded else ""
-    return (f"memory         {mem.parameters / 1e9:.2f}B parameters ({mem.parameters_source}); per device while "
+    return (f"memory         {_count(mem.parameters)} parameters ({mem.parameters_source}); per device while "
             f"training ≈ {mem.train_phase_gib:.1f} GiB (actor params {mem.actor_params_gib}, grads "
             f"{mem.actor_grads_gib}, optimizer {mem.actor_optimizer_gib}, ref {mem.ref_params_gib}); rollout "
             f"weights {mem.rollout_weights_gib} GiB per device + KV cache{off}")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)

@@ -12,7 +12,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
 from ascend_rl.config.layout import Layout
-from ascend_rl.platform import PLATFORMS
 
 A = "actor_rollout_ref"
 TRUNCATION_MODES = ("error", "left", "right", "middle")
@@ -45,8 +44,6 @@ def _check_choices(cfg: DictConfig) -> list[str]:
     for key, kind in ((f"{A}.actor.kl_loss_type", actor.kl_loss_type), ("algorithm.kl_penalty", alg.kl_penalty)):
         if not _kl_kind_ok(kind):
             errors.append(f"{key}={kind!r}: expected one of {', '.join(KL_ESTIMATORS.names())} (optionally with '+')")
-    if cfg.trainer.device is not None:
-        errors += _choice("trainer.device", cfg.trainer.device, sorted(PLATFORMS))
     if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
         errors.append("trainer.resume_mode=resume_path needs trainer.resume_from_path")
     if cfg[A].model.path in (None, ""):
@@ -145,4 +142,7 @@ def missing_inputs(cfg: DictConfig) -> list[str]:
         if key == "data.train_files" and not files:
             out.append("data.train_files is not set")
         out += [f"{key}: {f}: no such file" for f in files if not Path(f).is_file()]
+    reward_file = cfg.reward.custom_reward_function.path
+    if reward_file and not Path(reward_file).is_file():
+        out.append(f"reward.custom_reward_function.path={reward_file}: no such file")
     return out

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from ascend_rl.errors import UserError
+
 
 @dataclass(frozen=True)
 class Platform:
@@ -28,7 +30,7 @@ def get_platform(name: str) -> Platform:
     try:
         return PLATFORMS[name]
     except KeyError:
-        raise ValueError(f"trainer.device={name!r}: expected one of {sorted(PLATFORMS)}") from None
+        raise UserError(f"trainer.device={name!r}: expected one of {', '.join(sorted(PLATFORMS))}") from None
 
 
 def detect_device() -> str:

@@ -1,0 +1,214 @@
+"""`plan`: layouts of the four NPU recipes, validation rules, lint warnings, environment findings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ascend_rl.config import load_config
+from ascend_rl.config.environment import check_environment
+from ascend_rl.config.plan import make_plan
+
+A = "actor_rollout_ref"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "examples" / "ascend"
+MODEL = f"{A}.model.path=/models/m"
+SMALL = [MODEL, "trainer.n_gpus_per_node=1", f"{A}.rollout.tensor_model_parallel_size=1",
+         "data.train_batch_size=8", f"{A}.actor.ppo_mini_batch_size=8", "algorithm.adv_estimator=grpo"]
+
+
+def plan_of(*overrides, environ=None):
+    return make_plan(load_config([*SMALL, *overrides]), environ={} if environ is None else environ)
+
+
+def run_recipe(script: str, tmp_path: Path) -> dict:
+    env = {**os.environ, "ASCEND_RL_COMMAND": "plan --json", "WORKSPACE_HOME": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("ASCEND_RT_VISIBLE_DEVICES", None)
+    out = subprocess.run(["bash", str(RECIPES / script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("script,expected", [
+    ("run_qwen3_30b_a3b_grpo_megatron_sglang_a3.sh",
+     dict(world=16, strategy="megatron", dp=4, tp=4, replicas=4, rollout_tp=4, samples=128, opt_steps=1, micro=32)),
+    ("run_qwen2_5_32b_grpo_fsdp_sglang_a2_2nodes.sh",
+     dict(world=16, strategy="fsdp", dp=16, tp=1, replicas=4, rollout_tp=4, samples=256, opt_steps=1, micro=16)),
+    ("run_qwen3_8b_grpo_fsdp_sglang_1k.sh",
+     dict(world=4, strategy="fsdp", dp=1, tp=1, replicas=1, rollout_tp=4, samples=80, opt_steps=1, micro=80)),
+    ("run_qwen3_8b_grpo_fsdp_sglang_32k.sh",
+     dict(world=8, strategy="fsdp", dp=2, tp=1, replicas=2, rollout_tp=4, samples=80, opt_steps=1, micro=40)),
+])
+def test_recipe_layouts(script, expected, tmp_path):
+    plan = run_recipe(script, tmp_path)
+    lay = plan["layout"]
+    assert lay["device"] == "npu"
+    assert lay["world_size"] == expected["world"]
+    assert lay["train"]["strategy"] == expected["strategy"]
+    assert lay["train"]["data_parallel"] == expected["dp"]
+    assert lay["train"]["tp"] == expected["tp"]
+    assert (lay["rollout"]["replicas"], lay["rollout"]["tp"]) == (expected["replicas"], expected["rollout_tp"])
+    assert lay["batch"]["samples_per_step"] == expected["samples"]
+    assert lay["batch"]["optimizer_steps_per_step"] == expected["opt_steps"]
+    assert lay["batch"]["micro_batches_per_mini_batch"] == expected["micro"]
+    assert plan["errors"] == []
+    assert plan["environment"] == []  # the scripts export what the seed makes mandatory
+    # paths are built from WORKSPACE_HOME (verl's 8B scripts used the unset $pwd and started at /)
+    assert all(str(tmp_path) in m or "Qwen/" in m for m in plan["missing_inputs"])
+
+
+def test_recipe_8b_1k_is_ulysses_sp4(tmp_path):
+    lay = run_recipe("run_qwen3_8b_grpo_fsdp_sglang_1k.sh", tmp_path)["layout"]
+    assert (lay["train"]["fsdp_shard"], lay["train"]["ulysses_sp"]) == (4, 4)
+
+
+def test_recipe_warnings(tmp_path):
+    warnings = run_recipe("run_qwen2_5_32b_grpo_fsdp_sglang_a2_2nodes.sh", tmp_path)["warnings"]
+    keys = [w.split(":")[0] for w in warnings]
+    assert keys == [f"{A}.rollout.enable_chunked_prefill", f"{A}.rollout.multi_stage_wake_up", "data.truncation",
+                    f"{A}.rollout.val_kwargs.do_sample"]
+    assert f"+{A}.rollout.engine_kwargs.sglang.chunked_prefill_size=-1" in warnings[0]
+
+
+def test_recipe_memory_estimate_counts_offload(tmp_path):
+    mem = run_recipe("run_qwen3_8b_grpo_fsdp_sglang_1k.sh", tmp_path)["memory"]
+    assert mem["parameters"] == 8_000_000_000
+    assert set(mem["offloaded"]) == {"actor params", "actor grads", "optimizer states", "ref params"}
+    assert mem["rollout_weights_gib"] == pytest.approx(8e9 * 2 / 4 / 2**30, abs=0.01)
+
+
+def test_memory_from_a_local_config(tiny_model_dir):
+    plan = make_plan(load_config([f"{A}.model.path={tiny_model_dir}", "trainer.n_gpus_per_node=2",
+                                  f"{A}.rollout.tensor_model_parallel_size=1", "algorithm.adv_estimator=grpo"]), {})
+    mem = plan.memory
+    assert mem.parameters_source == "config.json"
+    assert mem.parameters == 410_368
+    # fp32 params sharded over 2 devices + fp32 grads + 2 Adam states
+    assert mem.actor_optimizer_gib == pytest.approx(round(410_368 * 8 / 2 / 2**30, 2))
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["trainer.n_gpus_per_node=3"], "8 samples per step do not divide over 3 training devices"),
+    ([f"{A}.actor.ppo_mini_batch_size=16"], "ppo_mini_batch_size=16 is larger than data.train_batch_size=8"),
+    ([f"{A}.actor.ppo_micro_batch_size_per_gpu=3"], "ppo_micro_batch_size_per_gpu=3 does not divide the 8 samples"),
+    (["trainer.n_gpus_per_node=4", f"{A}.actor.ulysses_sequence_parallel_size=3"],
+     "do not divide into actor_rollout_ref.actor.ulysses_sequence_parallel_size=3"),
+    (["trainer.n_gpus_per_node=4", f"{A}.rollout.tensor_model_parallel_size=4", f"{A}.rollout.expert_parallel_size=2"],
+     "expert_parallel_size=2 must equal tensor_model_parallel_size × data_parallel_size = 4"),
+    (["trainer.n_gpus_per_node=4", f"{A}.rollout.tensor_model_parallel_size=3"],
+     "4 devices do not divide into rollout replicas"),
+    ([f"{A}.actor.clip_ratio_c=1.0"], "clip_ratio_c=1.0 must be > 1"),
+    ([f"{A}.actor.clip_ratio_low=1.5"], "clip_ratio_low=1.5 must be in [0, 1)"),
+    ([f"{A}.rollout.temperature=-0.5"], "rollout.temperature=-0.5 must be >= 0"),
+    ([f"{A}.rollout.top_p=0"], "rollout.top_p=0 must be in (0, 1]"),
+    (["algorithm.adv_estimator=grop"], "algorithm.adv_estimator='grop': expected one of gae, grpo"),
+    ([f"{A}.actor.kl_loss_type=k4"], "kl_loss_type='k4': expected one of"),
+    (["data.truncation=top"], "data.truncation='top': expected one of error, left, right, middle"),
+    (["trainer.resume_mode=resume_path"], "trainer.resume_mode=resume_path needs trainer.resume_from_path"),
+    ([f"{A}.model.path=null"], f"{A}.model.path is not set"),
+])
+def test_validation_rules(overrides, fragment):
+    errors = plan_of(*overrides).errors
+    assert any(fragment in e for e in errors), errors
+
+
+def test_unknown_device_is_a_user_error():
+    from ascend_rl.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.device='tpu': expected one of cpu, cuda, npu"):
+        plan_of("trainer.device=tpu")
+
+
+def test_megatron_batch_rule():
+    errors = plan_of("trainer.n_gpus_per_node=8", f"{A}.actor.strategy=megatron",
+                     f"{A}.actor.megatron.tensor_model_parallel_size=2", f"{A}.rollout.n=1",
+                     "data.train_batch_size=6", f"{A}.actor.ppo_mini_batch_size=4",
+                     f"{A}.actor.ppo_micro_batch_size_per_gpu=1").errors
+    assert any("6 samples per step do not divide over Megatron DP 4" in e for e in errors), errors
+
+
+def test_a_valid_small_config_has_no_errors():
+    assert plan_of().errors == []
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ([f"{A}.rollout.name=sglang", f"{A}.rollout.enable_chunked_prefill=False"], f"{A}.rollout.enable_chunked_prefill"),
+    ([f"{A}.rollout.multi_stage_wake_up=True"], f"{A}.rollout.multi_stage_wake_up"),
+    (["data.truncation=left"], "data.truncation"),
+    ([f"{A}.rollout.val_kwargs.do_sample=True"], f"{A}.rollout.val_kwargs.do_sample"),
+    ([f"{A}.rollout.name=sglang", f"{A}.rollout.max_model_len=4096"], f"{A}.rollout.max_model_len"),
+    ([f"{A}.actor.clip_ratio=0.3"], f"{A}.actor.clip_ratio"),
+])
+def test_each_lint_rule_fires_once(overrides, key):
+    warnings = plan_of(*overrides).warnings
+    assert [w.split(": ")[0] for w in warnings] == [key]
+
+
+def test_lint_is_silent_where_the_key_matters():
+    assert plan_of(f"{A}.rollout.enable_chunked_prefill=False").warnings == []  # native engine: not an SGLang key
+    assert plan_of("data.truncation=left", "data.filter_overlong_prompts=True").warnings == []
+    assert plan_of().warnings == []
+
+
+def test_unsupported_features_are_named():
+    unsupported = plan_of(f"{A}.actor.strategy=megatron", f"{A}.model.lora_rank=8").unsupported
+    assert any("Megatron training" in u for u in unsupported)
+    assert any("LoRA" in u for u in unsupported)
+
+
+def test_train_stops_at_startup_on_unsupported_features(capsys):
+    from ascend_rl.cli.main import main
+
+    assert main(["train", *SMALL, f"{A}.actor.strategy=megatron"]) == 2
+    assert "error: Megatron training (actor.strategy=megatron) is not built yet" in capsys.readouterr().err
+
+
+NPU_SGLANG = ["trainer.device=npu", "trainer.n_gpus_per_node=4", f"{A}.rollout.name=sglang"]
+GOOD_NPU_ENV = {"HCCL_HOST_SOCKET_PORT_RANGE": "60000-60050", "HCCL_NPU_SOCKET_PORT_RANGE": "61000-61050",
+                "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES": "1", "ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"}
+
+
+def env_findings(environ, *extra):
+    cfg = load_config([*SMALL, *NPU_SGLANG, *extra])
+    return {(f.variable, f.problem) for f in check_environment(cfg, "npu", environ)}
+
+
+def test_environment_complete_for_npu_sglang():
+    assert env_findings(GOOD_NPU_ENV) == set()
+
+
+def test_environment_missing_variables_are_listed():
+    assert env_findings({}) == {
+        ("HCCL_HOST_SOCKET_PORT_RANGE", "missing"), ("HCCL_NPU_SOCKET_PORT_RANGE", "missing"),
+        ("RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES", "missing"), ("ASCEND_RT_VISIBLE_DEVICES", "missing"),
+    }
+
+
+def test_environment_inconsistencies():
+    env = {**GOOD_NPU_ENV, "ASCEND_RT_VISIBLE_DEVICES": "0,1", "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES": "0"}
+    assert env_findings(env) == {("ASCEND_RT_VISIBLE_DEVICES", "inconsistent"),
+                                 ("RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES", "inconsistent")}
+
+
+def test_environment_deepep_needs_bf16_dispatch():
+    deepep = f"++{A}.rollout.engine_kwargs.sglang.moe_a2a_backend=deepep"
+    assert env_findings(GOOD_NPU_ENV, deepep) == {("SGLANG_DEEPEP_BF16_DISPATCH", "missing")}
+    assert env_findings({**GOOD_NPU_ENV, "SGLANG_DEEPEP_BF16_DISPATCH": "1"}, deepep) == set()
+
+
+def test_environment_not_needed_on_cpu():
+    cfg = load_config(SMALL)
+    assert check_environment(cfg, "cpu", {}) == []
+
+
+def test_plan_counts_steps_from_the_data(tmp_path):
+    from ascend_rl.data.tasks import write_arithmetic
+
+    paths = write_arithmetic(tmp_path, n_train=100, n_test=10, max_operand=20)
+    plan = plan_of(f"data.train_files={paths['train']}", "trainer.total_epochs=3")
+    assert plan.total_steps == 3 * (100 // 8)
+    assert plan_of(f"data.train_files={paths['train']}", "trainer.total_training_steps=7").total_steps == 7
