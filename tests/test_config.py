@@ -140,3 +140,23 @@ def test_missing_user_config_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config([], config_path=tmp_path, config_name="absent")
     assert "absent" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_external_lib_registers_names_before_validation(tmp_path, monkeypatch):
+    from ascend_rl.algorithms import ADV_ESTIMATORS
+    from ascend_rl.config.plan import make_plan
+
+    (tmp_path / "my_estimators.py").write_text(
+        "from ascend_rl.algorithms import register_adv_estimator\n"
+        "@register_adv_estimator('zero_adv')\n"
+        "def zero_adv(*, response_mask, **_):\n    return response_mask * 0, response_mask * 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cfg = load_config([MODEL, f"{A}.model.external_lib=my_estimators", "algorithm.adv_estimator=zero_adv"])
+        assert "zero_adv" in ADV_ESTIMATORS
+        assert not [e for e in make_plan(cfg, {}).errors if "adv_estimator" in e]
+    finally:
+        ADV_ESTIMATORS._entries.pop("zero_adv", None)
+    with pytest.raises(ConfigError, match="external_lib=not_a_module: cannot import"):
+        load_config([MODEL, f"{A}.model.external_lib=not_a_module"])

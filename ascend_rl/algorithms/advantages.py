@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ascend_rl.algorithms.masked import group_ids, group_stats, masked_whiten
+from ascend_rl.algorithms.masked import group_ids, group_stats, masked_sum, masked_whiten
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS
 
 register_adv_estimator = ADV_ESTIMATORS.register
@@ -20,8 +20,13 @@ def compute_advantages(name: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]
     return ADV_ESTIMATORS.get(name)(**kwargs)
 
 
-def _group_baseline_stats(token_level_rewards, index):
-    scores = token_level_rewards.sum(-1)
+def sequence_scores(token_level_rewards, response_mask):
+    """s_i: the sum of a sample's rewards over its response tokens (padding never counts)."""
+    return masked_sum(token_level_rewards, response_mask, dim=-1)
+
+
+def _group_baseline_stats(token_level_rewards, response_mask, index):
+    scores = sequence_scores(token_level_rewards, response_mask)
     counts, mean, std = group_stats(scores, group_ids(index, scores.device))
     single = counts == 1
     # A group of one has no baseline: mean 0 and std 1, so its advantage is its own score.
@@ -38,7 +43,7 @@ def _broadcast(per_sample: torch.Tensor, response_mask: torch.Tensor) -> tuple[t
 @register_adv_estimator("grpo")
 def grpo(*, token_level_rewards, response_mask, index, norm_adv_by_std_in_grpo=True, epsilon=1e-6, **_):
     """A_i = (s_i − μ_g)/(σ_g + ε), σ unbiased; Dr.GRPO (no std) when norm_adv_by_std_in_grpo=False."""
-    scores, _, mean, std = _group_baseline_stats(token_level_rewards, index)
+    scores, _, mean, std = _group_baseline_stats(token_level_rewards, response_mask, index)
     adv = (scores - mean) / (std + epsilon) if norm_adv_by_std_in_grpo else scores - mean
     return _broadcast(adv, response_mask)
 
@@ -46,7 +51,7 @@ def grpo(*, token_level_rewards, response_mask, index, norm_adv_by_std_in_grpo=T
 @register_adv_estimator("rloo")
 def rloo(*, token_level_rewards, response_mask, index, **_):
     """A_i = n/(n−1)·(s_i − μ_g): the score minus the mean of the other samples of the group."""
-    scores, counts, mean, _ = _group_baseline_stats(token_level_rewards, index)
+    scores, counts, mean, _ = _group_baseline_stats(token_level_rewards, response_mask, index)
     factor = torch.where(counts > 1, counts / (counts - 1).clamp(min=1), torch.ones_like(counts))
     return _broadcast(factor * (scores - mean), response_mask)
 
@@ -54,7 +59,7 @@ def rloo(*, token_level_rewards, response_mask, index, **_):
 @register_adv_estimator("reinforce_plus_plus_baseline")
 def reinforce_plus_plus_baseline(*, token_level_rewards, response_mask, index, **_):
     """s_i − μ_g tiled over the response, then whitened over all masked tokens of the batch."""
-    scores, _, mean, _ = _group_baseline_stats(token_level_rewards, index)
+    scores, _, mean, _ = _group_baseline_stats(token_level_rewards, response_mask, index)
     tiled = (scores - mean).unsqueeze(-1) * response_mask
     adv = masked_whiten(tiled, response_mask) * response_mask
     return adv, adv
@@ -84,7 +89,7 @@ def remax(*, token_level_rewards, response_mask, reward_baselines, **_):
 @register_adv_estimator("opo")
 def opo(*, token_level_rewards, response_mask, index, **_):
     """Baseline = the group's length-weighted mean score Σ(len·s)/Σlen."""
-    scores = token_level_rewards.sum(-1)
+    scores = sequence_scores(token_level_rewards, response_mask)
     lengths = response_mask.sum(-1).to(scores.dtype)
     groups = group_ids(index, scores.device)
     n = int(groups.max()) + 1 if groups.numel() else 0

@@ -84,7 +84,21 @@ def load_config(
     if type_errors:
         raise ConfigError(type_errors)
     OmegaConf.set_struct(cfg, True)
+    import_external_lib(cfg.actor_rollout_ref.model.external_lib)
     return cfg
+
+
+def import_external_lib(module: str | None) -> None:
+    """Import `actor_rollout_ref.model.external_lib` before validation, so that the estimators, losses or
+    models it registers are known by name."""
+    if not module:
+        return
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"actor_rollout_ref.model.external_lib={module}: cannot import ({err})") from None
 
 
 def _compose(overrides: list[str], config_path, config_name: str) -> DictConfig:
