@@ -160,3 +160,8 @@ def test_external_lib_registers_names_before_validation(tmp_path, monkeypatch):
         ADV_ESTIMATORS._entries.pop("zero_adv", None)
     with pytest.raises(ConfigError, match="external_lib=not_a_module: cannot import"):
         load_config([MODEL, f"{A}.model.external_lib=not_a_module"])
+
+
+def test_bool_is_not_an_integer():
+    with pytest.raises(ConfigError, match="'actor_rollout_ref.actor.ppo_epochs' expects an integer, got True"):
+        load_config([MODEL, f"{A}.actor.ppo_epochs=true"])

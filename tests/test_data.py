@@ -202,3 +202,19 @@ def test_sampler_without_shuffle_and_too_little_data():
     assert ResumableBatchSampler(5, 2, shuffle=False).next_batch() == [0, 1]
     with pytest.raises(ValueError, match="cannot fill one batch"):
         ResumableBatchSampler(2, 3)
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
+    assert main(["data", "gsm8k", "--input", str(tmp_path / "absent.jsonl"), str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path / 'absent.jsonl'}: no such file"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_dash_m_is_the_same_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ascend_rl", "data", "arithmetic", str(tmp_path), "--train-size", "4",
+                          "--test-size", "2", "--max-operand", "3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert pq.ParquetFile(tmp_path / "test.parquet").metadata.num_rows == 2

@@ -212,3 +212,15 @@ def test_plan_counts_steps_from_the_data(tmp_path):
     plan = plan_of(f"data.train_files={paths['train']}", "trainer.total_epochs=3")
     assert plan.total_steps == 3 * (100 // 8)
     assert plan_of(f"data.train_files={paths['train']}", "trainer.total_training_steps=7").total_steps == 7
+
+
+def test_train_names_every_missing_input(tmp_path, capsys):
+    from ascend_rl.cli.main import main
+
+    code = main(["train", *SMALL, f"data.train_files={tmp_path}/t.parquet",
+                 f"reward.custom_reward_function.path={tmp_path}/r.py"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: data.train_files: {tmp_path}/t.parquet: no such file" in err
+    assert f"error: reward.custom_reward_function.path={tmp_path}/r.py: no such file" in err
+    assert "error: actor_rollout_ref.model.path=/models/m: no such directory" in err

@@ -125,8 +125,7 @@ def type_error(path: str, value: Any) -> str | None:
         expected, name = (list, ListConfig, str), "a list"
     else:
         return None
-    if isinstance(value, bool) and bool not in expected:
-        return f"config key '{path}' expects {name}, got {value!r}"
-    if not isinstance(value, expected):
+    # bool is an int to Python, but `ppo_epochs=True` is a mistake, not 1
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
         return f"config key '{path}' expects {name}, got {value!r}"
     return None
