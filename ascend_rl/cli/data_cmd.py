@@ -17,10 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tiny.set_defaults(run=_tiny_model)
 
     arith = sub.add_parser("arithmetic", help="the two-number addition task in verl's parquet schema")
-    arith.add_argument("out", help="output directory (train.parquet, test.parquet)")
-    arith.add_argument("--train-size", type=int, default=4096)
-    arith.add_argument("--test-size", type=int, default=256)
-    arith.add_argument("--max-operand", type=int, default=99)
+    arith.add_argument("out", help="output directory (train.parquet, test.parquet, sft.parquet)")
+    arith.add_argument("--train-size", type=int, default=2300)
+    arith.add_argument("--test-size", type=int, default=200)
+    arith.add_argument("--max-operand", type=int, default=49)
     arith.add_argument("--seed", type=int, default=0)
     arith.set_defaults(run=_arithmetic)
 

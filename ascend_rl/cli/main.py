@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ascend_rl.cli import data_cmd, plan_cmd, train_cmd
+from ascend_rl.cli import data_cmd, plan_cmd, sft_cmd, train_cmd
 from ascend_rl.errors import UserError
 
 COMMANDS = {
     "train": (train_cmd, "run RL training (no arguments: the embedded tiny model and task on this machine)"),
     "plan": (plan_cmd, "resolve and check a config, print the device layout; needs no devices, models or data"),
+    "sft": (sft_cmd, "supervised fine-tuning on prompt/response parquet (loss on the response only)"),
     "data": (data_cmd, "build the tiny model and datasets, convert GSM8K"),
 }
 
@@ -24,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_known_args: overrides may come after options (`train --no-progress a.b=1 c.d=2`), which a
+    # plain nargs='*' positional does not allow.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args) or 0
     except UserError as err:

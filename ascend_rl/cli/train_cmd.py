@@ -9,16 +9,42 @@ from ascend_rl.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or console lines")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ascend_rl.config.loader import choose_config_name
     from ascend_rl.config.plan import make_plan
+    from ascend_rl.config.schema import EMBEDDED_CONFIG_NAME
 
-    plan = make_plan(load_from_args(args))
+    from ascend_rl.cli.quiet import quiet_transformers
+
+    cfg = load_from_args(args)
+    quiet_transformers()
+    if choose_config_name(args.overrides, args.config_name) == EMBEDDED_CONFIG_NAME:
+        from ascend_rl.trainer.embedded import ensure_embedded_assets
+
+        ensure_embedded_assets(cfg)
+    plan = make_plan(cfg)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     problems = plan.errors + plan.unsupported + plan.missing_inputs
     if problems:
         raise UserError(problems)
+
+    from ascend_rl.trainer.components import build_components
+    from ascend_rl.trainer.loop import RLTrainer
+
+    result = RLTrainer(build_components(cfg, show_progress=not args.no_progress)).fit()
+    print(summary_line(result))
     return 0
+
+
+def summary_line(result) -> str:
+    keys = sorted(set(result.val_before) | set(result.val_after))
+    accs = [k for k in keys if k.startswith("val-core/")]
+    parts = [f"{k.removeprefix('val-core/')}: {result.val_before.get(k, float('nan')):.3f} → "
+             f"{result.val_after.get(k, float('nan')):.3f}" for k in accs]
+    where = f"metrics, curves.png and checkpoints in {result.out_dir}"
+    return f"validation accuracy before → after {result.steps} steps: {'; '.join(parts) or 'no validation data'} ({where})"

@@ -62,7 +62,6 @@ class Feature:
 
 # What a config can ask for that this build does not have yet. `train` stops at start-up on these.
 UNSUPPORTED = (
-    Feature("training loop (the trainer issue)", lambda c, w: True, "run `ascend-rl plan` for the layout"),
     Feature("Megatron training (actor.strategy=megatron)", lambda c, w: c[A].actor.strategy == "megatron",
             f"{A}.actor.strategy=fsdp"),
     Feature("SGLang rollout (rollout.name=sglang)", lambda c, w: c[A].rollout.name == "sglang",
@@ -79,6 +78,8 @@ UNSUPPORTED = (
     Feature("PPO with a critic (adv_estimator=gae / critic.enable)",
             lambda c, w: c.critic.enable or (c.critic.enable is None and c.algorithm.adv_estimator == "gae"),
             "algorithm.adv_estimator=grpo"),
+    Feature("ReMax in the trainer (it needs a greedy baseline rollout)",
+            lambda c, w: c.algorithm.adv_estimator == "remax", "algorithm.adv_estimator=grpo"),
     Feature("reward models (reward.reward_model.enable)", lambda c, w: c.reward.reward_model.enable,
             "rule rewards or reward.custom_reward_function.path"),
     Feature("profiling (global_profiler.tool)", lambda c, w: c.global_profiler.tool is not None,

@@ -57,11 +57,16 @@ def arithmetic_rows(n_train: int, n_test: int, max_operand: int, seed: int) -> d
     }
 
 
-def write_arithmetic(out_dir: str | Path, n_train: int = 4096, n_test: int = 256, max_operand: int = 99,
+def write_arithmetic(out_dir: str | Path, n_train: int = 2300, n_test: int = 200, max_operand: int = 49,
                      seed: int = 0) -> dict[str, Path]:
+    """train.parquet and test.parquet (RL schema) and sft.parquet (the train prompts with their answers, for
+    `ascend-rl sft`)."""
     out = Path(out_dir)
-    return {split: write_rows(rows, out / f"{split}.parquet")
-            for split, rows in arithmetic_rows(n_train, n_test, max_operand, seed).items()}
+    splits = arithmetic_rows(n_train, n_test, max_operand, seed)
+    written = {split: write_rows(rows, out / f"{split}.parquet") for split, rows in splits.items()}
+    sft = [{"prompt": r["prompt"], "response": r["reward_model"]["ground_truth"]} for r in splits["train"]]
+    written["sft"] = write_rows(sft, out / "sft.parquet")
+    return written
 
 
 def gsm8k_ground_truth(answer: str) -> str:

@@ -1,0 +1,190 @@
+"""The built-in rollout engine (`rollout.name=native`): batched sampling with a KV cache over a
+transformers model, behind the SGLang-shaped protocol.
+
+Every sample draws its noise from its own generator seeded with `sampling_seed`, so a sample does not
+depend on what else is in the batch, and samples of one prompt (different seeds) differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+from itertools import groupby
+from typing import Iterable, Sequence
+
+import torch
+
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+
+MEMORY_TAGS = ("weights", "kv_cache")
+
+
+class NativeEngine:
+    def __init__(self, model, eos_token_ids: Iterable[int], pad_token_id: int, max_batch_size: int = 256):
+        """Serve `model` (a transformers causal LM, used in place: the caller may share it)."""
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self._released: set[str] = set()
+        self._weights_stale = False
+        self._buffers: dict[str, torch.Tensor] = {}
+        # transformers 5 renamed the KV-cache argument and output field from past_key_values to cache.
+        self._cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        max_batch_size: int = 256) -> "NativeEngine":
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return cls(model, eos_ids, model.config.pad_token_id or 0, max_batch_size)
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
+                 return_logprob: bool = False) -> list[GenerateOutput]:
+        self._check_ready()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(input_ids)
+        if len(sampling_params) != len(input_ids):
+            raise ValueError(f"{len(input_ids)} prompts but {len(sampling_params)} sampling_params")
+        requests = [(k, list(ids), p, None if p.sampling_seed is None else p.sampling_seed + j)
+                    for k, (ids, p) in enumerate(zip(input_ids, sampling_params)) for j in range(p.n)]
+        outputs: list[GenerateOutput | None] = [None] * len(requests)
+        # Rows of one batch share the sampling settings (seeds aside); group requests by them.
+        order = sorted(range(len(requests)), key=lambda r: _batch_key(requests[r][2]))
+        for _, group in groupby(order, key=lambda r: _batch_key(requests[r][2])):
+            group = list(group)
+            for start in range(0, len(group), self.max_batch_size):
+                chunk = group[start:start + self.max_batch_size]
+                results = self._generate_batch([requests[r] for r in chunk])
+                for r, out in zip(chunk, results):
+                    outputs[r] = out
+        return outputs
+
+    def _generate_batch(self, requests) -> list[GenerateOutput]:
+        params: SamplingParams = requests[0][2]
+        prompts = [ids for _, ids, _, _ in requests]
+        batch, width = len(prompts), max(map(len, prompts))
+        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every row's last token is at the same column
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [_generator(seed) for _, _, _, seed in requests]
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        finished = [False] * batch
+        reasons = ["length"] * batch
+        for _ in range(params.max_new_tokens):
+            next_ids, next_logprobs = _sample(out.logits[:, -1].float(), params, generators)
+            for row in range(batch):
+                if finished[row]:
+                    continue
+                token = int(next_ids[row])
+                tokens[row].append(token)
+                logprobs[row].append(float(next_logprobs[row]))
+                if token in stop_ids:
+                    finished[row], reasons[row] = True, "stop"
+            if all(finished):
+                break
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=next_ids[:, None].to(self.device), attention_mask=mask, position_ids=positions,
+                             use_cache=True, **{self._cache_key: out[self._cache_key]})
+        return [GenerateOutput(tokens[r], reasons[r], len(prompts[r]), logprobs[r]) for r in range(batch)]
+
+    # --- weights and memory -------------------------------------------------------------------------
+
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if "weights" in self._released:
+            raise RuntimeError("weights are released: call resume_memory_occupation(['weights']) first")
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"update_weights_from_tensor: the engine's model has no parameter {name!r}")
+            params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
+        self._weights_stale = False
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Free the weights (their content is lost, as in SGLang without a CPU backup) and/or the KV cache
+        (this engine keeps none between calls)."""
+        tags = _check_tags(tags)
+        if "weights" in tags and "weights" not in self._released:
+            # Buffers (rotary frequencies) are not weights a trainer pushes: keep them.
+            self._buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+            self.model.to("meta")
+        self._released |= set(tags)
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        tags = _check_tags(tags)
+        if "weights" in tags and "weights" in self._released:
+            self.model.to_empty(device=self.device)
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(self._buffers[name])
+            self.model.tie_weights()
+            self._weights_stale = True  # memory is back, content is not: push weights before generating
+        self._released -= set(tags)
+
+    def flush_cache(self) -> None:
+        """Prefix caching is not implemented, so there is nothing to flush."""
+
+    def _check_ready(self) -> None:
+        if self._released:
+            raise RuntimeError(f"engine memory released ({', '.join(sorted(self._released))}): "
+                               f"call resume_memory_occupation first")
+        if self._weights_stale:
+            raise RuntimeError("weights were resumed but not updated: call update_weights_from_tensor first")
+
+
+def _check_tags(tags: Sequence[str] | None) -> tuple[str, ...]:
+    tags = tuple(tags) if tags else MEMORY_TAGS
+    unknown = set(tags) - set(MEMORY_TAGS)
+    if unknown:
+        raise ValueError(f"unknown memory tags {sorted(unknown)}; expected {MEMORY_TAGS}")
+    return tags
+
+
+def _batch_key(p: SamplingParams) -> tuple:
+    return (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.stop_token_ids, p.ignore_eos)
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generators) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens and their log-probs under softmax(logits / temperature) (unfiltered, as the trainer
+    recomputes them); greedy at temperature 0, where log-probs are under temperature 1."""
+    scaled = logits / params.temperature if params.temperature > 0 else logits
+    logprobs_all = torch.log_softmax(scaled, dim=-1)
+    if params.temperature == 0:
+        tokens = logits.argmax(-1)
+    else:
+        filtered = _filter_top_k_top_p(scaled.clone(), params.top_k, params.top_p)
+        # Gumbel-max with per-sample noise: argmax(z + g) samples softmax(z).
+        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        tokens = (filtered + gumbel.to(filtered.device)).argmax(-1)
+    return tokens.cpu(), logprobs_all.gather(-1, tokens[:, None].to(logits.device)).squeeze(-1).cpu()
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits[logits < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
+        logits.scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits

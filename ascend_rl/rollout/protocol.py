@@ -1,0 +1,63 @@
+"""The rollout engine protocol, shaped like SGLang's Engine (token in, token out).
+
+Sampling keys are SGLang's: `max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, ignore_eos,
+sampling_seed`. Memory tags are SGLang's: `weights`, `kv_cache`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence
+
+import torch
+
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop_token_ids", "ignore_eos",
+                 "sampling_seed")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    sampling_seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "SamplingParams":
+        unknown = sorted(set(params) - set(SAMPLING_KEYS))
+        if unknown:
+            raise ValueError(f"unknown sampling_params {unknown}; expected some of {', '.join(SAMPLING_KEYS)}")
+        values = {k: v for k, v in params.items() if v is not None}
+        if "stop_token_ids" in values:
+            values["stop_token_ids"] = tuple(values["stop_token_ids"])
+        return cls(**values)
+
+
+@dataclass
+class GenerateOutput:
+    output_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    output_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
+                 return_logprob: bool = False) -> list[GenerateOutput]:
+        """One output per (prompt, sample): prompt i's n samples are outputs i·n … i·n + n − 1."""
+
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None: ...
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None: ...
+
+    def flush_cache(self) -> None: ...

@@ -1,0 +1,182 @@
+"""Everything the loop uses, built from the config: data, sampler, actor, reference, engine, rewards,
+KL controller, metric sinks and the progress bar. The loop itself never reads devices or engine details."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ascend_rl.algorithms import make_kl_controller
+from ascend_rl.config.validate import data_files
+from ascend_rl.data.dataset import PromptRecord, load_prompts
+from ascend_rl.data.sampler import ResumableBatchSampler
+from ascend_rl.errors import UserError
+from ascend_rl.platform import resolve_device
+from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
+from ascend_rl.rollout.native import NativeEngine
+from ascend_rl.trainer.plots import plot_curves
+from ascend_rl.trainer.tracking import make_sinks
+from ascend_rl.trainer.validation import run_validation
+from ascend_rl.workers.actor import Actor, ActorSettings, OptimSettings, ReferencePolicy
+
+
+@dataclass
+class Components:
+    cfg: DictConfig
+    tokenizer: object
+    actor: Actor
+    ref: ReferencePolicy | None
+    engine: NativeEngine
+    rewards: RewardRunner
+    kl_controller: object | None
+    train_records: list[PromptRecord]
+    val_records: list[PromptRecord]
+    sampler: ResumableBatchSampler
+    total_steps: int
+    seed: int
+    out_dir: Path
+    n_devices: int = 1
+    show_progress: bool = True
+    sinks: list = field(default_factory=list)
+    _bar: object = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def next_prompts(self) -> list[PromptRecord]:
+        return [self.train_records[i] for i in self.sampler.next_batch()]
+
+    def decode(self, token_lists) -> list[str]:
+        return self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+
+    def sleep_engine(self) -> None:
+        if self.cfg.actor_rollout_ref.rollout.free_cache_engine:
+            self.engine.release_memory_occupation(["kv_cache", "weights"])
+
+    def save_model(self, path: Path) -> None:
+        self.actor.save_pretrained(path, self.tokenizer)
+        self.actor.model.generation_config.save_pretrained(path)
+
+    def validate(self, step: int) -> dict[str, float]:
+        ro = self.cfg.actor_rollout_ref.rollout
+        return run_validation(self.engine, self.val_records, self.decode, self.rewards, ro.val_kwargs,
+                              self.cfg.data.max_response_length, seed=self.seed + 7_777_777)
+
+    # --- output -----------------------------------------------------------------------------------------
+
+    def open_sinks(self, step: int) -> None:
+        t = self.cfg.trainer
+        loggers = [t.logger] if isinstance(t.logger, str) else list(t.logger)
+        self.sinks = make_sinks(loggers, self.out_dir, t.project_name, t.experiment_name,
+                                OmegaConf.to_container(self.cfg), self.write, step)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def progress(self, initial: int):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.total_steps, initial=initial, desc="grpo" if self.cfg.algorithm.adv_estimator
+                         == "grpo" else self.cfg.algorithm.adv_estimator, unit="step", disable=not self.show_progress,
+                         dynamic_ncols=True)
+        return self._bar
+
+    def postfix(self, metrics: dict[str, float], val_metrics: dict[str, float]) -> dict[str, str]:
+        shown = {"score": f"{metrics['critic/score/mean']:.3f}"}
+        shown.update({k.split("/")[1] + "_acc": f"{v:.3f}" for k, v in val_metrics.items() if k.startswith("val-core/")})
+        return shown
+
+    def write(self, message: str) -> None:
+        from tqdm import tqdm
+
+        if self.show_progress:
+            tqdm.write(message)
+
+    def finish(self, step: int) -> None:
+        for sink in self.sinks:
+            sink.close()
+        plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+        self.rewards.close()
+
+
+def total_training_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
+    if cfg.trainer.total_training_steps:
+        return cfg.trainer.total_training_steps
+    return cfg.trainer.total_epochs * batches_per_epoch
+
+
+def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
+    from transformers import AutoTokenizer
+
+    arr, data, t = cfg.actor_rollout_ref, cfg.data, cfg.trainer
+    seed = t.seed
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    device = resolve_device(t.device)
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or arr.model.path)
+    load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,
+                reward_fn_key=data.reward_fn_key, filter_overlong_prompts=data.filter_overlong_prompts,
+                truncation=data.truncation, chat_template_kwargs=OmegaConf.to_container(data.apply_chat_template_kwargs))
+    train_records = load_prompts(data_files(data.train_files), max_samples=data.train_max_samples, **load)
+    val_records = load_prompts(data_files(data.val_files), max_samples=data.val_max_samples, **load) \
+        if data.val_files else []
+    reward_fn = RewardFunction(cfg.reward.custom_reward_function.path, cfg.reward.custom_reward_function.name,
+                               OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs))
+    if reward_fn.custom_path is None:
+        _check_scorers({r.data_source for r in train_records + val_records})
+    sampler = ResumableBatchSampler(len(train_records), data.train_batch_size, shuffle=data.shuffle,
+                                    seed=data.seed if data.seed is not None else seed)
+    total = total_training_steps(cfg, sampler.batches_per_epoch)
+    actor_cfg, optim = arr.actor, arr.actor.optim
+    n = arr.rollout.n
+    warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total)
+    actor = Actor(
+        arr.model.path, device,
+        ActorSettings(
+            ppo_mini_batch_size=actor_cfg.ppo_mini_batch_size * n,
+            ppo_micro_batch_size_per_gpu=actor_cfg.ppo_micro_batch_size_per_gpu,
+            ppo_epochs=actor_cfg.ppo_epochs, shuffle=actor_cfg.shuffle, data_loader_seed=actor_cfg.data_loader_seed,
+            loss_mode=actor_cfg.policy_loss.loss_mode, loss_agg_mode=actor_cfg.loss_agg_mode,
+            clip_ratio_low=actor_cfg.clip_ratio_low, clip_ratio_high=actor_cfg.clip_ratio_high,
+            clip_ratio_c=actor_cfg.clip_ratio_c, entropy_coeff=actor_cfg.entropy_coeff,
+            use_kl_loss=actor_cfg.use_kl_loss, kl_loss_coef=actor_cfg.kl_loss_coef,
+            kl_loss_type=actor_cfg.kl_loss_type, grad_clip=actor_cfg.grad_clip, temperature=arr.rollout.temperature,
+            log_prob_micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu),
+        OptimSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
+                      lr_scheduler_type=optim.lr_scheduler_type, warmup_steps=warmup, total_steps=total,
+                      min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles),
+        gradient_checkpointing=arr.model.enable_gradient_checkpointing,
+    )
+    needs_ref = actor_cfg.use_kl_loss or cfg.algorithm.use_kl_in_reward
+    ref = ReferencePolicy(arr.model.path, device, arr.rollout.temperature,
+                          arr.ref.log_prob_micro_batch_size_per_gpu) if needs_ref else None
+    kl = cfg.algorithm.kl_ctrl
+    kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
+        if cfg.algorithm.use_kl_in_reward else None
+    return Components(
+        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, engine=NativeEngine.from_pretrained(arr.model.path, device),
+        rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
+        kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
+        total_steps=total, seed=seed, out_dir=Path(t.default_local_dir), show_progress=show_progress,
+    )
+
+
+def _check_scorers(sources: set[str]) -> None:
+    missing = []
+    for source in sorted(sources):
+        try:
+            scorer_for(source)
+        except KeyError as err:
+            missing.append(str(err.args[0]))
+    if missing:
+        raise UserError(missing)

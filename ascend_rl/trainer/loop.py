@@ -1,0 +1,196 @@
+"""The RL step loop (verl's single-controller order), one method per stage.
+
+prompts → generate (n per prompt) → rewards → old log-probs → ref log-probs → advantages → actor update
+→ checkpoint → weight sync → validation → metrics
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages, masked_mean
+from ascend_rl.data.collate import collate
+from ascend_rl.rollout.protocol import SamplingParams
+from ascend_rl.trainer import checkpoint
+from ascend_rl.trainer.batch import RolloutBatch
+from ascend_rl.trainer.components import Components
+from ascend_rl.trainer.metrics import data_metrics, throughput_metrics, timed
+
+
+@dataclass
+class FitResult:
+    steps: int
+    val_before: dict[str, float]
+    val_after: dict[str, float]
+    out_dir: Path
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """A distinct, reproducible seed per (run seed, step, sample)."""
+    return ((seed * 1_000_003 + step) * 100_003 + index) % (2**62)
+
+
+class RLTrainer:
+    def __init__(self, components: Components):
+        self.c = components
+        self.cfg = components.cfg
+        self.global_step = 0
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        c, trainer_cfg = self.c, self.cfg.trainer
+        self.global_step = self.resume()
+        c.open_sinks(self.global_step)
+        self.sync_weights()
+        val_before = {}
+        if trainer_cfg.val_before_train and c.val_records:
+            val_before = self.validate()
+            c.log(val_before, self.global_step)
+        val_metrics = val_before
+        bar = c.progress(self.global_step)
+        while self.global_step < c.total_steps:
+            self.global_step += 1
+            metrics = self.train_step(self.global_step)
+            if self._due(trainer_cfg.test_freq) and c.val_records:
+                val_metrics = self.validate()
+                metrics.update(val_metrics)
+            c.log(metrics, self.global_step)
+            bar.update(1)
+            bar.set_postfix(c.postfix(metrics, val_metrics))
+        bar.close()
+        if c.val_records and not self._due(trainer_cfg.test_freq):
+            val_metrics = self.validate()
+            c.log(val_metrics, self.global_step)
+        c.finish(self.global_step)
+        return FitResult(self.global_step, val_before, val_metrics, c.out_dir)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        timings: dict[str, float] = {}
+        metrics: dict[str, float] = {}
+        with timed(timings, "step"):
+            prompts = self.c.next_prompts()
+            with timed(timings, "gen"):
+                batch = self.generate(prompts, step)
+            with timed(timings, "reward"):
+                metrics.update(self.compute_rewards(batch))
+            with timed(timings, "old_log_prob"):
+                metrics.update(self.compute_old_log_probs(batch))
+            if self.c.ref is not None:
+                with timed(timings, "ref"):
+                    self.compute_ref_log_probs(batch)
+            with timed(timings, "adv"):
+                metrics.update(self.compute_advantages(batch))
+            with timed(timings, "update_actor"):
+                metrics.update(self.c.actor.update(batch.tensors))
+            if self._due(self.cfg.trainer.save_freq) or step == self.c.total_steps and self.cfg.trainer.save_freq > 0:
+                with timed(timings, "save_checkpoint"):
+                    self.save_checkpoint()
+            with timed(timings, "update_weights"):
+                self.sync_weights()
+        metrics.update(data_metrics(batch, self.cfg.data.max_response_length))
+        metrics.update(timings)
+        metrics.update(throughput_metrics(batch, timings["timing_s/step"], self.c.n_devices))
+        metrics.update({"training/global_step": step, "training/epoch": self.c.sampler.epoch})
+        return metrics
+
+    # --- stages -------------------------------------------------------------------------------------
+
+    def generate(self, prompts, step: int) -> RolloutBatch:
+        """n samples per prompt (interleaved), each with its own seed; the engine sleeps afterwards."""
+        ro, n = self.cfg.actor_rollout_ref.rollout, self.cfg.actor_rollout_ref.rollout.n
+        params = [SamplingParams(max_new_tokens=self.cfg.data.max_response_length, temperature=ro.temperature,
+                                 top_p=ro.top_p, top_k=ro.top_k, ignore_eos=ro.ignore_eos,
+                                 sampling_seed=sample_seed(self.c.seed, step, i))
+                  for i in range(len(prompts) * n)]
+        inputs = [p.input_ids for p in prompts for _ in range(n)]
+        outputs = self.c.engine.generate(inputs, params, return_logprob=True)
+        self.c.sleep_engine()
+        tensors = collate(inputs, [o.output_ids for o in outputs], self.c.pad_token_id)
+        rollout_lp = torch.zeros_like(tensors["response_mask"])
+        for row, out in enumerate(outputs):
+            rollout_lp[row, :len(out.output_logprobs)] = torch.tensor(out.output_logprobs)
+        tensors["rollout_log_probs"] = rollout_lp
+        records = [p for p in prompts for _ in range(n)]
+        return RolloutBatch(
+            tensors=tensors,
+            uid=[f"{step}-{i // n}" for i in range(len(records))],
+            data_source=[r.data_source for r in records],
+            ground_truth=[r.ground_truth for r in records],
+            extra_info=[r.extra_info for r in records],
+            response_text=self.c.decode([o.output_ids for o in outputs]),
+        )
+
+    def compute_rewards(self, batch: RolloutBatch) -> dict[str, float]:
+        """Rule/custom scores placed on each response's last token."""
+        scored = self.c.rewards.score(batch.data_source, batch.response_text, batch.ground_truth, batch.extra_info)
+        scores = torch.zeros_like(batch["response_mask"])
+        last = batch["response_mask"].sum(-1).long() - 1
+        scores[torch.arange(len(batch)), last.clamp(min=0)] = torch.tensor([s.score for s in scored])
+        batch["token_level_scores"] = scores * batch["response_mask"]
+        return {"reward/failures": float(sum(s.error is not None for s in scored))}
+
+    def compute_old_log_probs(self, batch: RolloutBatch) -> dict[str, float]:
+        old, entropy = self.c.actor.log_probs(batch.tensors)
+        batch["old_log_probs"] = old
+        mask = batch["response_mask"]
+        diff = (old - batch["rollout_log_probs"]).abs()[mask.bool()]
+        return {"actor/entropy": masked_mean(entropy, mask).item(),
+                "rollout/logprob_diff_max": diff.max().item(), "rollout/logprob_diff_mean": diff.mean().item()}
+
+    def compute_ref_log_probs(self, batch: RolloutBatch) -> None:
+        batch["ref_log_prob"] = self.c.ref.log_probs(batch.tensors)
+
+    def compute_advantages(self, batch: RolloutBatch) -> dict[str, float]:
+        alg, metrics = self.cfg.algorithm, {}
+        if alg.use_kl_in_reward:
+            batch["token_level_rewards"], metrics = apply_kl_in_reward(
+                batch["token_level_scores"], batch["old_log_probs"], batch["ref_log_prob"], batch["response_mask"],
+                self.c.kl_controller, alg.kl_penalty)
+        else:
+            batch["token_level_rewards"] = batch["token_level_scores"]
+        batch["advantages"], batch["returns"] = compute_advantages(
+            alg.adv_estimator, token_level_rewards=batch["token_level_rewards"], response_mask=batch["response_mask"],
+            index=batch.uid, gamma=alg.gamma, lam=alg.lam, norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo)
+        return metrics
+
+    def sync_weights(self) -> None:
+        """Wake the engine's weights, push the actor's, then wake its KV cache (verl's hybrid order)."""
+        engine = self.c.engine
+        engine.resume_memory_occupation(["weights"])
+        engine.update_weights_from_tensor(self.c.actor.named_weights())
+        engine.resume_memory_occupation(["kv_cache"])
+        engine.flush_cache()
+
+    def validate(self) -> dict[str, float]:
+        return self.c.validate(self.global_step)
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        c = self.c
+        state = {"actor": c.actor.state_dict(), "sampler": c.sampler.state_dict(), "rng": checkpoint.rng_state(),
+                 "kl_coef": c.kl_controller.value if c.kl_controller else None}
+        checkpoint.save_checkpoint(c.ckpt_dir, self.global_step, lambda path: c.save_model(path), state,
+                                   self.cfg.trainer.max_actor_ckpt_to_keep)
+
+    def resume(self) -> int:
+        c = self.c
+        path = checkpoint.checkpoint_to_resume(self.cfg.trainer.resume_mode, c.ckpt_dir,
+                                               self.cfg.trainer.resume_from_path)
+        if path is None:
+            return 0
+        state = checkpoint.load_state(path)
+        c.actor.load_state(path / "actor", state["actor"])
+        c.sampler.load_state_dict(state["sampler"])
+        checkpoint.restore_rng_state(state["rng"])
+        if c.kl_controller is not None and state.get("kl_coef") is not None:
+            c.kl_controller.value = state["kl_coef"]
+        c.write(f"resumed from {path} (step {state['step']})")
+        return state["step"]
+
+    def _due(self, freq: int) -> bool:
+        return freq is not None and freq > 0 and self.global_step % freq == 0

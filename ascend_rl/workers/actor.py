@@ -1,0 +1,188 @@
+"""The actor (policy being trained) and the reference policy: a model, its optimizer and schedule,
+log-probs, and the PPO-family update over mini- and micro-batches."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tensordict import TensorDict
+
+from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty
+from ascend_rl.workers.model_io import response_log_probs
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    """What the update needs from `actor_rollout_ref.actor.*` (names as in the config)."""
+
+    ppo_mini_batch_size: int  # samples (prompts × n)
+    ppo_micro_batch_size_per_gpu: int | None
+    ppo_epochs: int = 1
+    shuffle: bool = False
+    data_loader_seed: int = 42
+    loss_mode: str = "vanilla"
+    loss_agg_mode: str = "token-mean"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    log_prob_micro_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 1
+    min_lr_ratio: float = 0.0
+    num_cycles: float = 0.5
+
+
+def load_model(path: str, device: str, gradient_checkpointing: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    if gradient_checkpointing:  # renamed in transformers 5
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    return model
+
+
+def build_scheduler(optimizer, optim: OptimSettings):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    if optim.lr_scheduler_type == "constant":
+        return get_constant_schedule_with_warmup(optimizer, optim.warmup_steps)
+    if optim.lr_scheduler_type == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, optim.warmup_steps, optim.total_steps, num_cycles=optim.num_cycles,
+            min_lr_rate=optim.min_lr_ratio)
+    raise ValueError(f"actor_rollout_ref.actor.optim.lr_scheduler_type={optim.lr_scheduler_type!r}: "
+                     f"expected constant or cosine")
+
+
+def _micro_batches(batch: TensorDict, size: int | None) -> list[TensorDict]:
+    return list(batch.split(size)) if size else [batch]
+
+
+class ReferencePolicy:
+    """A frozen copy of the initial policy, for the KL term."""
+
+    def __init__(self, model_path: str, device: str, temperature: float, micro_batch_size: int | None):
+        self.model = load_model(model_path, device).eval().requires_grad_(False)
+        self.temperature, self.micro_batch_size = temperature, micro_batch_size
+
+    @torch.no_grad()
+    def log_probs(self, batch: TensorDict) -> torch.Tensor:
+        return torch.cat([response_log_probs(self.model, mb, self.temperature)[0]
+                          for mb in _micro_batches(batch, self.micro_batch_size)])
+
+
+class Actor:
+    def __init__(self, model_path: str, device: str, settings: ActorSettings, optim: OptimSettings,
+                 gradient_checkpointing: bool = False):
+        self.settings = settings
+        self.model = load_model(model_path, device, gradient_checkpointing)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, optim)
+
+    @torch.no_grad()
+    def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Old log-probs and entropy of the sampled responses under the current weights."""
+        self.model.eval()
+        parts = [response_log_probs(self.model, mb, self.settings.temperature, with_entropy=True)
+                 for mb in _micro_batches(batch, self.settings.log_prob_micro_batch_size)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        """`ppo_epochs` passes over mini-batches; one optimizer step per mini-batch; one LR step per call."""
+        s = self.settings
+        self.model.train()
+        metrics: dict[str, list[float]] = defaultdict(list)
+        for epoch in range(s.ppo_epochs):
+            order = torch.arange(batch.batch_size[0])
+            if s.shuffle:
+                order = torch.randperm(len(order), generator=torch.Generator().manual_seed(s.data_loader_seed + epoch))
+            for mini in batch[order].split(s.ppo_mini_batch_size):
+                self._update_mini_batch(mini, metrics)
+        self.scheduler.step()
+        out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
+        out["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
+        s = self.settings
+        mode = s.loss_agg_mode
+        # The mini-batch's own counts make the micro-batch losses add up to the mini-batch loss.
+        count = agg_denominator(mini["response_mask"], mode)
+        agg_kw = {"global_num_tokens": count} if mode == "token-mean" else {"global_batch_size": count}
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = defaultdict(float)
+        for micro in _micro_batches(mini, s.ppo_micro_batch_size_per_gpu):
+            mask = micro["response_mask"]
+            log_prob, entropy = response_log_probs(self.model, micro, s.temperature, with_entropy=s.entropy_coeff != 0)
+            pg_loss, pg_metrics = compute_policy_loss(
+                s.loss_mode, old_log_prob=micro["old_log_probs"], log_prob=log_prob, advantages=micro["advantages"],
+                response_mask=mask, loss_agg_mode=mode, clip_ratio_low=s.clip_ratio_low,
+                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c, **agg_kw)
+            loss = pg_loss
+            if s.entropy_coeff != 0:
+                loss = loss - s.entropy_coeff * agg_loss(entropy, mask, mode, **agg_kw)
+            if s.use_kl_loss:
+                kl = agg_loss(kl_penalty(log_prob, micro["ref_log_prob"], s.kl_loss_type), mask, mode, **agg_kw)
+                loss = loss + s.kl_loss_coef * kl
+                totals["kl_loss"] += kl.item()
+            loss.backward()
+            totals["pg_loss"] += pg_loss.item()
+            for name, value in pg_metrics.items():
+                metrics[name].append(value.item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # a non-finite gradient would poison the weights: skip this mini-batch's step
+            self.optimizer.zero_grad(set_to_none=True)
+        metrics["grad_norm"].append(grad_norm.item())
+        for name, value in totals.items():
+            metrics[name].append(value)
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF parameter names and tensors, for weight sync to a rollout engine."""
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()
+
+    def save_pretrained(self, path: Path, tokenizer) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, model_dir: Path, state: dict) -> None:
+        from safetensors.torch import load_file
+
+        weights = {}
+        for file in sorted(Path(model_dir).glob("*.safetensors")):
+            weights.update(load_file(file))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if k not in self._tied_names()]
+        if missing or unexpected:
+            raise ValueError(f"{model_dir}: checkpoint does not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _tied_names(self) -> set[str]:
+        return {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()

@@ -1,0 +1,196 @@
+"""The RL loop on a tiny config: stages, metrics, checkpoints, exact resume, failure isolation, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ascend_rl.cli.main import main
+from ascend_rl.config import load_config
+from ascend_rl.data.tasks import write_arithmetic
+from ascend_rl.trainer.components import build_components
+from ascend_rl.trainer.loop import RLTrainer
+
+A = "actor_rollout_ref"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, tiny_model_dir):
+    data = tmp_path_factory.mktemp("arith")
+    write_arithmetic(data, n_train=64, n_test=8, max_operand=9, seed=0)
+    return tiny_model_dir, data
+
+
+def tiny_overrides(task, out: Path, *extra):
+    model, data = task
+    return [f"{A}.model.path={model}", f"data.train_files={data}/train.parquet", f"data.val_files={data}/test.parquet",
+            "data.train_batch_size=4", "data.max_prompt_length=32", "data.max_response_length=4",
+            f"{A}.rollout.n=2", f"{A}.rollout.tensor_model_parallel_size=1", f"{A}.actor.ppo_mini_batch_size=2",
+            f"{A}.actor.ppo_micro_batch_size_per_gpu=2", f"{A}.actor.optim.lr=1e-3", "algorithm.adv_estimator=grpo",
+            "trainer.n_gpus_per_node=1", "trainer.device=cpu", "trainer.logger=[console]", "trainer.total_epochs=1",
+            "trainer.total_training_steps=4", "trainer.val_before_train=False", "trainer.test_freq=2",
+            f"trainer.default_local_dir={out}", "reward.num_workers=1", *extra]
+
+
+def fit(task, out, *extra):
+    cfg = load_config(tiny_overrides(task, out, *extra))
+    trainer = RLTrainer(build_components(cfg, show_progress=False))
+    return trainer, trainer.fit()
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loop_runs_and_logs_verl_metrics(task, tmp_path):
+    trainer, result = fit(task, tmp_path / "run", f"{A}.actor.use_kl_loss=True", "trainer.logger=[console,tensorboard]")
+    rows = read_metrics(tmp_path / "run")
+    steps = [r for r in rows if "critic/score/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    expected = {"critic/score/mean", "critic/advantages/max", "response_length/mean", "response_length/clip_ratio",
+                "prompt_length/mean", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/kl_loss",
+                "actor/entropy", "actor/grad_norm", "actor/lr", "timing_s/gen", "timing_s/reward",
+                "timing_s/old_log_prob", "timing_s/ref", "timing_s/adv", "timing_s/update_actor",
+                "timing_s/update_weights", "timing_s/step", "perf/throughput", "training/global_step",
+                "rollout/logprob_diff_max", "reward/failures"}
+    assert expected <= set(steps[0])
+    assert "val-core/arithmetic/acc/mean@1" in steps[1]  # test_freq=2
+    assert steps[0]["rollout/logprob_diff_max"] < 1e-4  # engine and trainer agree on log-probs (fp32)
+    assert all(r["actor/lr"] == pytest.approx(1e-3) for r in steps)
+    assert result.steps == 4 and result.val_after
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_training_changes_the_weights_and_syncs_them_to_the_engine(task, tmp_path):
+    trainer, _ = fit(task, tmp_path / "run")
+    actor = dict(trainer.c.actor.model.named_parameters())
+    engine = dict(trainer.c.engine.model.named_parameters())
+    start = load_file(str(Path(task[0]) / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(actor[name], start[name])
+    assert torch.equal(actor[name], engine[name])
+
+
+def test_samples_of_a_prompt_differ_and_are_reproducible(task, tmp_path):
+    trainer, _ = fit(task, tmp_path / "a", "trainer.total_training_steps=1", "actor_rollout_ref.rollout.n=8")
+    prompts = trainer.c.train_records[:2]
+    trainer.sync_weights()
+    first = trainer.generate(prompts, step=99)
+    trainer.sync_weights()
+    again = trainer.generate(prompts, step=99)
+    assert torch.equal(first["responses"], again["responses"])
+    group = first["responses"][:8]
+    assert len({tuple(row.tolist()) for row in group}) > 1
+    assert first.uid[:8] == ["99-0"] * 8 and first.uid[8] == "99-1"
+
+
+def test_exact_resume(task, tmp_path):
+    """4 steps straight == 2 steps, stop, resume, 2 more: same weights, same metrics."""
+    ckpt = ["trainer.save_freq=2", f"{A}.actor.use_kl_loss=True"]
+    straight, _ = fit(task, tmp_path / "straight", *ckpt)
+    fit(task, tmp_path / "split", *ckpt, "trainer.total_training_steps=2")
+    assert (tmp_path / "split" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    resumed, result = fit(task, tmp_path / "split", *ckpt)
+    assert result.steps == 4
+    a = dict(straight.c.actor.model.named_parameters())
+    b = dict(resumed.c.actor.model.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def comparable(out):
+        return [{k: v for k, v in r.items() if not k.startswith(("timing_s", "perf/"))} for r in read_metrics(out)]
+
+    assert comparable(tmp_path / "straight") == comparable(tmp_path / "split")
+
+
+def test_checkpoint_is_an_hf_model_and_old_ones_rotate(task, tmp_path):
+    fit(task, tmp_path / "run", "trainer.save_freq=1", "trainer.max_actor_ckpt_to_keep=2")
+    kept = sorted(p.name for p in (tmp_path / "run").glob("global_step_*"))
+    assert kept == ["global_step_3", "global_step_4"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "global_step_4" / "actor")
+    assert model.config.model_type == "qwen3"
+    assert not list((tmp_path / "run").glob(".global_step_*"))  # no partial saves left behind
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint(task, tmp_path, monkeypatch):
+    from ascend_rl.trainer import checkpoint
+
+    trainer, _ = fit(task, tmp_path / "run", "trainer.save_freq=2")
+    trainer.global_step = 6
+
+    def crash(path):
+        path.mkdir(parents=True)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(tmp_path / "run", 6, crash, {})
+    assert checkpoint.latest_checkpoint(tmp_path / "run").name == "global_step_4"
+    assert (tmp_path / "run" / "global_step_4" / "trainer_state.pt").is_file()
+
+
+CUSTOM = """
+import time
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if extra_info["index"] % 4 == 0:
+        raise ValueError("bad sample")
+    if extra_info["index"] % 4 == 1:
+        time.sleep(30)
+    return 1.0
+"""
+
+
+def test_raising_and_hanging_scorers_do_not_stop_training(task, tmp_path):
+    (tmp_path / "reward.py").write_text(CUSTOM)
+    _, result = fit(task, tmp_path / "run", f"reward.custom_reward_function.path={tmp_path}/reward.py",
+                    "reward.timeout_s=0.5", "trainer.total_training_steps=2", "trainer.test_freq=-1")
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward/failures" in r]
+    assert len(rows) == 2 and all(r["reward/failures"] > 0 for r in rows)
+    assert result.steps == 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([f"{A}.model.path=/nowhere"], "actor_rollout_ref.model.path=/nowhere: no such directory"),
+    (["data.train_files=/nowhere.parquet"], "data.train_files: /nowhere.parquet: no such file"),
+    (["reward.custom_reward_function.path=/nowhere.py"], "reward.custom_reward_function.path=/nowhere.py: no such file"),
+    (["trainer.resume_mode=resume_path", "trainer.resume_from_path=/tmp"], "trainer.resume_from_path=/tmp: not a checkpoint"),
+])
+def test_bad_input_is_one_line_and_nonzero(task, tmp_path, capsys, extra, message):
+    assert main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", *extra)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err
+    assert "Traceback" not in err
+
+
+def test_custom_reward_without_the_function(task, tmp_path, capsys):
+    (tmp_path / "r.py").write_text("def other(): pass\n")
+    code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", f"reward.custom_reward_function.path={tmp_path}/r.py")])
+    assert code == 2
+    assert "reward.custom_reward_function.name=compute_score" in capsys.readouterr().err
+
+
+def test_unknown_data_source_stops_at_startup(task, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(Path(task[1]) / "train.parquet").to_pylist()
+    for row in rows:
+        row["data_source"] = "mystery"
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", f"data.train_files={tmp_path}/t.parquet")])
+    assert code == 2
+    assert "no scorer for data_source 'mystery'" in capsys.readouterr().err
+
+
+def test_empty_dataset_is_an_error(task, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(task[1]) / "train.parquet")
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", f"data.train_files={tmp_path}/empty.parquet")])
+    assert code == 2
+    assert "empty.parquet: no rows" in capsys.readouterr().err
