@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on its embedded default. Until the training loop lands (the trainer issue) this resolves
-# and checks the embedded config and prints its layout; arguments are config overrides.
+# The main job on its embedded default: builds (first run only) a tiny Qwen3-architecture model, the
+# arithmetic task and an SFT warm-up in the cache (ASCEND_RL_CACHE, default ~/.cache/ascend-rl), then
+# trains it with GRPO on this machine. Arguments are config overrides, e.g. trainer.seed=2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/ascend-rl plan "$@"
+exec .venv/bin/ascend-rl train "$@"

@@ -27,7 +27,15 @@ from ascend_rl.algorithms import (
     value_loss,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_by_default():
+    """The math is checked in float64; other test modules keep torch's float32 default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def last_token_rewards(scores, length=3):

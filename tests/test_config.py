@@ -25,7 +25,7 @@ def test_verl_defaults_when_a_model_is_named():
 
 def test_embedded_default_without_a_model(tmp_path):
     cfg = load_config([])
-    assert cfg[A].model.path == str(tmp_path / "cache" / "tiny-qwen3-sft")
+    assert cfg[A].model.path == str(tmp_path / "cache" / "embedded-v1" / "tiny-qwen3-sft")
     assert cfg.algorithm.adv_estimator == "grpo"
     assert cfg.trainer.n_gpus_per_node == 1
 

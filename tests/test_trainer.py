@@ -194,3 +194,35 @@ def test_empty_dataset_is_an_error(task, tmp_path, capsys):
     code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", f"data.train_files={tmp_path}/empty.parquet")])
     assert code == 2
     assert "empty.parquet: no rows" in capsys.readouterr().err
+
+
+def test_sft_cli_warms_up_and_stops_at_the_target(tmp_path, tiny_model_dir, capsys):
+    from ascend_rl.sft import SFTSettings, exact_match, read_sft_pairs
+
+    write_arithmetic(tmp_path / "d", n_train=200, n_test=10, max_operand=14, seed=0)
+    out = tmp_path / "sft"
+    code = main(["sft", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d" / "sft.parquet"), "--out", str(out),
+                 "--epochs", "40", "--lr", "3e-3", "--batch-size", "32", "--holdout", "40", "--stop-at-exact-match", "0.2"])
+    assert code == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    pairs = read_sft_pairs([tmp_path / "d" / "sft.parquet"], tok)
+    assert exact_match(AutoModelForCausalLM.from_pretrained(out), tok, pairs[:60]) >= 0.1
+    assert main(["sft", "--model", str(tiny_model_dir), "--data", "x.parquet", "--out", str(out),
+                 "--stop-at-exact-match", "0.5"]) == 2
+    assert "--stop-at-exact-match needs --holdout" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_embedded_default_builds_its_assets_and_trains(tmp_path, monkeypatch, capsys):
+    """`ascend-rl train` with no config: assets built into the cache, then GRPO (2 steps here)."""
+    monkeypatch.setenv("ASCEND_RL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--no-progress", "trainer.total_training_steps=2"]) == 0
+    cache = tmp_path / "cache" / "embedded-v1"
+    assert (cache / "tiny-qwen3-sft" / "model.safetensors").is_file()
+    assert (cache / "arithmetic" / "train.parquet").is_file()
+    out = capsys.readouterr().out
+    assert "validation accuracy before → after 2 steps: arithmetic/acc/mean@1:" in out
+    assert (tmp_path / "checkpoints" / "ascend_rl" / "embedded_grpo" / "curves.png").is_file()

@@ -43,11 +43,6 @@ class Components:
     n_devices: int = 1
     show_progress: bool = True
     sinks: list = field(default_factory=list)
-    _bar: object = None
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.out_dir
 
     @property
     def pad_token_id(self) -> int:
@@ -64,10 +59,9 @@ class Components:
             self.engine.release_memory_occupation(["kv_cache", "weights"])
 
     def save_model(self, path: Path) -> None:
-        self.actor.save_pretrained(path, self.tokenizer)
-        self.actor.model.generation_config.save_pretrained(path)
+        self.actor.save_pretrained(path, self.tokenizer)  # writes generation_config.json too
 
-    def validate(self, step: int) -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
         ro = self.cfg.actor_rollout_ref.rollout
         return run_validation(self.engine, self.val_records, self.decode, self.rewards, ro.val_kwargs,
                               self.cfg.data.max_response_length, seed=self.seed + 7_777_777)
@@ -87,10 +81,8 @@ class Components:
     def progress(self, initial: int):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=self.total_steps, initial=initial, desc="grpo" if self.cfg.algorithm.adv_estimator
-                         == "grpo" else self.cfg.algorithm.adv_estimator, unit="step", disable=not self.show_progress,
-                         dynamic_ncols=True)
-        return self._bar
+        return tqdm(total=self.total_steps, initial=initial, desc=self.cfg.algorithm.adv_estimator, unit="step",
+                    disable=not self.show_progress, dynamic_ncols=True)
 
     def postfix(self, metrics: dict[str, float], val_metrics: dict[str, float]) -> dict[str, str]:
         shown = {"score": f"{metrics['critic/score/mean']:.3f}"}
@@ -103,7 +95,7 @@ class Components:
         if self.show_progress:
             tqdm.write(message)
 
-    def finish(self, step: int) -> None:
+    def finish(self) -> None:
         for sink in self.sinks:
             sink.close()
         plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
@@ -121,7 +113,9 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
 
     arr, data, t = cfg.actor_rollout_ref, cfg.data, cfg.trainer
     seed = t.seed
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     device = resolve_device(t.device)
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or arr.model.path)
     load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,

@@ -62,10 +62,11 @@ class RLTrainer:
             bar.update(1)
             bar.set_postfix(c.postfix(metrics, val_metrics))
         bar.close()
-        if c.val_records and not self._due(trainer_cfg.test_freq):
+        wants_final = trainer_cfg.test_freq > 0 or trainer_cfg.val_before_train
+        if c.val_records and wants_final and not self._due(trainer_cfg.test_freq):
             val_metrics = self.validate()
             c.log(val_metrics, self.global_step)
-        c.finish(self.global_step)
+        c.finish()
         return FitResult(self.global_step, val_before, val_metrics, c.out_dir)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -86,7 +87,8 @@ class RLTrainer:
                 metrics.update(self.compute_advantages(batch))
             with timed(timings, "update_actor"):
                 metrics.update(self.c.actor.update(batch.tensors))
-            if self._due(self.cfg.trainer.save_freq) or step == self.c.total_steps and self.cfg.trainer.save_freq > 0:
+            last_step = step == self.c.total_steps
+            if self._due(self.cfg.trainer.save_freq) or (last_step and self.cfg.trainer.save_freq > 0):
                 with timed(timings, "save_checkpoint"):
                     self.save_checkpoint()
             with timed(timings, "update_weights"):
@@ -112,7 +114,7 @@ class RLTrainer:
         tensors = collate(inputs, [o.output_ids for o in outputs], self.c.pad_token_id)
         rollout_lp = torch.zeros_like(tensors["response_mask"])
         for row, out in enumerate(outputs):
-            rollout_lp[row, :len(out.output_logprobs)] = torch.tensor(out.output_logprobs)
+            rollout_lp[row, :len(out.output_logprobs)] = torch.tensor(out.output_logprobs, dtype=rollout_lp.dtype)
         tensors["rollout_log_probs"] = rollout_lp
         records = [p for p in prompts for _ in range(n)]
         return RolloutBatch(
@@ -129,7 +131,7 @@ class RLTrainer:
         scored = self.c.rewards.score(batch.data_source, batch.response_text, batch.ground_truth, batch.extra_info)
         scores = torch.zeros_like(batch["response_mask"])
         last = batch["response_mask"].sum(-1).long() - 1
-        scores[torch.arange(len(batch)), last.clamp(min=0)] = torch.tensor([s.score for s in scored])
+        scores[torch.arange(len(batch)), last.clamp(min=0)] = torch.tensor([s.score for s in scored], dtype=scores.dtype)
         batch["token_level_scores"] = scores * batch["response_mask"]
         return {"reward/failures": float(sum(s.error is not None for s in scored))}
 
@@ -166,7 +168,7 @@ class RLTrainer:
         engine.flush_cache()
 
     def validate(self) -> dict[str, float]:
-        return self.c.validate(self.global_step)
+        return self.c.validate()
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -174,12 +176,12 @@ class RLTrainer:
         c = self.c
         state = {"actor": c.actor.state_dict(), "sampler": c.sampler.state_dict(), "rng": checkpoint.rng_state(),
                  "kl_coef": c.kl_controller.value if c.kl_controller else None}
-        checkpoint.save_checkpoint(c.ckpt_dir, self.global_step, lambda path: c.save_model(path), state,
+        checkpoint.save_checkpoint(c.out_dir, self.global_step, lambda path: c.save_model(path), state,
                                    self.cfg.trainer.max_actor_ckpt_to_keep)
 
     def resume(self) -> int:
         c = self.c
-        path = checkpoint.checkpoint_to_resume(self.cfg.trainer.resume_mode, c.ckpt_dir,
+        path = checkpoint.checkpoint_to_resume(self.cfg.trainer.resume_mode, c.out_dir,
                                                self.cfg.trainer.resume_from_path)
         if path is None:
             return 0

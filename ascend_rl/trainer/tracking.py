@@ -17,13 +17,13 @@ class Sink(Protocol):
 
 
 class JsonlSink:
-    """metrics.jsonl: one object per step. On resume, lines after the resumed step are dropped so the file
-    reads as one uninterrupted run."""
+    """metrics.jsonl: one object per step. A fresh run starts it empty; on resume, lines after the resumed
+    step are dropped so the file reads as one uninterrupted run."""
 
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in self._lines() if json.loads(line)["step"] <= resume_step]
+        kept = [line for line in self._lines() if json.loads(line)["step"] <= resume_step] if resume_step else []
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)

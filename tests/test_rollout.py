@@ -1,0 +1,97 @@
+"""The native engine behind the SGLang-shaped protocol."""
+
+import pytest
+import torch
+
+from ascend_rl.data.collate import collate
+from ascend_rl.rollout.native import NativeEngine
+from ascend_rl.rollout.protocol import SamplingParams
+from ascend_rl.workers.model_io import response_log_probs
+
+PROMPTS = [[1, 21, 15, 22, 33, 2, 99, 1], [1, 25, 26, 15, 27, 33, 2, 99, 1, 69]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return NativeEngine.from_pretrained(str(tiny_model_dir))
+
+
+def test_seeded_samples_are_reproducible_and_independent_of_the_batch(engine):
+    params = SamplingParams(max_new_tokens=6, sampling_seed=123, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], params)[0]
+    batched = engine.generate(PROMPTS, [params, SamplingParams(max_new_tokens=6, sampling_seed=5, ignore_eos=True)])
+    assert batched[0].output_ids == alone.output_ids
+    assert len(alone.output_ids) == 6 and alone.finish_reason == "length"
+
+
+def test_n_samples_differ_and_come_in_prompt_order(engine):
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, n=4, sampling_seed=0, ignore_eos=True))
+    assert len(outs) == 8
+    assert all(o.prompt_tokens == len(PROMPTS[0]) for o in outs[:4])
+    assert all(o.prompt_tokens == len(PROMPTS[1]) for o in outs[4:])
+    assert len({tuple(o.output_ids) for o in outs[:4]}) > 1
+
+
+def test_stop_token_ids_end_generation_with_stop(engine):
+    free = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+    stop_at = free.output_ids[2]
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True,
+                                                       stop_token_ids=(stop_at,)))[0]
+    first = free.output_ids.index(stop_at)
+    assert out.output_ids == free.output_ids[:first + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_engine_logprobs_match_the_trainers_recompute(engine, tiny_model_dir):
+    for temperature in (1.0, 0.7):
+        outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=temperature, sampling_seed=3,
+                                                       ignore_eos=True), return_logprob=True)
+        batch = collate(PROMPTS, [o.output_ids for o in outs], pad_token_id=0)
+        recomputed, _ = response_log_probs(engine.model, batch, temperature=temperature)
+        engine_lp = torch.tensor([o.output_logprobs for o in outs])
+        assert (recomputed - engine_lp).abs().max() < 1e-4
+
+
+def test_top_k_one_is_greedy(engine):
+    greedy = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True))[0]
+    top1 = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=5, top_k=1, sampling_seed=9, ignore_eos=True))[0]
+    assert top1.output_ids == greedy.output_ids
+
+
+def test_weight_update_equals_a_fresh_engine_with_those_weights(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text((tiny_model_dir / "generation_config.json").read_text())
+    fresh = NativeEngine.from_pretrained(str(tmp_path / "m"))
+    updated = NativeEngine.from_pretrained(str(tiny_model_dir))
+    updated.release_memory_occupation(["kv_cache", "weights"])
+    with pytest.raises(RuntimeError, match="memory released"):
+        updated.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2))
+    updated.resume_memory_occupation(["weights"])
+    updated.update_weights_from_tensor(model.named_parameters())
+    updated.resume_memory_occupation(["kv_cache"])
+    params = SamplingParams(max_new_tokens=8, sampling_seed=11, ignore_eos=True)
+    assert updated.generate(PROMPTS, params)[1].output_ids == fresh.generate(PROMPTS, params)[1].output_ids
+
+
+def test_resumed_weights_must_be_pushed_before_generating(tiny_model_dir):
+    engine = NativeEngine.from_pretrained(str(tiny_model_dir))
+    engine.release_memory_occupation()
+    engine.resume_memory_occupation()
+    with pytest.raises(RuntimeError, match="call update_weights_from_tensor"):
+        engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(KeyError, match="no parameter 'nope'"):
+        engine.update_weights_from_tensor([("nope", torch.zeros(1))])
+    with pytest.raises(ValueError, match="unknown memory tags"):
+        engine.release_memory_occupation(["cuda_graph_x"])
+
+
+def test_sampling_params_use_sglang_names():
+    assert SamplingParams.from_dict({"max_new_tokens": 3, "stop_token_ids": [1, 2]}).stop_token_ids == (1, 2)
+    with pytest.raises(ValueError, match=r"unknown sampling_params \['max_tokens'\]"):
+        SamplingParams.from_dict({"max_tokens": 3})
