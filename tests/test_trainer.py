@@ -226,3 +226,22 @@ def test_embedded_default_builds_its_assets_and_trains(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "validation accuracy before → after 2 steps: arithmetic/acc/mean@1:" in out
     assert (tmp_path / "checkpoints" / "ascend_rl" / "embedded_grpo" / "curves.png").is_file()
+
+
+def test_kl_in_reward_and_other_estimators(task, tmp_path):
+    fit(task, tmp_path / "run", "algorithm.use_kl_in_reward=True", "algorithm.kl_ctrl.type=adaptive",
+        "algorithm.adv_estimator=rloo", f"{A}.actor.ppo_epochs=2", f"{A}.actor.loss_agg_mode=seq-mean-token-mean",
+        "trainer.total_training_steps=2")
+    rows = [r for r in read_metrics(tmp_path / "run") if "critic/score/mean" in r]
+    assert all("actor/reward_kl_penalty" in r and "timing_s/ref" in r for r in rows)
+    assert rows[0]["actor/reward_kl_penalty_coeff"] == pytest.approx(0.001)
+    assert rows[1]["actor/reward_kl_penalty_coeff"] != rows[0]["actor/reward_kl_penalty_coeff"]  # adaptive
+
+
+def test_wandb_without_wandb_installed_is_a_clear_error(task, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", "trainer.logger=[console,wandb]")])
+    assert code == 2
+    assert "trainer.logger includes wandb but wandb is not installed" in capsys.readouterr().err

@@ -95,11 +95,14 @@ class Components:
         if self.show_progress:
             tqdm.write(message)
 
-    def finish(self) -> None:
+    def close(self) -> None:
         for sink in self.sinks:
             sink.close()
-        plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+        self.sinks = []
         self.rewards.close()
+
+    def plot(self) -> Path | None:
+        return plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
 
 
 def total_training_steps(cfg: DictConfig, batches_per_epoch: int) -> int:

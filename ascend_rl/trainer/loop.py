@@ -43,30 +43,33 @@ class RLTrainer:
 
     def fit(self) -> FitResult:
         c, trainer_cfg = self.c, self.cfg.trainer
-        self.global_step = self.resume()
-        c.open_sinks(self.global_step)
-        self.sync_weights()
-        val_before = {}
-        if trainer_cfg.val_before_train and c.val_records:
-            val_before = self.validate()
-            c.log(val_before, self.global_step)
-        val_metrics = val_before
-        bar = c.progress(self.global_step)
-        while self.global_step < c.total_steps:
-            self.global_step += 1
-            metrics = self.train_step(self.global_step)
-            if self._due(trainer_cfg.test_freq) and c.val_records:
+        try:
+            self.global_step = self.resume()
+            c.open_sinks(self.global_step)
+            self.sync_weights()
+            val_before = {}
+            if trainer_cfg.val_before_train and c.val_records:
+                val_before = self.validate()
+                c.log(val_before, self.global_step)
+            val_metrics = val_before
+            bar = c.progress(self.global_step)
+            while self.global_step < c.total_steps:
+                self.global_step += 1
+                metrics = self.train_step(self.global_step)
+                if self._due(trainer_cfg.test_freq) and c.val_records:
+                    val_metrics = self.validate()
+                    metrics.update(val_metrics)
+                c.log(metrics, self.global_step)
+                bar.update(1)
+                bar.set_postfix(c.postfix(metrics, val_metrics))
+            bar.close()
+            wants_final = trainer_cfg.test_freq > 0 or trainer_cfg.val_before_train
+            if c.val_records and wants_final and not self._due(trainer_cfg.test_freq):
                 val_metrics = self.validate()
-                metrics.update(val_metrics)
-            c.log(metrics, self.global_step)
-            bar.update(1)
-            bar.set_postfix(c.postfix(metrics, val_metrics))
-        bar.close()
-        wants_final = trainer_cfg.test_freq > 0 or trainer_cfg.val_before_train
-        if c.val_records and wants_final and not self._due(trainer_cfg.test_freq):
-            val_metrics = self.validate()
-            c.log(val_metrics, self.global_step)
-        c.finish()
+                c.log(val_metrics, self.global_step)
+        finally:
+            c.close()  # scorer processes and metric files, also when a step fails
+        c.plot()
         return FitResult(self.global_step, val_before, val_metrics, c.out_dir)
 
     def train_step(self, step: int) -> dict[str, float]:
