@@ -3,7 +3,7 @@ else that escapes is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class UserError(Exception):

@@ -28,7 +28,6 @@ from ascend_rl.algorithms import (
 )
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def float64_by_default():
     """The math is checked in float64; other test modules keep torch's float32 default."""

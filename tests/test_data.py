@@ -1,6 +1,7 @@
 """Tiny model, datasets in verl's schema, the prompt pipeline and the resumable sampler."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -71,7 +72,7 @@ def test_gsm8k_conversion_matches_verl(tmp_path):
 
 
 def test_gsm8k_reads_parquet_and_hf_dirs(tmp_path):
-    records = [json.loads(line) for line in open(SAMPLE)]
+    records = [json.loads(line) for line in Path(SAMPLE).read_text().splitlines()]
     hub = tmp_path / "hub" / "main"
     hub.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(records[:5]), hub / "test-00000-of-00001.parquet")

@@ -186,7 +186,6 @@ def test_unknown_data_source_stops_at_startup(task, tmp_path, capsys):
 
 
 def test_empty_dataset_is_an_error(task, tmp_path, capsys):
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.read_table(Path(task[1]) / "train.parquet")
@@ -197,7 +196,7 @@ def test_empty_dataset_is_an_error(task, tmp_path, capsys):
 
 
 def test_sft_cli_warms_up_and_stops_at_the_target(tmp_path, tiny_model_dir, capsys):
-    from ascend_rl.sft import SFTSettings, exact_match, read_sft_pairs
+    from ascend_rl.sft import exact_match, read_sft_pairs
 
     write_arithmetic(tmp_path / "d", n_train=200, n_test=10, max_operand=14, seed=0)
     out = tmp_path / "sft"

@@ -3,7 +3,7 @@ reward penalty."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -43,7 +43,7 @@ def _tiny_model(args) -> int:
 def _arithmetic(args) -> int:
     from ascend_rl.data.tasks import write_arithmetic
 
-    for split, path in write_arithmetic(args.out, args.train_size, args.test_size, args.max_operand, args.seed).items():
+    for path in write_arithmetic(args.out, args.train_size, args.test_size, args.max_operand, args.seed).values():
         print(f"wrote {path}")
     return 0
 
@@ -51,6 +51,6 @@ def _arithmetic(args) -> int:
 def _gsm8k(args) -> int:
     from ascend_rl.data.tasks import convert_gsm8k
 
-    for split, path in convert_gsm8k(args.input, args.out, args.split).items():
+    for path in convert_gsm8k(args.input, args.out, args.split).values():
         print(f"wrote {path}")
     return 0

@@ -6,8 +6,8 @@ the launcher's job.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from omegaconf import DictConfig
 

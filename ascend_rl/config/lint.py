@@ -6,9 +6,9 @@ A lint rule fires only for keys the user changed from verl's defaults, so a plai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 

@@ -7,8 +7,8 @@ or raises ConfigError with one line per problem.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -134,7 +134,7 @@ def _move_legacy_keys(cfg: DictConfig) -> None:
             for key, value in legacy.items():
                 current = target.get(key)
                 default = schema.known_keys().get(f"{new}.{key}")
-                if value == default or value == current:
+                if value in (default, current):
                     continue
                 if current != default:
                     raise ConfigError(

@@ -44,7 +44,7 @@ def known_keys() -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def walk(node: DictConfig, prefix: str) -> None:
-        for key in node.keys():
+        for key in node:
             path = f"{prefix}{key}"
             child = node._get_node(key)
             if isinstance(child, DictConfig):
@@ -100,7 +100,7 @@ def missing_paths(cfg: DictConfig) -> list[str]:
 def leaf_paths(cfg: DictConfig, prefix: str = "") -> list[str]:
     """All key paths of a composed config (maps included, list items not)."""
     out = []
-    for key in cfg.keys():
+    for key in cfg:
         path = f"{prefix}{key}"
         out.append(path)
         child = cfg._get_node(key)

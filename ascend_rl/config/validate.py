@@ -81,7 +81,7 @@ def _check_ranges(cfg: DictConfig) -> list[str]:
 def _check_batches(cfg: DictConfig, layout: Layout) -> list[str]:
     errors = []
     actor, train, batch = cfg[A].actor, layout.train, layout.batch
-    world, n = layout.world_size, cfg[A].rollout.n
+    world = layout.world_size
     if actor.ppo_mini_batch_size > cfg.data.train_batch_size:
         errors.append(f"{A}.actor.ppo_mini_batch_size={actor.ppo_mini_batch_size} is larger than "
                       f"data.train_batch_size={cfg.data.train_batch_size}")

@@ -6,7 +6,7 @@ model sees `prompt ‖ response` contiguously; positions count real tokens only.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tensordict import TensorDict

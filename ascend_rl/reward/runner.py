@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ascend_rl.errors import UserError
 from ascend_rl.reward.scorers import default_compute_score

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Scorer = Callable[..., "float | dict"]
 _GSM8K_CLIP_CHARS = 300  # verl looks only at the end of long answers (regexes on long strings are slow)

@@ -8,8 +8,8 @@ depend on what else is in the batch, and samples of one prompt (different seeds)
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Sequence
 from itertools import groupby
-from typing import Iterable, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ class NativeEngine:
 
     @classmethod
     def from_pretrained(cls, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        max_batch_size: int = 256) -> "NativeEngine":
+                        max_batch_size: int = 256) -> NativeEngine:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)

@@ -6,8 +6,9 @@ sampling_seed`. Memory tags are SGLang's: `weights`, `kv_cache`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -27,7 +28,7 @@ class SamplingParams:
     sampling_seed: int | None = None
 
     @classmethod
-    def from_dict(cls, params: dict) -> "SamplingParams":
+    def from_dict(cls, params: dict) -> SamplingParams:
         unknown = sorted(set(params) - set(SAMPLING_KEYS))
         if unknown:
             raise ValueError(f"unknown sampling_params {unknown}; expected some of {', '.join(SAMPLING_KEYS)}")

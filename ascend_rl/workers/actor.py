@@ -4,9 +4,9 @@ log-probs, and the PPO-family update over mini- and micro-batches."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tensordict import TensorDict
