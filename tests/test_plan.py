@@ -224,3 +224,17 @@ def test_train_names_every_missing_input(tmp_path, capsys):
     assert f"error: data.train_files: {tmp_path}/t.parquet: no such file" in err
     assert f"error: reward.custom_reward_function.path={tmp_path}/r.py: no such file" in err
     assert "error: actor_rollout_ref.model.path=/models/m: no such directory" in err
+
+
+def test_unknown_logger_is_a_validation_error():
+    assert any("trainer.logger: unknown logger 'mlflow'" in e for e in plan_of("trainer.logger=[console,mlflow]").errors)
+
+
+def test_plan_of_the_embedded_default_explains_unbuilt_assets(capsys):
+    from ascend_rl.cli.main import main
+
+    assert main(["plan"]) == 0
+    out = capsys.readouterr().out
+    assert "input: embedded default: the tiny model, its SFT warm-up and the arithmetic data are built" in out
+    assert "per step       64 prompts × n = 512 samples" in out
+    assert "not built" not in out

@@ -13,8 +13,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ascend_rl.config.loader import cache_dir, choose_config_name
     from ascend_rl.config.plan import format_plan, make_plan
+    from ascend_rl.config.schema import EMBEDDED_CONFIG_NAME
 
     plan = make_plan(load_from_args(args))
+    if choose_config_name(args.overrides, args.config_name) == EMBEDDED_CONFIG_NAME and plan.missing_inputs:
+        # Not an error: `train` builds the embedded default's model and data on first use.
+        plan.missing_inputs = [f"embedded default: the tiny model, its SFT warm-up and the arithmetic data are "
+                               f"built into {cache_dir()} by the first `ascend-rl train`"]
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 1 if plan.errors else 0

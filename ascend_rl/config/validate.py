@@ -16,6 +16,7 @@ from ascend_rl.config.layout import Layout
 A = "actor_rollout_ref"
 TRUNCATION_MODES = ("error", "left", "right", "middle")
 RESUME_MODES = ("auto", "disable", "resume_path")
+LOGGERS = ("console", "tensorboard", "wandb")  # trainer.tracking has one sink for each
 
 
 def validate(cfg: DictConfig, layout: Layout) -> list[str]:
@@ -46,6 +47,9 @@ def _check_choices(cfg: DictConfig) -> list[str]:
             errors.append(f"{key}={kind!r}: expected one of {', '.join(KL_ESTIMATORS.names())} (optionally with '+')")
     if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
         errors.append("trainer.resume_mode=resume_path needs trainer.resume_from_path")
+    loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
+    errors += [f"trainer.logger: unknown logger {name!r}; expected some of {', '.join(LOGGERS)}"
+               for name in loggers if name not in LOGGERS]
     if cfg[A].model.path in (None, ""):
         errors.append(f"{A}.model.path is not set: give a local Hugging Face model directory")
     return errors

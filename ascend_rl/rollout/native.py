@@ -52,12 +52,13 @@ class NativeEngine:
             sampling_params = [sampling_params] * len(input_ids)
         if len(sampling_params) != len(input_ids):
             raise ValueError(f"{len(input_ids)} prompts but {len(sampling_params)} sampling_params")
-        requests = [(k, list(ids), p, None if p.sampling_seed is None else p.sampling_seed + j)
-                    for k, (ids, p) in enumerate(zip(input_ids, sampling_params)) for j in range(p.n)]
+        # one request per sample: (prompt ids, settings, seed); sample j of a prompt uses sampling_seed + j
+        requests = [(list(ids), p, None if p.sampling_seed is None else p.sampling_seed + j)
+                    for ids, p in zip(input_ids, sampling_params) for j in range(p.n)]
         outputs: list[GenerateOutput | None] = [None] * len(requests)
         # Rows of one batch share the sampling settings (seeds aside); group requests by them.
-        order = sorted(range(len(requests)), key=lambda r: _batch_key(requests[r][2]))
-        for _, group in groupby(order, key=lambda r: _batch_key(requests[r][2])):
+        order = sorted(range(len(requests)), key=lambda r: _batch_key(requests[r][1]))
+        for _, group in groupby(order, key=lambda r: _batch_key(requests[r][1])):
             group = list(group)
             for start in range(0, len(group), self.max_batch_size):
                 chunk = group[start:start + self.max_batch_size]
@@ -67,8 +68,8 @@ class NativeEngine:
         return outputs
 
     def _generate_batch(self, requests) -> list[GenerateOutput]:
-        params: SamplingParams = requests[0][2]
-        prompts = [ids for _, ids, _, _ in requests]
+        params: SamplingParams = requests[0][1]
+        prompts = [ids for ids, _, _ in requests]
         batch, width = len(prompts), max(map(len, prompts))
         ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -77,7 +78,7 @@ class NativeEngine:
             mask[row, width - len(prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [_generator(seed) for _, _, _, seed in requests]
+        generators = [_generator(seed) for _, _, seed in requests]
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
 
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)

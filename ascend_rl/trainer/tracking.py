@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from ascend_rl.config.validate import LOGGERS
+
 CONSOLE_KEYS = ("critic/score/mean", "actor/pg_loss", "actor/entropy", "response_length/mean", "timing_s/step")
 
 
@@ -95,9 +97,5 @@ def make_sinks(loggers: list[str], out_dir: Path, project: str, experiment: str,
         "tensorboard": lambda: TensorBoardSink(out_dir / "tensorboard"),
         "wandb": lambda: WandbSink(project, experiment, config),
     }
-    unknown = [name for name in loggers if name not in factories]
-    if unknown:
-        from ascend_rl.errors import UserError
-
-        raise UserError(f"trainer.logger: unknown logger(s) {unknown}; expected some of {', '.join(factories)}")
+    assert set(factories) == set(LOGGERS), "config.validate.LOGGERS and the sinks here must agree"
     return [JsonlSink(out_dir / "metrics.jsonl", resume_step), *(factories[name]() for name in loggers)]
