@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ascend_rl.cli import data_cmd, plan_cmd, sft_cmd, train_cmd
+from ascend_rl.cli import data_cmd, plan_cmd, serve_cmd, sft_cmd, train_cmd
 from ascend_rl.errors import UserError
 
 COMMANDS = {
     "train": (train_cmd, "run RL training (no arguments: the embedded tiny model and task on this machine)"),
     "plan": (plan_cmd, "resolve and check a config, print the device layout; needs no devices, models or data"),
     "sft": (sft_cmd, "supervised fine-tuning on prompt/response parquet (loss on the response only)"),
+    "serve": (serve_cmd, "serve a model over HTTP with SGLang's endpoints (the native engine)"),
     "data": (data_cmd, "build the tiny model and datasets, convert GSM8K"),
 }
 

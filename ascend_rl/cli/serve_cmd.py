@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", required=True, help="HF model directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--device", default=None, help="cpu | cuda | npu (default: what this machine has)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ascend_rl.cli.quiet import quiet_transformers
+    from ascend_rl.errors import UserError
+    from ascend_rl.platform import resolve_device
+    from ascend_rl.rollout.http_server import make_server
+    from ascend_rl.rollout.native import NativeEngine
+
+    if not (Path(args.model_path) / "config.json").is_file():
+        raise UserError(f"--model-path {args.model_path}: not a Hugging Face model directory (no config.json)")
+    quiet_transformers()
+    engine = NativeEngine.from_pretrained(args.model_path, resolve_device(args.device))
+    try:
+        server = make_server(engine, args.model_path, args.host, args.port)
+    except OSError as err:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    print(f"serving {args.model_path} on http://{args.host}:{server.server_port} (SGLang endpoints, token in/out)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

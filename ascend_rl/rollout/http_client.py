@@ -1,0 +1,117 @@
+"""The rollout protocol over HTTP with SGLang's endpoints: one client for a real SGLang server
+(`--skip-tokenizer-init`) and for `ascend-rl serve`.
+
+Connection errors and 5xx answers are retried with exponential backoff; 4xx answers are the caller's
+mistake and raise at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+
+
+class HttpEngineError(RuntimeError):
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_output(item: dict) -> GenerateOutput:
+    meta = item["meta_info"]
+    reason = (meta.get("finish_reason") or {}).get("type", "abort")
+    logprobs = [entry[0] for entry in meta.get("output_token_logprobs") or []]
+    return GenerateOutput(list(item["output_ids"]), reason, meta.get("prompt_tokens", 0), logprobs)
+
+
+def sampling_json(params: SamplingParams) -> dict:
+    out = {k: v for k, v in asdict(params).items() if v is not None}
+    out["stop_token_ids"] = list(params.stop_token_ids)
+    return out
+
+
+class HttpEngine:
+    def __init__(self, url: str, timeout_s: float = 60.0, max_attempts: int = 3, retry_delay_s: float = 2.0):
+        self.url = url.rstrip("/")
+        self.timeout_s, self.max_attempts, self.retry_delay_s = timeout_s, max_attempts, retry_delay_s
+
+    # --- transport ------------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        last_error: Exception | None = None
+        for attempt in range(self.max_attempts):
+            if attempt:
+                time.sleep(self.retry_delay_s * 2 ** (attempt - 1))
+            req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    raw = resp.read()
+                    kind = resp.headers.get("Content-Type", "")
+                    return json.loads(raw) if "json" in kind and raw else raw.decode()
+            except urllib.error.HTTPError as err:
+                message = _error_message(err)
+                if err.code < 500:
+                    raise HttpEngineError(f"{method} {path}: {err.code} {message}", err.code) from None
+                last_error = HttpEngineError(f"{method} {path}: {err.code} {message}", err.code)
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+                last_error = err
+        raise HttpEngineError(f"{method} {self.url}{path}: no answer after {self.max_attempts} attempt(s): "
+                              f"{last_error}") from None
+
+    def wait_until_healthy(self, timeout_s: float = 300.0, poll_s: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                HttpEngine(self.url, timeout_s=poll_s * 5, max_attempts=1).request("GET", "/health")
+                return
+            except HttpEngineError as err:
+                if time.monotonic() > deadline:
+                    raise HttpEngineError(f"{self.url} not healthy after {timeout_s:.0f} s: {err}") from None
+                time.sleep(poll_s)
+
+    # --- the protocol ---------------------------------------------------------------------------------
+
+    def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
+                 return_logprob: bool = False) -> list[GenerateOutput]:
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(input_ids)
+        body = {"input_ids": [list(ids) for ids in input_ids],
+                "sampling_params": [sampling_json(p) for p in sampling_params], "return_logprob": return_logprob}
+        answer = self.request("POST", "/generate", body)
+        return [parse_output(item) for item in (answer if isinstance(answer, list) else [answer])]
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
+        self.request("POST", "/update_weights_from_disk", {"model_path": model_path, "weight_version": weight_version})
+
+    def update_weights_from_tensor(self, named_tensors: Iterable) -> None:
+        raise HttpEngineError("update_weights_from_tensor over HTTP needs device IPC handles (SGLang on the same "
+                              "node); use update_weights_from_disk with this server")
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        self.request("POST", "/release_memory_occupation", {"tags": list(tags)} if tags else {})
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        self.request("POST", "/resume_memory_occupation", {"tags": list(tags)} if tags else {})
+
+    def flush_cache(self) -> None:
+        self.request("POST", "/flush_cache", {})
+
+    def model_info(self) -> dict:
+        return self.request("GET", "/model_info")
+
+
+def _error_message(err: urllib.error.HTTPError) -> str:
+    try:
+        payload = json.loads(err.read())
+    except (ValueError, OSError):
+        return err.reason or ""
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    return error.get("message", str(error)) if isinstance(error, dict) else str(error)

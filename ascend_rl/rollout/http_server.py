@@ -1,0 +1,164 @@
+"""An SGLang-compatible HTTP server for any engine of the protocol (`ascend-rl serve`).
+
+Endpoint names and JSON shapes are SGLang's (token in, token out: the `skip_tokenizer_init` mode RL
+uses), so one client (`http_client.HttpEngine`) talks to a real SGLang server and to this one. Built on
+the standard library's threading HTTP server: requests are served one engine call at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def output_json(out: GenerateOutput, rid: str, return_logprob: bool, weight_version: str) -> dict:
+    """One generation in SGLang's /generate output shape."""
+    reason = ({"type": "stop", "matched": out.output_ids[-1]} if out.finish_reason == "stop"
+              else {"type": out.finish_reason, "length": out.completion_tokens})
+    meta = {"id": rid, "finish_reason": reason, "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens, "cached_tokens": 0, "weight_version": weight_version}
+    if return_logprob:
+        meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids)]
+    return {"output_ids": out.output_ids, "meta_info": meta}
+
+
+class EngineService:
+    """The endpoints, independent of HTTP plumbing: name → handler(body) → JSON-able result."""
+
+    def __init__(self, engine, model_path: str):
+        self.engine, self.model_path = engine, model_path
+        self.weight_version = "default"
+        self._lock = threading.Lock()  # the engine runs one call at a time
+        self._request_count = 0
+
+    def handle(self, method: str, path: str, body: dict):
+        routes = {
+            ("GET", "/health"): lambda b: "",
+            ("GET", "/model_info"): self.model_info,
+            ("GET", "/get_model_info"): self.model_info,
+            ("POST", "/generate"): self.generate,
+            ("POST", "/release_memory_occupation"): self.release,
+            ("POST", "/resume_memory_occupation"): self.resume,
+            ("GET", "/flush_cache"): self.flush_cache,
+            ("POST", "/flush_cache"): self.flush_cache,
+            ("POST", "/update_weights_from_disk"): self.update_weights_from_disk,
+        }
+        handler = routes.get((method, path))
+        if handler is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}")
+        with self._lock:
+            return handler(body)
+
+    def model_info(self, body: dict) -> dict:
+        return {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
+                "weight_version": self.weight_version}
+
+    def generate(self, body: dict):
+        if "text" in body:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "this server runs token-in/token-out (skip_tokenizer_init): "
+                                                   "send input_ids, not text")
+        ids = body.get("input_ids")
+        single = bool(ids) and isinstance(ids[0], int)
+        prompts = [ids] if single else ids
+        if not prompts or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "input_ids must be a non-empty list of token ids or of such lists")
+        raw = body.get("sampling_params") or {}
+        raw_list = raw if isinstance(raw, list) else [raw] * len(prompts)
+        if len(raw_list) != len(prompts):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts but {len(raw_list)} sampling_params")
+        try:
+            params = [SamplingParams.from_dict(p) for p in raw_list]
+        except (TypeError, ValueError) as err:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        return_logprob = bool(body.get("return_logprob", False))
+        try:
+            outputs = self.engine.generate(prompts, params, return_logprob=return_logprob)
+        except RuntimeError as err:  # e.g. memory released
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(err)) from None
+        results = []
+        for out in outputs:
+            self._request_count += 1
+            results.append(output_json(out, f"req-{self._request_count}", return_logprob, self.weight_version))
+        return results[0] if single and len(results) == 1 else results
+
+    def release(self, body: dict) -> str:
+        self.engine.release_memory_occupation(body.get("tags"))
+        return ""
+
+    def resume(self, body: dict) -> str:
+        self.engine.resume_memory_occupation(body.get("tags"))
+        return ""
+
+    def flush_cache(self, body: dict) -> str:
+        self.engine.flush_cache()
+        return "Cache flushed."
+
+    def update_weights_from_disk(self, body: dict) -> dict:
+        from safetensors.torch import load_file
+
+        path = Path(body.get("model_path") or "")
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"model_path {str(path)!r}: no *.safetensors files")
+        tensors = {}
+        for file in files:
+            tensors.update(load_file(str(file)))
+        known = dict(self.engine.model.named_parameters())
+        try:
+            self.engine.update_weights_from_tensor((k, v) for k, v in tensors.items() if k in known)
+        except (KeyError, RuntimeError) as err:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        self.weight_version = body.get("weight_version") or self.weight_version
+        if body.get("flush_cache", True):
+            self.engine.flush_cache()
+        return {"success": True, "message": f"Succeeded to update model weights from {path}.", "num_paused_requests": 0}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    service: EngineService  # set on the subclass made by make_server
+
+    def do_GET(self):
+        self._serve("GET")
+
+    def do_POST(self):
+        self._serve("POST")
+
+    def _serve(self, method: str) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw else {}
+            except json.JSONDecodeError as err:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"request body is not JSON: {err}") from None
+            result = self.service.handle(method, self.path.split("?")[0], body)
+            self._send(HTTPStatus.OK, result)
+        except ApiError as err:
+            self._send(err.status, {"error": {"message": str(err)}})
+
+    def _send(self, status: HTTPStatus, payload) -> None:
+        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):  # keep the console for the trainer's output
+        pass
+
+
+def make_server(engine, model_path: str, host: str = "127.0.0.1", port: int = 30000) -> ThreadingHTTPServer:
+    handler = type("EngineHandler", (_Handler,), {"service": EngineService(engine, model_path)})
+    return ThreadingHTTPServer((host, port), handler)

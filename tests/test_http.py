@@ -1,0 +1,143 @@
+"""The SGLang-compatible HTTP server and client, over real HTTP on localhost."""
+
+import json
+import threading
+import urllib.request
+
+import pytest
+import torch
+
+from ascend_rl.rollout.http_client import HttpEngine, HttpEngineError
+from ascend_rl.rollout.http_server import make_server
+from ascend_rl.rollout.native import NativeEngine
+from ascend_rl.rollout.protocol import SamplingParams
+
+PROMPT = [1, 21, 15, 22, 33, 2, 99, 1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    engine = NativeEngine.from_pretrained(str(tiny_model_dir))
+    srv = make_server(engine, str(tiny_model_dir), port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, engine
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture()
+def client(server):
+    return HttpEngine(f"http://127.0.0.1:{server[0].server_port}", timeout_s=30, max_attempts=1)
+
+
+def raw_post(port, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        return json.loads(resp.read())
+
+
+def test_generate_matches_the_engine_and_sglang_shapes(server, client):
+    srv, engine = server
+    params = SamplingParams(max_new_tokens=5, sampling_seed=4, ignore_eos=True)
+    direct = engine.generate([PROMPT], params, return_logprob=True)[0]
+    over_http = client.generate([PROMPT], params, return_logprob=True)[0]
+    assert over_http.output_ids == direct.output_ids
+    assert over_http.output_logprobs == pytest.approx(direct.output_logprobs)
+    assert over_http.finish_reason == "length" and over_http.prompt_tokens == len(PROMPT)
+    # a single prompt (not a list of prompts) gets a single dict back, as in SGLang
+    answer = raw_post(srv.server_port, "/generate", {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3,
+                      "temperature": 0, "ignore_eos": True}, "return_logprob": True})
+    assert set(answer) == {"output_ids", "meta_info"}
+    meta = answer["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 3}
+    assert meta["completion_tokens"] == 3 and meta["prompt_tokens"] == len(PROMPT)
+    assert [entry[1] for entry in meta["output_token_logprobs"]] == answer["output_ids"]
+
+
+def test_n_samples_per_prompt(client):
+    outs = client.generate([PROMPT, PROMPT[:5]], SamplingParams(max_new_tokens=4, n=3, sampling_seed=0, ignore_eos=True))
+    assert len(outs) == 6 and outs[3].prompt_tokens == 5
+
+
+def test_error_answers_are_4xx_with_a_message(server, client):
+    with pytest.raises(HttpEngineError, match=r"400 unknown sampling_params \['max_tokens'\]") as err:
+        client.request("POST", "/generate", {"input_ids": [PROMPT], "sampling_params": {"max_tokens": 3}})
+    assert err.value.status == 400
+    with pytest.raises(HttpEngineError, match="400 .*send input_ids, not text"):
+        client.request("POST", "/generate", {"text": "hello"})
+    with pytest.raises(HttpEngineError, match="404 no endpoint GET /nope"):
+        client.request("GET", "/nope")
+    with pytest.raises(HttpEngineError, match="400 model_path '/nowhere': no"):
+        client.update_weights_from_disk("/nowhere")
+
+
+def test_sleep_wake_cycle_and_weight_push_from_disk(server, client, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    srv, engine = server
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    before = client.generate([PROMPT], greedy)[0].output_ids
+    client.release_memory_occupation(["kv_cache", "weights"])
+    with pytest.raises(HttpEngineError, match="503 engine memory released"):
+        client.generate([PROMPT], greedy)
+    client.resume_memory_occupation(["weights"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(tmp_path / "changed")
+    client.update_weights_from_disk(str(tmp_path / "changed"), weight_version="v2")
+    client.resume_memory_occupation(["kv_cache"])
+    client.flush_cache()
+    assert client.model_info()["weight_version"] == "v2"
+    changed = client.generate([PROMPT], greedy)[0].output_ids
+    client.update_weights_from_disk(str(tiny_model_dir))
+    assert client.generate([PROMPT], greedy)[0].output_ids == before
+    assert changed != before
+
+
+def test_connection_errors_are_retried_then_reported():
+    client = HttpEngine("http://127.0.0.1:9", timeout_s=1, max_attempts=3, retry_delay_s=0.01)
+    with pytest.raises(HttpEngineError, match="no answer after 3 attempt"):
+        client.model_info()
+
+
+def test_4xx_is_not_retried(server, monkeypatch):
+    calls = []
+    original = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: calls.append(1) or original(*a, **k))
+    client = HttpEngine(f"http://127.0.0.1:{server[0].server_port}", max_attempts=3, retry_delay_s=5)
+    with pytest.raises(HttpEngineError):
+        client.request("GET", "/nope")
+    assert len(calls) == 1
+
+
+def test_health_wait(server):
+    HttpEngine(f"http://127.0.0.1:{server[0].server_port}").wait_until_healthy(timeout_s=5)
+    with pytest.raises(HttpEngineError, match="not healthy after"):
+        HttpEngine("http://127.0.0.1:9").wait_until_healthy(timeout_s=0.5, poll_s=0.1)
+
+
+def test_serve_command(tiny_model_dir):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ascend_rl", "serve", "--model-path", str(tiny_model_dir),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = HttpEngine(f"http://127.0.0.1:{port}")
+        client.wait_until_healthy(timeout_s=120, poll_s=0.2)
+        out = client.generate([PROMPT], SamplingParams(max_new_tokens=2, ignore_eos=True, sampling_seed=1))
+        assert len(out[0].output_ids) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "ascend_rl", "serve", "--model-path", "/nowhere"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--model-path /nowhere: not a Hugging Face model directory" in bad.stderr
