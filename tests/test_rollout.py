@@ -95,3 +95,28 @@ def test_sampling_params_use_sglang_names():
     assert SamplingParams.from_dict({"max_new_tokens": 3, "stop_token_ids": [1, 2]}).stop_token_ids == (1, 2)
     with pytest.raises(ValueError, match=r"unknown sampling_params \['max_tokens'\]"):
         SamplingParams.from_dict({"max_tokens": 3})
+
+
+def test_lean_decoder_is_used_for_qwen3_and_other_models_fall_back(engine, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert engine._lean is not None  # Qwen3 passed the self-check against the transformers forward
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
+    fallback = NativeEngine(gpt2, eos_token_ids=[0], pad_token_id=0)
+    assert fallback._lean is None
+    outs = fallback.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, n=2, sampling_seed=1, ignore_eos=True),
+                             return_logprob=True)
+    batch = collate([PROMPTS[0]] * 2, [o.output_ids for o in outs], pad_token_id=0)
+    recomputed, _ = response_log_probs(gpt2, batch)
+    assert (recomputed - torch.tensor([o.output_logprobs for o in outs])).abs().max() < 1e-4
+
+
+def test_shared_prompts_do_not_change_samples(engine):
+    """A sample is the same whether other samples share its prompt (one prefill, copied KV rows) or not."""
+    params = SamplingParams(max_new_tokens=8, sampling_seed=40, temperature=1.0)
+    alone = engine.generate([PROMPTS[1]], params)[0]
+    crowd = engine.generate([PROMPTS[0], PROMPTS[1], PROMPTS[1]],
+                            [SamplingParams(max_new_tokens=8, sampling_seed=7, n=6), params,
+                             SamplingParams(max_new_tokens=8, sampling_seed=99)])
+    assert crowd[6].output_ids == alone.output_ids

@@ -13,6 +13,7 @@ from itertools import groupby
 
 import torch
 
+from ascend_rl.rollout.lean_decoder import LeanDecoder
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
 
 MEMORY_TAGS = ("weights", "kv_cache")
@@ -31,6 +32,7 @@ class NativeEngine:
         self._buffers: dict[str, torch.Tensor] = {}
         # transformers 5 renamed the KV-cache argument and output field from past_key_values to cache.
         self._cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._lean = LeanDecoder.for_model(model)  # None: this architecture runs the transformers forward
 
     @classmethod
     def from_pretrained(cls, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -76,32 +78,35 @@ class NativeEngine:
         for row, prompt in enumerate(prompts):  # left padding: every row's last token is at the same column
             ids[row, width - len(prompt):] = torch.tensor(prompt)
             mask[row, width - len(prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generators = [_generator(seed) for _, _, seed in requests]
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        stepper = _LeanStepper(self._lean) if self._lean is not None else _TransformersStepper(self.model, self._cache_key)
 
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        logits = stepper.start(ids.to(self.device), mask.to(self.device), params.max_new_tokens)
+        active = list(range(batch))  # the original row of each row the stepper still computes
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finished = [False] * batch
         reasons = ["length"] * batch
         for _ in range(params.max_new_tokens):
-            next_ids, next_logprobs = _sample(out.logits[:, -1].float(), params, generators)
-            for row in range(batch):
+            next_ids, next_logprobs = _sample(logits.float(), params, [generators[r] for r in active])
+            for j, row in enumerate(active):
                 if finished[row]:
                     continue
-                token = int(next_ids[row])
+                token = int(next_ids[j])
                 tokens[row].append(token)
-                logprobs[row].append(float(next_logprobs[row]))
+                logprobs[row].append(float(next_logprobs[j]))
                 if token in stop_ids:
                     finished[row], reasons[row] = True, "stop"
             if all(finished):
                 break
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(input_ids=next_ids[:, None].to(self.device), attention_mask=mask, position_ids=positions,
-                             use_cache=True, **{self._cache_key: out[self._cache_key]})
+            if stepper.can_drop_rows:
+                alive = [j for j, row in enumerate(active) if not finished[row]]
+                if len(alive) < len(active):
+                    stepper.keep_rows(torch.tensor(alive, device=self.device))
+                    active = [active[j] for j in alive]
+                    next_ids = next_ids[alive]
+            logits = stepper.step(next_ids.to(self.device))
         return [GenerateOutput(tokens[r], reasons[r], len(prompts[r]), logprobs[r]) for r in range(batch)]
 
     # --- weights and memory -------------------------------------------------------------------------
@@ -145,6 +150,54 @@ class NativeEngine:
                                f"call resume_memory_occupation first")
         if self._weights_stale:
             raise RuntimeError("weights were resumed but not updated: call update_weights_from_tensor first")
+
+
+class _LeanStepper:
+    """Decoding through LeanDecoder: preallocated KV cache, finished rows dropped."""
+
+    can_drop_rows = True
+
+    def __init__(self, decoder: LeanDecoder):
+        self.decoder = decoder
+
+    def start(self, ids, mask, max_new_tokens):
+        # The n samples of a prompt share it: prefill each distinct prompt once, then copy its KV rows.
+        rows = torch.cat([ids, mask], dim=1)
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        width = ids.shape[1]
+        logits = self.decoder.prefill(distinct[:, :width], distinct[:, width:], max_new_tokens)
+        self.decoder.keep_rows(inverse)
+        return logits[inverse]
+
+    def step(self, next_ids):
+        return self.decoder.decode(next_ids)
+
+    def keep_rows(self, rows):
+        self.decoder.keep_rows(rows)
+
+
+class _TransformersStepper:
+    """Decoding through the model's own forward and cache (any architecture)."""
+
+    can_drop_rows = False
+
+    def __init__(self, model, cache_key: str):
+        self.model, self.cache_key = model, cache_key
+
+    def start(self, ids, mask, max_new_tokens):
+        self.mask = mask
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.positions, use_cache=True)
+        self.cache = out[self.cache_key]
+        return out.logits[:, -1]
+
+    def step(self, next_ids):
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        out = self.model(input_ids=next_ids[:, None], attention_mask=self.mask, position_ids=self.positions,
+                         use_cache=True, **{self.cache_key: self.cache})
+        self.cache = out[self.cache_key]
+        return out.logits[:, -1]
 
 
 def _check_tags(tags: Sequence[str] | None) -> tuple[str, ...]:

@@ -1,0 +1,162 @@
+"""An inference-only forward for Qwen2/Qwen3/Llama-family models over a preallocated KV cache.
+
+transformers' forward is written for every model and every feature; for decoding it rebuilds 4-D masks
+and grows the cache with a copy at every token, which dominates the time of small and medium models
+on a CPU. This one reads the same parameters (no copy: weight updates to the model are seen), keeps
+one K/V tensor per layer written in place, and can drop finished rows from the batch.
+
+`LeanDecoder.for_model` checks itself against the model's own forward on a small input and returns None
+(the engine then uses the transformers forward) when the architecture or a setting is not covered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+SELF_CHECK_TOLERANCE = 1e-4
+
+
+class LeanDecoder:
+    def __init__(self, model):
+        self.model = model
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.has_qk_norm = hasattr(model.model.layers[0].self_attn, "q_norm")
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.key_mask: torch.Tensor | None = None  # [B, L] which cache columns hold real tokens
+        self.length = 0  # filled cache columns
+        self.positions: torch.Tensor | None = None  # [B] position id of the next token
+
+    @classmethod
+    def for_model(cls, model) -> LeanDecoder | None:
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES or getattr(cfg, "use_sliding_window", False):
+            return None
+        if getattr(model.model.rotary_emb, "rope_type", "default") != "default":
+            return None
+        decoder = cls(model)
+        return decoder if decoder.matches_model() else None
+
+    # --- the forward ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Run left-padded prompts [B, P]; returns the last position's logits [B, V]."""
+        batch, width = input_ids.shape
+        dtype, device = self.model.dtype, input_ids.device
+        total = width + max_new_tokens
+        shape = (batch, self.n_kv_heads, total, self.head_dim)
+        layers = len(self.model.model.layers)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.key_mask = torch.zeros((batch, total), dtype=torch.bool, device=device)
+        self.key_mask[:, :width] = attention_mask.bool()
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.length = width
+        self.positions = positions[:, -1] + 1
+        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+        mask = causal[None, None] & self.key_mask[:, None, None, :width]
+        # Rows that are all padding before their first token attend to nothing; let them see themselves.
+        mask |= torch.eye(width, dtype=torch.bool, device=device)[None, None]
+        hidden = self._forward(input_ids, positions, mask, start=0)
+        return self._logits(hidden[:, -1])
+
+    @torch.no_grad()
+    def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per row [B]; returns the next logits [B, V]."""
+        column = self.length
+        self.key_mask[:, column] = True
+        self.length += 1
+        mask = self.key_mask[:, None, None, :self.length]
+        hidden = self._forward(next_ids[:, None], self.positions[:, None], mask, start=column)
+        self.positions = self.positions + 1
+        return self._logits(hidden[:, -1])
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows from the batch (and the cache)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.key_mask = self.key_mask.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+        base = self.model.model
+        x = base.embed_tokens(ids)
+        cos, sin = self._rotary(positions, x.dtype)
+        end = start + ids.shape[1]
+        for index, layer in enumerate(base.layers):
+            attn = layer.self_attn
+            h = self._rms(x, layer.input_layernorm.weight)
+            q = attn.q_proj(h).unflatten(-1, (self.n_heads, self.head_dim))
+            k = attn.k_proj(h).unflatten(-1, (self.n_kv_heads, self.head_dim))
+            v = attn.v_proj(h).unflatten(-1, (self.n_kv_heads, self.head_dim))
+            if self.has_qk_norm:
+                q, k = self._rms(q, attn.q_norm.weight), self._rms(k, attn.k_norm.weight)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            k = _rotate(k.transpose(1, 2), cos, sin)
+            self.k[index][:, :, start:end] = k
+            self.v[index][:, :, start:end] = v.transpose(1, 2)
+            out = self._attention(q, self.k[index][:, :, :end], self.v[index][:, :, :end], mask)
+            x = x + attn.o_proj(out.transpose(1, 2).flatten(-2))
+            h = self._rms(x, layer.post_attention_layernorm.weight)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return self._rms(x, base.norm.weight)
+
+    def _attention(self, q, k, v, mask):
+        """q [B, H, T, D] over k, v [B, KVH, L, D]; mask [B, 1, T, L] (True = attend)."""
+        if q.shape[2] > 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        # One new token: grouped heads as a batched matmul, which beats SDPA's masked path on a CPU.
+        batch, heads, _, dim = q.shape
+        grouped = q.view(batch, self.n_kv_heads, heads // self.n_kv_heads, dim)
+        scores = (grouped @ k.transpose(-1, -2)) * dim ** -0.5  # [B, KVH, G, L]
+        scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
+        out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # [B, KVH, G, D]
+        return out.view(batch, heads, 1, dim)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * weight
+
+    def _rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary = self.model.model.rotary_emb
+        freqs = positions[..., None].float() * rotary.inv_freq.float()
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, D]
+        scale = getattr(rotary, "attention_scaling", 1.0)
+        return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+    # --- self-check -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def matches_model(self) -> bool:
+        """Logits of a padded prompt batch and of two decode steps equal the model's own forward."""
+        generator = torch.Generator().manual_seed(0)
+        vocab = self.model.config.vocab_size
+        device = next(self.model.parameters()).device
+        ids = torch.randint(0, vocab, (2, 6), generator=generator).to(device)
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        steps = torch.randint(0, vocab, (2, 2), generator=generator).to(device)
+        lean = [self.prefill(ids, mask, max_new_tokens=2)]
+        lean += [self.decode(steps[:, i]) for i in range(2)]
+        full_ids = torch.cat([ids, steps], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(steps)], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        reference = self.model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
+        expected = [reference[:, 5], reference[:, 6], reference[:, 7]]
+        return all((a - b).abs().max().item() < SELF_CHECK_TOLERANCE for a, b in zip(lean, expected))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
