@@ -76,3 +76,13 @@ def test_runner_default_routing_and_unknown_source():
         out = runner.score(["arithmetic", "mystery"], ["12", "12"], ["12", "12"])
     assert out[0].score == 1.0
     assert out[1].score == 0.0 and "no scorer for data_source 'mystery'" in out[1].error
+
+
+def test_samples_queued_behind_a_hung_scorer_are_still_scored(tmp_path):
+    (tmp_path / "r.py").write_text(CUSTOM)
+    with RewardRunner(RewardFunction(str(tmp_path / "r.py")), num_workers=1, timeout_s=0.5) as runner:
+        start = time.monotonic()
+        out = runner.score(["x"] * 5, ["hang", "a", "a", "hang", "a"], ["a"] * 5)
+    assert [s.error for s in out] == ["timeout", None, None, "timeout", None]
+    assert [s.score for s in out] == [0.0, 1.0, 1.0, 0.0, 1.0]
+    assert time.monotonic() - start < 10

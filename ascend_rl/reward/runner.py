@@ -76,6 +76,14 @@ def _score_one(args: tuple) -> tuple[float, dict]:
     return float(result), {}
 
 
+def _collect(job) -> ScoredSample:
+    try:
+        score, extra = job.get(timeout=0)
+        return ScoredSample(score, extra)
+    except Exception as err:
+        return ScoredSample(0.0, {}, f"{type(err).__name__}: {err}")
+
+
 class RewardRunner:
     """A pool of scorer processes; `score` returns one ScoredSample per response, in order."""
 
@@ -93,21 +101,30 @@ class RewardRunner:
     def score(self, data_sources: Sequence[str], solutions: Sequence[str], ground_truths: Sequence[Any],
               extra_infos: Sequence[dict | None] | None = None) -> list[ScoredSample]:
         extra_infos = extra_infos or [None] * len(solutions)
-        pool = self._ensure_pool()
-        pending = [pool.apply_async(_score_one, (args,))
-                   for args in zip(data_sources, solutions, ground_truths, extra_infos)]
-        results, hung = [], False
-        for job in pending:
-            try:
-                score, extra = job.get(timeout=self.timeout_s)
-                results.append(ScoredSample(score, extra))
-            except multiprocessing.TimeoutError:
-                hung = True
-                results.append(ScoredSample(0.0, {}, "timeout"))
-            except Exception as err:  # a scorer bug costs its sample, not the run
-                results.append(ScoredSample(0.0, {}, f"{type(err).__name__}: {err}"))
-        if hung:  # a hung worker never comes back: replace the pool
-            self.close()
+        work = list(zip(data_sources, solutions, ground_truths, extra_infos))
+        results: list[ScoredSample | None] = [None] * len(work)
+        pending = list(range(len(work)))
+        while pending:
+            pool = self._ensure_pool()
+            jobs = [(i, pool.apply_async(_score_one, (work[i],))) for i in pending]
+            pending = []
+            for k, (i, job) in enumerate(jobs):
+                try:
+                    score, extra = job.get(timeout=self.timeout_s)
+                    results[i] = ScoredSample(score, extra)
+                except multiprocessing.TimeoutError:
+                    results[i] = ScoredSample(0.0, {}, "timeout")
+                    # A hung worker never comes back and the samples queued behind it would time out too:
+                    # keep what is done, replace the pool, and score the rest again.
+                    later = jobs[k + 1:]
+                    for j, other in later:
+                        if other.ready():
+                            results[j] = _collect(other)
+                    pending = [j for j, other in later if results[j] is None]
+                    self.close()
+                    break
+                except Exception as err:  # a scorer bug costs its sample, not the run
+                    results[i] = ScoredSample(0.0, {}, f"{type(err).__name__}: {err}")
         return results
 
     def close(self) -> None:
