@@ -134,13 +134,30 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     sampler = ResumableBatchSampler(len(train_records), data.train_batch_size, shuffle=data.shuffle,
                                     seed=data.seed if data.seed is not None else seed)
     total = total_training_steps(cfg, sampler.batches_per_epoch)
+    actor = _build_actor(cfg, device, total)
+    needs_ref = arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
+    ref = ReferencePolicy(arr.model.path, device, arr.rollout.temperature,
+                          arr.ref.log_prob_micro_batch_size_per_gpu) if needs_ref else None
+    kl = cfg.algorithm.kl_ctrl
+    kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
+        if cfg.algorithm.use_kl_in_reward else None
+    return Components(
+        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, engine=NativeEngine.from_pretrained(arr.model.path, device),
+        # scoring is light: more processes than a few only add start-up time
+        rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
+        kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
+        total_steps=total, seed=seed, out_dir=Path(t.default_local_dir), show_progress=show_progress,
+    )
+
+
+def _build_actor(cfg: DictConfig, device: str, total_steps: int) -> Actor:
+    arr = cfg.actor_rollout_ref
     actor_cfg, optim = arr.actor, arr.actor.optim
-    n = arr.rollout.n
-    warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total)
-    actor = Actor(
+    warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total_steps)
+    return Actor(
         arr.model.path, device,
         ActorSettings(
-            ppo_mini_batch_size=actor_cfg.ppo_mini_batch_size * n,
+            ppo_mini_batch_size=actor_cfg.ppo_mini_batch_size * arr.rollout.n,  # verl counts prompts; we count samples
             ppo_micro_batch_size_per_gpu=actor_cfg.ppo_micro_batch_size_per_gpu,
             ppo_epochs=actor_cfg.ppo_epochs, shuffle=actor_cfg.shuffle, data_loader_seed=actor_cfg.data_loader_seed,
             loss_mode=actor_cfg.policy_loss.loss_mode, loss_agg_mode=actor_cfg.loss_agg_mode,
@@ -150,21 +167,9 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
             kl_loss_type=actor_cfg.kl_loss_type, grad_clip=actor_cfg.grad_clip, temperature=arr.rollout.temperature,
             log_prob_micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu),
         OptimSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-                      lr_scheduler_type=optim.lr_scheduler_type, warmup_steps=warmup, total_steps=total,
+                      lr_scheduler_type=optim.lr_scheduler_type, warmup_steps=warmup, total_steps=total_steps,
                       min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles),
         gradient_checkpointing=arr.model.enable_gradient_checkpointing,
-    )
-    needs_ref = actor_cfg.use_kl_loss or cfg.algorithm.use_kl_in_reward
-    ref = ReferencePolicy(arr.model.path, device, arr.rollout.temperature,
-                          arr.ref.log_prob_micro_batch_size_per_gpu) if needs_ref else None
-    kl = cfg.algorithm.kl_ctrl
-    kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
-        if cfg.algorithm.use_kl_in_reward else None
-    return Components(
-        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, engine=NativeEngine.from_pretrained(arr.model.path, device),
-        rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
-        kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
-        total_steps=total, seed=seed, out_dir=Path(t.default_local_dir), show_progress=show_progress,
     )
 
 
