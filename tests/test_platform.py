@@ -1,0 +1,46 @@
+"""Device detection and the per-device table, with the NPU and CUDA branches simulated on a CPU."""
+
+import sys
+
+import pytest
+import torch
+
+from ascend_rl.errors import UserError
+from ascend_rl.platform import detect_device, resolve_device
+
+
+@pytest.fixture()
+def fake_torch_npu(tmp_path, monkeypatch):
+    """A torch_npu stand-in: importing it registers torch.npu, as the real package does."""
+    def install(available: bool):
+        (tmp_path / "torch_npu.py").write_text(
+            "import types, torch\n"
+            f"torch.npu = types.SimpleNamespace(is_available=lambda: {available})\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+        monkeypatch.setattr(torch, "npu", None, raising=False)
+    return install
+
+
+def test_cpu_when_nothing_else(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert detect_device() == "cpu"
+
+
+def test_npu_when_torch_npu_sees_a_device(fake_torch_npu):
+    fake_torch_npu(available=True)
+    assert detect_device() == "npu"
+
+
+def test_torch_npu_without_a_device_falls_through(fake_torch_npu, monkeypatch):
+    fake_torch_npu(available=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert detect_device() == "cuda"
+
+
+def test_trainer_device_overrides_detection(fake_torch_npu):
+    fake_torch_npu(available=True)
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(UserError, match="trainer.device='tpu': expected one of cpu, cuda, npu"):
+        resolve_device("tpu")
