@@ -60,12 +60,13 @@ def read_sft_pairs(files, tokenizer) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
-def exact_match(model, tokenizer, pairs) -> float:
-    """Fraction of prompts whose greedy answer reproduces the reference response exactly."""
+def exact_match(model, tokenizer, pairs, engine=None) -> float:
+    """Fraction of prompts whose greedy answer reproduces the reference response exactly. `engine` may be
+    a NativeEngine already serving `model` (it shares the model's weights)."""
     from ascend_rl.rollout.native import NativeEngine
     from ascend_rl.rollout.protocol import SamplingParams
 
-    engine = NativeEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    engine = engine or NativeEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     longest = max(len(r) for _, r in pairs)
     outputs = engine.generate([p for p, _ in pairs], SamplingParams(max_new_tokens=longest, temperature=0))
     return sum(out.output_ids == ref for out, (_, ref) in zip(outputs, pairs)) / len(pairs)
@@ -90,6 +91,11 @@ def run_sft(settings: SFTSettings, progress: bool = True) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(steps * settings.warmup_ratio), steps)
     order: list[int] = []
+    evaluator = None
+    if holdout and settings.stop_at_exact_match is not None:
+        from ascend_rl.rollout.native import NativeEngine
+
+        evaluator = NativeEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     bar = tqdm(range(steps), desc="sft", disable=not progress, unit="step")
     for step in bar:
         model.train()
@@ -108,8 +114,8 @@ def run_sft(settings: SFTSettings, progress: bool = True) -> Path:
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if holdout and settings.stop_at_exact_match is not None and (step + 1) % settings.eval_every == 0:
-            accuracy = exact_match(model, tokenizer, holdout)
+        if evaluator is not None and (step + 1) % settings.eval_every == 0:
+            accuracy = exact_match(model, tokenizer, holdout, evaluator)
             bar.set_postfix(loss=f"{loss.item():.3f}", holdout_exact=f"{accuracy:.3f}")
             if accuracy >= settings.stop_at_exact_match:
                 break

@@ -40,13 +40,11 @@ def run_native(engine, prompts, n, max_new, ignore_eos):
 
 
 def run_hf(model, prompts, n, max_new, ignore_eos, pad_id, eos_ids):
+    from ascend_rl.data.collate import pad_rows
+
     expanded = [p for p in prompts for _ in range(n)]
-    width = max(map(len, expanded))
-    ids = torch.full((len(expanded), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(expanded):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+    ids, mask = pad_rows(expanded, pad_id, "left")
+    width = ids.shape[1]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                              max_new_tokens=max_new, min_new_tokens=max_new if ignore_eos else 0,

@@ -11,24 +11,30 @@ from collections.abc import Sequence
 import torch
 from tensordict import TensorDict
 
-from ascend_rl.workers.model_io import position_ids_from_mask
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left padding does not shift them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_token_id: int, side: str, min_width: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → (ids, mask) [B, W], padded on the left (prompts) or the right (responses)."""
+    width = max(min_width, max(map(len, rows)))
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        if tokens:
+            cols = slice(width - len(tokens), width) if side == "left" else slice(0, len(tokens))
+            ids[row, cols] = torch.tensor(tokens)
+            mask[row, cols] = 1
+    return ids, mask
 
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int) -> TensorDict:
     batch = len(prompts)
-    width_p = max(map(len, prompts))
-    width_r = max(1, max(map(len, responses)))
-    prompt_ids = torch.full((batch, width_p), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((batch, width_p), dtype=torch.long)
-    response_ids = torch.full((batch, width_r), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((batch, width_r), dtype=torch.long)
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-        if p:
-            prompt_ids[row, width_p - len(p):] = torch.tensor(p)
-            prompt_mask[row, width_p - len(p):] = 1
-        if r:
-            response_ids[row, :len(r)] = torch.tensor(r)
-            response_mask[row, :len(r)] = 1
+    prompt_ids, prompt_mask = pad_rows(prompts, pad_token_id, "left")
+    response_ids, response_mask = pad_rows(responses, pad_token_id, "right", min_width=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     return TensorDict({
         "prompts": prompt_ids,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ascend_rl.data.collate import position_ids_from_mask
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 SELF_CHECK_TOLERANCE = 1e-4
 
@@ -57,7 +59,7 @@ class LeanDecoder:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.key_mask = torch.zeros((batch, total), dtype=torch.bool, device=device)
         self.key_mask[:, :width] = attention_mask.bool()
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(attention_mask)
         self.length = width
         self.positions = positions[:, -1] + 1
         causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
@@ -150,7 +152,7 @@ class LeanDecoder:
         lean += [self.decode(steps[:, i]) for i in range(2)]
         full_ids = torch.cat([ids, steps], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(steps)], dim=1)
-        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(full_mask)
         reference = self.model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
         expected = [reference[:, 5], reference[:, 6], reference[:, 7]]
         return all((a - b).abs().max().item() < SELF_CHECK_TOLERANCE for a, b in zip(lean, expected))

@@ -13,6 +13,7 @@ from itertools import groupby
 
 import torch
 
+from ascend_rl.data.collate import pad_rows, position_ids_from_mask
 from ascend_rl.rollout.lean_decoder import LeanDecoder
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
 
@@ -72,12 +73,8 @@ class NativeEngine:
     def _generate_batch(self, requests) -> list[GenerateOutput]:
         params: SamplingParams = requests[0][1]
         prompts = [ids for ids, _, _ in requests]
-        batch, width = len(prompts), max(map(len, prompts))
-        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every row's last token is at the same column
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+        batch = len(prompts)
+        ids, mask = pad_rows(prompts, self.pad_token_id, "left")  # every row's last token in the same column
         generators = [_generator(seed) for _, _, seed in requests]
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         stepper = _LeanStepper(self._lean) if self._lean is not None else _TransformersStepper(self.model, self._cache_key)
@@ -186,7 +183,7 @@ class _TransformersStepper:
 
     def start(self, ids, mask, max_new_tokens):
         self.mask = mask
-        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.positions = position_ids_from_mask(mask)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.positions, use_cache=True)
         self.cache = out[self.cache_key]
         return out.logits[:, -1]

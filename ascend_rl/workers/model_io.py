@@ -24,7 +24,3 @@ def response_log_probs(model, batch, temperature: float = 1.0, with_entropy: boo
     log_probs = log_probs_from_logits(logits, responses)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return log_probs, entropy
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
