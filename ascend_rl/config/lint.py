@@ -64,8 +64,6 @@ class Feature:
 UNSUPPORTED = (
     Feature("Megatron training (actor.strategy=megatron)", lambda c, w: c[A].actor.strategy == "megatron",
             f"{A}.actor.strategy=fsdp"),
-    Feature("SGLang rollout (rollout.name=sglang)", lambda c, w: c[A].rollout.name == "sglang",
-            f"{A}.rollout.name=native"),
     Feature("rollout backends other than native/sglang", lambda c, w: c[A].rollout.name not in ("native", "sglang"),
             f"{A}.rollout.name=native"),
     Feature("multi-device training (Ray worker groups)", lambda c, w: w > 1,

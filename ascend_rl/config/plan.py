@@ -15,6 +15,7 @@ from ascend_rl.config.lint import lint, unsupported_features
 from ascend_rl.config.memory import MemoryEstimate, estimate_memory
 from ascend_rl.config.validate import data_files, missing_inputs, validate
 from ascend_rl.platform import resolve_device
+from ascend_rl.rollout.sglang.server_args import ServerArgsPlan
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Plan:
     unsupported: list[str] = field(default_factory=list)
     environment: list[EnvFinding] = field(default_factory=list)
     missing_inputs: list[str] = field(default_factory=list)
+    sglang: list[ServerArgsPlan] = field(default_factory=list)  # one per rollout replica
+    sglang_fields: str | None = None  # which SGLang's fields the kwargs were checked against
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +43,8 @@ class Plan:
             "unsupported": self.unsupported,
             "environment": [asdict(f) for f in self.environment],
             "missing_inputs": self.missing_inputs,
+            "sglang_server_args": [asdict(p) for p in self.sglang],
+            "sglang_fields": self.sglang_fields,
         }
 
 
@@ -47,7 +52,7 @@ def make_plan(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> Plan
     environ = os.environ if environ is None else environ
     layout = compute_layout(cfg, resolve_device(cfg.trainer.device))
     total, note = total_steps(cfg)
-    return Plan(
+    plan = Plan(
         layout=layout,
         memory=estimate_memory(cfg, layout),
         total_steps=total,
@@ -58,6 +63,23 @@ def make_plan(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> Plan
         environment=check_environment(cfg, layout.device, environ),
         missing_inputs=missing_inputs(cfg),
     )
+    if cfg.actor_rollout_ref.rollout.name == "sglang" and not cfg.actor_rollout_ref.rollout.launch.url:
+        _add_sglang_server_args(plan, cfg, environ)
+    return plan
+
+
+def _add_sglang_server_args(plan: Plan, cfg: DictConfig, environ: Mapping[str, str]) -> None:
+    """ServerArgs per replica (for node 0 of a replica that spans nodes); a key the SGLang version lacks is
+    an error, a deprecated one a warning."""
+    from ascend_rl.rollout.sglang.fields import current_fields
+    from ascend_rl.rollout.sglang.server_args import plan_server_args
+
+    fields, lay = current_fields(), plan.layout
+    plan.sglang = [plan_server_args(cfg, lay.rollout, lay.device, fields, environ, replica=r)
+                   for r in range(lay.rollout.replicas)]
+    plan.sglang_fields = fields.describe()
+    plan.errors += plan.sglang[0].errors  # the same for every replica
+    plan.warnings += plan.sglang[0].warnings
 
 
 def total_steps(cfg: DictConfig) -> tuple[int | None, str]:
@@ -97,11 +119,27 @@ def format_plan(plan: Plan) -> str:
         f"total steps    {plan.total_steps if plan.total_steps is not None else '?'} ({plan.steps_note})",
         _format_memory(mem),
     ]
+    lines += _format_sglang(plan)
     sections = (("error", plan.errors), ("warning", plan.warnings), ("not built", plan.unsupported),
                 ("environment", [f.message for f in plan.environment]), ("input", plan.missing_inputs))
     for label, items in sections:
         lines += [f"{label}: {item}" for item in items]
     return "\n".join(lines)
+
+
+def _format_sglang(plan: Plan) -> list[str]:
+    if not plan.sglang:
+        return []
+    first = plan.sglang[0]
+    lines = [f"sglang         ServerArgs for replica 0, checked against {plan.sglang_fields}:",
+             *(f"                 {k}={v!r}" for k, v in first.kwargs.items())]
+    if first.env:
+        lines.append(f"               server environment: {' '.join(f'{k}={v}' for k, v in first.env.items())}")
+    for other in plan.sglang[1:]:
+        differing = {k: v for k, v in other.kwargs.items() if first.kwargs.get(k) != v}
+        lines.append(f"               replica {other.replica}: same but {', '.join(f'{k}={v!r}' for k, v in differing.items()) or 'nothing'}")
+    lines += [f"               note: {note}" for note in first.notes]
+    return lines
 
 
 def _format_memory(mem: MemoryEstimate) -> str:

@@ -12,11 +12,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
 from ascend_rl.config.layout import Layout
+from ascend_rl.rollout.sglang.fields import installed_version
 
 A = "actor_rollout_ref"
 TRUNCATION_MODES = ("error", "left", "right", "middle")
 RESUME_MODES = ("auto", "disable", "resume_path")
 LOGGERS = ("console", "tensorboard", "wandb")  # trainer.tracking has one sink for each
+LAUNCH_MODES = ("engine", "server")
+WEIGHT_TRANSPORTS = ("auto", "tensor", "disk")
 
 
 def validate(cfg: DictConfig, layout: Layout) -> list[str]:
@@ -41,6 +44,8 @@ def _check_choices(cfg: DictConfig) -> list[str]:
         *_choice("data.truncation", cfg.data.truncation, TRUNCATION_MODES),
         *_choice("trainer.resume_mode", cfg.trainer.resume_mode, RESUME_MODES),
         *_choice(f"{A}.actor.strategy", actor.strategy, ("fsdp", "fsdp2", "megatron")),
+        *_choice(f"{A}.rollout.launch.mode", cfg[A].rollout.launch.mode, LAUNCH_MODES),
+        *_choice(f"{A}.rollout.launch.weight_transport", cfg[A].rollout.launch.weight_transport, WEIGHT_TRANSPORTS),
     ]
     for key, kind in ((f"{A}.actor.kl_loss_type", actor.kl_loss_type), ("algorithm.kl_penalty", alg.kl_penalty)):
         if not _kl_kind_ok(kind):
@@ -146,6 +151,11 @@ def missing_inputs(cfg: DictConfig) -> list[str]:
         if key == "data.train_files" and not files:
             out.append("data.train_files is not set")
         out += [f"{key}: {f}: no such file" for f in files if not Path(f).is_file()]
+    rollout = cfg[A].rollout
+    if rollout.name == "sglang" and not rollout.launch.url and installed_version() is None:
+        out.append(f"{A}.rollout.name=sglang: SGLang is not installed here (install it as DEVELOPERS.md "
+                   f"says for GPUs and Ascend NPUs), or attach to a running server with "
+                   f"{A}.rollout.launch.url=http://host:port, or use {A}.rollout.name=native")
     reward_file = cfg.reward.custom_reward_function.path
     if reward_file and not Path(reward_file).is_file():
         out.append(f"reward.custom_reward_function.path={reward_file}: no such file")

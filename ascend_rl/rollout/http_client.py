@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 
-from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples
 
 
 class HttpEngineError(RuntimeError):
@@ -37,8 +37,10 @@ def sampling_json(params: SamplingParams) -> dict:
 
 
 class HttpEngine:
-    def __init__(self, url: str, timeout_s: float = 60.0, max_attempts: int = 3, retry_delay_s: float = 2.0):
+    def __init__(self, url: str, timeout_s: float = 60.0, max_attempts: int = 3, retry_delay_s: float = 2.0,
+                 tp_size: int = 1):
         self.url = url.rstrip("/")
+        self.tp_size = tp_size
         self.timeout_s, self.max_attempts, self.retry_delay_s = timeout_s, max_attempts, retry_delay_s
 
     # --- transport ------------------------------------------------------------------------------------
@@ -70,7 +72,7 @@ class HttpEngine:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                HttpEngine(self.url, timeout_s=poll_s * 5, max_attempts=1).request("GET", "/health")
+                probe_health(self.url, poll_s * 5)
                 return
             except HttpEngineError as err:
                 if time.monotonic() > deadline:
@@ -81,10 +83,10 @@ class HttpEngine:
 
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
                  return_logprob: bool = False) -> list[GenerateOutput]:
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(input_ids)
-        body = {"input_ids": [list(ids) for ids in input_ids],
-                "sampling_params": [sampling_json(p) for p in sampling_params], "return_logprob": return_logprob}
+        # One request per sample with its own seed: SGLang's n > 1 would give a group one seed.
+        prompts, params = expand_samples(input_ids, sampling_params)
+        body = {"input_ids": prompts, "sampling_params": [sampling_json(p) for p in params],
+                "return_logprob": return_logprob}
         answer = self.request("POST", "/generate", body)
         return [parse_output(item) for item in (answer if isinstance(answer, list) else [answer])]
 
@@ -92,8 +94,11 @@ class HttpEngine:
         self.request("POST", "/update_weights_from_disk", {"model_path": model_path, "weight_version": weight_version})
 
     def update_weights_from_tensor(self, named_tensors: Iterable) -> None:
-        raise HttpEngineError("update_weights_from_tensor over HTTP needs device IPC handles (SGLang on the same "
-                              "node); use update_weights_from_disk with this server")
+        """For SGLang on this node: the tensors (on the device) travel as IPC handles, one payload per TP rank;
+        the cache is flushed once after the last bucket."""
+        payload = serialize_for_sglang(list(named_tensors))
+        self.request("POST", "/update_weights_from_tensor",
+                     {"serialized_named_tensors": [payload] * self.tp_size, "flush_cache": False})
 
     def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
         self.request("POST", "/release_memory_occupation", {"tags": list(tags)} if tags else {})
@@ -106,6 +111,19 @@ class HttpEngine:
 
     def model_info(self) -> dict:
         return self.request("GET", "/model_info")
+
+
+def probe_health(url: str, timeout_s: float) -> None:
+    HttpEngine(url, timeout_s=timeout_s, max_attempts=1).request("GET", "/health")
+
+
+def serialize_for_sglang(named_tensors: list) -> str:
+    """SGLang's own serializer (device IPC handles, base64): only SGLang can read it back."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    monkey_patch_torch_reductions()
+    return MultiprocessingSerializer.serialize(named_tensors, output_str=True)
 
 
 def _error_message(err: urllib.error.HTTPError) -> str:

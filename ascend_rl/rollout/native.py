@@ -15,7 +15,7 @@ import torch
 
 from ascend_rl.data.collate import pad_rows, position_ids_from_mask
 from ascend_rl.rollout.lean_decoder import LeanDecoder
-from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples
 
 MEMORY_TAGS = ("weights", "kv_cache")
 
@@ -51,13 +51,8 @@ class NativeEngine:
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
                  return_logprob: bool = False) -> list[GenerateOutput]:
         self._check_ready()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(input_ids)
-        if len(sampling_params) != len(input_ids):
-            raise ValueError(f"{len(input_ids)} prompts but {len(sampling_params)} sampling_params")
-        # one request per sample: (prompt ids, settings, seed); sample j of a prompt uses sampling_seed + j
-        requests = [(list(ids), p, None if p.sampling_seed is None else p.sampling_seed + j)
-                    for ids, p in zip(input_ids, sampling_params) for j in range(p.n)]
+        prompts, params = expand_samples(input_ids, sampling_params)
+        requests = [(ids, p, p.sampling_seed) for ids, p in zip(prompts, params)]
         outputs: list[GenerateOutput | None] = [None] * len(requests)
         # Rows of one batch share the sampling settings (seeds aside); group requests by them.
         order = sorted(range(len(requests)), key=lambda r: _batch_key(requests[r][1]))

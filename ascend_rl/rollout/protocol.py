@@ -7,7 +7,7 @@ sampling_seed`. Memory tags are SGLang's: `weights`, `kv_cache`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -36,6 +36,22 @@ class SamplingParams:
         if "stop_token_ids" in values:
             values["stop_token_ids"] = tuple(values["stop_token_ids"])
         return cls(**values)
+
+
+def expand_samples(input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
+                   ) -> tuple[list[list[int]], list[SamplingParams]]:
+    """One n=1 request per sample, prompt i's samples at i·n … i·n + n − 1; sample j is seeded
+    `sampling_seed + j`, so the samples of a group differ and the order is the protocol's."""
+    if isinstance(sampling_params, SamplingParams):
+        sampling_params = [sampling_params] * len(input_ids)
+    if len(sampling_params) != len(input_ids):
+        raise ValueError(f"{len(input_ids)} prompts but {len(sampling_params)} sampling_params")
+    prompts, params = [], []
+    for ids, p in zip(input_ids, sampling_params):
+        for j in range(p.n):
+            prompts.append(list(ids))
+            params.append(replace(p, n=1, sampling_seed=None if p.sampling_seed is None else p.sampling_seed + j))
+    return prompts, params
 
 
 @dataclass

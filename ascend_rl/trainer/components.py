@@ -18,7 +18,7 @@ from ascend_rl.data.sampler import ResumableBatchSampler
 from ascend_rl.errors import UserError
 from ascend_rl.platform import resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
-from ascend_rl.rollout.native import NativeEngine
+from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.tracking import make_sinks
 from ascend_rl.trainer.validation import run_validation
@@ -31,7 +31,7 @@ class Components:
     tokenizer: object
     actor: Actor
     ref: ReferencePolicy | None
-    engine: NativeEngine
+    rollout: Rollout
     rewards: RewardRunner
     kl_controller: object | None
     train_records: list[PromptRecord]
@@ -43,6 +43,10 @@ class Components:
     n_devices: int = 1
     show_progress: bool = True
     sinks: list = field(default_factory=list)
+
+    @property
+    def engine(self):
+        return self.rollout.engine
 
     @property
     def pad_token_id(self) -> int:
@@ -100,6 +104,7 @@ class Components:
             sink.close()
         self.sinks = []
         self.rewards.close()
+        self.rollout.close()
 
     def plot(self) -> Path | None:
         return plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
@@ -141,12 +146,14 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     kl = cfg.algorithm.kl_ctrl
     kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
         if cfg.algorithm.use_kl_in_reward else None
+    out_dir = Path(t.default_local_dir)
     return Components(
-        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, engine=NativeEngine.from_pretrained(arr.model.path, device),
+        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref,
+        rollout=build_rollout(cfg, device, out_dir),  # last: a launched server must not outlive a failed build
         # scoring is light: more processes than a few only add start-up time
         rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
         kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
-        total_steps=total, seed=seed, out_dir=Path(t.default_local_dir), show_progress=show_progress,
+        total_steps=total, seed=seed, out_dir=out_dir, show_progress=show_progress,
     )
 
 

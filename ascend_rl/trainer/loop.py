@@ -95,7 +95,7 @@ class RLTrainer:
                 with timed(timings, "save_checkpoint"):
                     self.save_checkpoint()
             with timed(timings, "update_weights"):
-                self.sync_weights()
+                metrics.update(self.sync_weights(timings))
         metrics.update(data_metrics(batch, self.cfg.data.max_response_length))
         metrics.update(timings)
         metrics.update(throughput_metrics(batch, timings["timing_s/step"], self.c.n_devices))
@@ -162,13 +162,18 @@ class RLTrainer:
             index=batch.uid, gamma=alg.gamma, lam=alg.lam, norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo)
         return metrics
 
-    def sync_weights(self) -> None:
-        """Wake the engine's weights, push the actor's, then wake its KV cache (verl's hybrid order)."""
+    def sync_weights(self, timings: dict[str, float] | None = None) -> dict[str, float]:
+        """Wake the engine's weights, push the actor's in buckets, then wake its KV cache (verl's hybrid order)."""
+        timings = {} if timings is None else timings
         engine = self.c.engine
-        engine.resume_memory_occupation(["weights"])
-        engine.update_weights_from_tensor(self.c.actor.named_weights())
-        engine.resume_memory_occupation(["kv_cache"])
-        engine.flush_cache()
+        with timed(timings, "wake_weights"):
+            engine.resume_memory_occupation(["weights"])
+        with timed(timings, "push_weights"):
+            stats = self.c.rollout.push_weights(self.c.actor.named_weights())
+        with timed(timings, "wake_kv_cache"):
+            engine.resume_memory_occupation(["kv_cache"])
+            engine.flush_cache()
+        return stats.metrics()
 
     def validate(self) -> dict[str, float]:
         return self.c.validate()

@@ -1,0 +1,96 @@
+"""Pushing the trainer's weights to a rollout engine in buckets (`checkpoint_engine.update_weights_bucket_megabytes`).
+
+Buckets bound the extra memory a push needs (one bucket of copies at a time) while keeping the number of
+engine calls small: one call per tensor is what made early RL weight syncs slow.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+NamedTensor = tuple[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PushStats:
+    tensors: int
+    buckets: int
+    bytes: int
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollout/weight_sync_buckets": self.buckets, "rollout/weight_sync_gib": self.bytes / 2**30,
+                "perf/weight_sync_gib_per_s": self.bytes / 2**30 / max(self.seconds, 1e-9)}
+
+
+def tensor_buckets(named_tensors: Iterable[NamedTensor], bucket_bytes: int) -> Iterator[list[NamedTensor]]:
+    """Consecutive groups of at most `bucket_bytes` (a larger tensor travels alone), in the given order."""
+    bucket: list[NamedTensor] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = _nbytes([(name, tensor)])
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class TensorPush:
+    """Each bucket through `engine.update_weights_from_tensor` (in-process engines; SGLang over HTTP on this node)."""
+
+    def __init__(self, engine, bucket_megabytes: int):
+        self.engine, self.bucket_bytes = engine, bucket_megabytes << 20
+
+    def __call__(self, named_tensors: Iterable[NamedTensor]) -> PushStats:
+        start = time.perf_counter()
+        tensors = buckets = nbytes = 0
+        for bucket in tensor_buckets(named_tensors, self.bucket_bytes):
+            self.engine.update_weights_from_tensor(bucket)
+            buckets += 1
+            tensors += len(bucket)
+            nbytes += _nbytes(bucket)
+        return PushStats(tensors, buckets, nbytes, time.perf_counter() - start)
+
+
+class DiskPush:
+    """Buckets written as safetensors shards of a model directory, then one `update_weights_from_disk`: for
+    servers that cannot take device handles (another host, or `ascend-rl serve`). Needs a directory both
+    sides can read; a fresh one per push, so a server never reads a half-written set."""
+
+    def __init__(self, engine, staging_dir: Path, model_path: str, bucket_megabytes: int):
+        self.engine, self.staging_dir, self.model_path = engine, Path(staging_dir), model_path
+        self.bucket_bytes = bucket_megabytes << 20
+        self.pushes = 0
+
+    def __call__(self, named_tensors: Iterable[NamedTensor]) -> PushStats:
+        from safetensors.torch import save_file
+
+        start = time.perf_counter()
+        self.pushes += 1
+        target = self.staging_dir / f"push-{self.pushes:06d}"
+        target.mkdir(parents=True)
+        tensors = buckets = nbytes = 0
+        for bucket in tensor_buckets(named_tensors, self.bucket_bytes):
+            buckets += 1
+            save_file({name: t.detach().contiguous().cpu() for name, t in bucket}, target / f"weights-{buckets:05d}.safetensors")
+            tensors += len(bucket)
+            nbytes += _nbytes(bucket)
+        for name in ("config.json", "generation_config.json"):
+            if (Path(self.model_path) / name).is_file():
+                shutil.copy(Path(self.model_path) / name, target / name)
+        self.engine.update_weights_from_disk(str(target))
+        shutil.rmtree(self.staging_dir / f"push-{self.pushes - 1:06d}", ignore_errors=True)  # the previous one
+        return PushStats(tensors, buckets, nbytes, time.perf_counter() - start)
+
+
+def _nbytes(bucket: list[NamedTensor]) -> int:
+    return sum(t.numel() * t.element_size() for _, t in bucket)
