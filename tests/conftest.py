@@ -14,6 +14,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def task(tmp_path_factory, tiny_model_dir):
+    """The tiny model and a small arithmetic dataset."""
+    from ascend_rl.data.tasks import write_arithmetic
+
+    data = tmp_path_factory.mktemp("arith")
+    write_arithmetic(data, n_train=64, n_test=8, max_operand=9, seed=0)
+    return tiny_model_dir, data
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -16,13 +16,6 @@ from ascend_rl.trainer.loop import RLTrainer
 A = "actor_rollout_ref"
 
 
-@pytest.fixture(scope="module")
-def task(tmp_path_factory, tiny_model_dir):
-    data = tmp_path_factory.mktemp("arith")
-    write_arithmetic(data, n_train=64, n_test=8, max_operand=9, seed=0)
-    return tiny_model_dir, data
-
-
 def tiny_overrides(task, out: Path, *extra):
     model, data = task
     return [f"{A}.model.path={model}", f"data.train_files={data}/train.parquet", f"data.val_files={data}/test.parquet",
