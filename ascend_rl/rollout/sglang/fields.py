@@ -17,8 +17,10 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from ascend_rl.stack import versions
+
 SNAPSHOT_DIR = Path(__file__).with_name("fields")
-PINNED_VERSION = "0.5.8"  # the seed's version (verl's Ascend + SGLang quickstart)
+PINNED_VERSION = versions()["minimum"]["sglang"]  # the seed's version
 
 # Fields renamed or retired, and when: (version, replacement). A key the installed version still has
 # is a warning from that version on; one it no longer has is an error that names the replacement.
