@@ -19,6 +19,7 @@ export ASCEND_RT_VISIBLE_DEVICES=${ASCEND_RT_VISIBLE_DEVICES:-0,1,2,3,4,5,6,7}
 export DISABLE_L2_CACHE=1
 export TASK_QUEUE_ENABLE=1
 
+# shellcheck disable=SC2086  # ASCEND_RL_COMMAND may carry options ("plan --json")
 ascend-rl ${ASCEND_RL_COMMAND:-train} \
     reward.custom_reward_function.path="$REWARD_FILE" reward.custom_reward_function.name=compute_score \
     data.train_files="$TRAIN_FILE" data.val_files="$TEST_FILE" \

@@ -16,6 +16,7 @@ export HCCL_NPU_SOCKET_PORT_RANGE=61000-61050
 export RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1
 export ASCEND_RT_VISIBLE_DEVICES=${ASCEND_RT_VISIBLE_DEVICES:-0,1,2,3,4,5,6,7}
 
+# shellcheck disable=SC2086  # ASCEND_RL_COMMAND may carry options ("plan --json")
 ascend-rl ${ASCEND_RL_COMMAND:-train} \
     algorithm.adv_estimator=grpo \
     data.train_files="$TRAIN_FILE" data.val_files="$TEST_FILE" \
