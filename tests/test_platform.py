@@ -20,7 +20,8 @@ def fake_torch_npu(tmp_path, monkeypatch):
         monkeypatch.syspath_prepend(str(tmp_path))
         monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
         monkeypatch.setattr(torch, "npu", None, raising=False)
-    return install
+    yield install
+    sys.modules.pop("torch_npu", None)  # the fake that detection imported must not outlive the test
 
 
 def test_cpu_when_nothing_else(monkeypatch):

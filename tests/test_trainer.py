@@ -237,3 +237,23 @@ def test_wandb_without_wandb_installed_is_a_clear_error(task, tmp_path, capsys, 
     code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", "trainer.logger=[console,wandb]")])
     assert code == 2
     assert "trainer.logger includes wandb but wandb is not installed" in capsys.readouterr().err
+
+
+def test_torch_profiler_traces_the_chosen_steps(task, tmp_path):
+    prof = tmp_path / "prof"
+    fit(task, tmp_path / "run", "trainer.total_training_steps=2", "global_profiler.tool=torch",
+        "global_profiler.steps=[2]", f"global_profiler.save_path={prof}")
+    assert sorted(p.name for p in prof.iterdir()) == ["step_2.top_ops.txt", "step_2.trace.json"]
+    events = json.loads((prof / "step_2.trace.json").read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    # one range per stage of the step, and the operators inside them
+    assert {"gen", "reward", "old_log_prob", "adv", "update_actor", "update_weights"} <= names
+    assert any(n and n.startswith("aten::") for n in names)
+    assert "Self CPU" in (prof / "step_2.top_ops.txt").read_text()
+
+
+def test_npu_profiler_without_torch_npu_is_a_clear_error(task, tmp_path, capsys):
+    code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", "trainer.total_training_steps=1",
+                                                          "global_profiler.tool=npu", "global_profiler.steps=[1]")])
+    assert code == 2
+    assert "global_profiler.tool=npu needs torch_npu" in capsys.readouterr().err

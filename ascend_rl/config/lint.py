@@ -48,6 +48,9 @@ LINT_RULES = (
     LintRule(f"{A}.actor.clip_ratio", lambda c: True,
              lambda c: f"has no effect while clip_ratio_low/clip_ratio_high are set (they default to 0.2); "
                        f"set {A}.actor.clip_ratio_low and {A}.actor.clip_ratio_high"),
+    LintRule(f"{A}.actor.profiler.tool_config.npu.discrete", lambda c: c.global_profiler.tool is not None,
+             lambda c: "has no effect: a profiled step gives one trace of the whole step, with a named range per "
+                       "stage (gen, old_log_prob, update_actor, ...)"),
     LintRule(f"{A}.actor.ppo_micro_batch_size", lambda c: True,
              lambda c: f"is verl's deprecated global micro-batch; use {A}.actor.ppo_micro_batch_size_per_gpu"),
 )
@@ -80,8 +83,6 @@ UNSUPPORTED = (
             lambda c, w: c.algorithm.adv_estimator == "remax", "algorithm.adv_estimator=grpo"),
     Feature("reward models (reward.reward_model.enable)", lambda c, w: c.reward.reward_model.enable,
             "rule rewards or reward.custom_reward_function.path"),
-    Feature("profiling (global_profiler.tool)", lambda c, w: c.global_profiler.tool is not None,
-            "global_profiler.tool=null"),
 )
 
 

@@ -19,6 +19,7 @@ TRUNCATION_MODES = ("error", "left", "right", "middle")
 RESUME_MODES = ("auto", "disable", "resume_path")
 LOGGERS = ("console", "tensorboard", "wandb")  # trainer.tracking has one sink for each
 LAUNCH_MODES = ("engine", "server")
+PROFILER_TOOLS = (None, "torch", "npu")
 WEIGHT_TRANSPORTS = ("auto", "tensor", "disk")
 
 
@@ -44,6 +45,7 @@ def _check_choices(cfg: DictConfig) -> list[str]:
         *_choice("data.truncation", cfg.data.truncation, TRUNCATION_MODES),
         *_choice("trainer.resume_mode", cfg.trainer.resume_mode, RESUME_MODES),
         *_choice(f"{A}.actor.strategy", actor.strategy, ("fsdp", "fsdp2", "megatron")),
+        *_choice("global_profiler.tool", cfg.global_profiler.tool, PROFILER_TOOLS),
         *_choice(f"{A}.rollout.launch.mode", cfg[A].rollout.launch.mode, LAUNCH_MODES),
         *_choice(f"{A}.rollout.launch.weight_transport", cfg[A].rollout.launch.weight_transport, WEIGHT_TRANSPORTS),
     ]

@@ -20,6 +20,7 @@ from ascend_rl.platform import resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
 from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.plots import plot_curves
+from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.tracking import make_sinks
 from ascend_rl.trainer.validation import run_validation
 from ascend_rl.workers.actor import Actor, ActorSettings, OptimSettings, ReferencePolicy
@@ -40,6 +41,7 @@ class Components:
     total_steps: int
     seed: int
     out_dir: Path
+    profiler: StepProfiler
     n_devices: int = 1
     show_progress: bool = True
     sinks: list = field(default_factory=list)
@@ -153,7 +155,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
         # scoring is light: more processes than a few only add start-up time
         rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
         kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
-        total_steps=total, seed=seed, out_dir=out_dir, show_progress=show_progress,
+        total_steps=total, seed=seed, out_dir=out_dir, show_progress=show_progress, profiler=StepProfiler(cfg, device),
     )
 
 

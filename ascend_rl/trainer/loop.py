@@ -55,7 +55,8 @@ class RLTrainer:
             bar = c.progress(self.global_step)
             while self.global_step < c.total_steps:
                 self.global_step += 1
-                metrics = self.train_step(self.global_step)
+                with c.profiler.step(self.global_step):
+                    metrics = self.train_step(self.global_step)
                 if self._due(trainer_cfg.test_freq) and c.val_records:
                     val_metrics = self.validate()
                     metrics.update(val_metrics)

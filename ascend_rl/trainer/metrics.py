@@ -12,9 +12,11 @@ from ascend_rl.trainer.batch import RolloutBatch
 
 @contextmanager
 def timed(timings: dict[str, float], name: str):
+    """Adds the block's seconds to timing_s/<name>; in a profiled step, the block is a named range."""
     start = time.perf_counter()
     try:
-        yield
+        with torch.profiler.record_function(name):
+            yield
     finally:
         timings[f"timing_s/{name}"] = timings.get(f"timing_s/{name}", 0.0) + time.perf_counter() - start
 
