@@ -190,7 +190,7 @@ def test_native_server_mode_trains_over_http_with_weights_by_disk(task, tmp_path
     assert trainer.c.rollout.description.endswith("(weights by disk)")
     assert_engine_has_the_trained_weights(steps)
     assert steps[0]["rollout/weight_sync_buckets"] >= 2  # 1 MB buckets of a 1.6 MB model
-    assert trainer.c.rollout.close.__self__.process.poll() is not None  # the server stopped with the run
+    assert trainer.c.rollout.server.process.poll() is not None  # the server stopped with the run
     assert len(list((out / "rollout_weights").iterdir())) == 1  # older pushes are removed
 
 
@@ -232,6 +232,17 @@ def test_sglang_server_mode_launches_launch_server_with_flags(task, tmp_path, fa
     assert_engine_has_the_trained_weights(steps)
 
 
+def test_weights_by_broadcast_over_a_process_group(task, tmp_path):
+    # update_weights_from_distributed: the trainer (rank 0) and the server join a gloo group once, then every
+    # bucket is broadcast into tensors the server allocates from its names, dtypes and shapes
+    trainer, steps = train(task, tmp_path / "run", f"{A}.rollout.launch.mode=server",
+                           f"{A}.rollout.launch.weight_transport=distributed",
+                           f"{A}.rollout.checkpoint_engine.update_weights_bucket_megabytes=1")
+    assert trainer.c.rollout.description.endswith("(weights by distributed)")
+    assert_engine_has_the_trained_weights(steps)
+    assert trainer.c.rollout.push_weights.group is None  # destroyed at the end of the run
+
+
 def test_a_server_that_dies_while_starting_is_one_clear_error(tmp_path):
     server = ServerProcess([sys.executable, "-c", "import sys; print('bad flag --tp'); sys.exit(2)"],
                            f"http://127.0.0.1:{free_port()}", tmp_path / "s.log")
@@ -243,3 +254,10 @@ def test_sglang_missing_is_a_startup_error(task, tmp_path, capsys):
     code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", f"{A}.rollout.name=sglang")])
     assert code == 2
     assert "rollout.name=sglang: SGLang is not installed here" in capsys.readouterr().err
+
+
+def test_weight_transport_without_http_is_an_error():
+    from ascend_rl.config.plan import make_plan
+
+    plan = make_plan(load_config([f"{A}.model.path=/m", f"{A}.rollout.launch.weight_transport=disk"]), environ={})
+    assert any("weight_transport=disk applies over HTTP" in e for e in plan.errors)

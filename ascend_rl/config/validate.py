@@ -20,7 +20,7 @@ RESUME_MODES = ("auto", "disable", "resume_path")
 LOGGERS = ("console", "tensorboard", "wandb")  # trainer.tracking has one sink for each
 LAUNCH_MODES = ("engine", "server")
 PROFILER_TOOLS = (None, "torch", "npu")
-WEIGHT_TRANSPORTS = ("auto", "tensor", "disk")
+WEIGHT_TRANSPORTS = ("auto", "tensor", "disk", "distributed")
 
 
 def validate(cfg: DictConfig, layout: Layout) -> list[str]:
@@ -52,6 +52,10 @@ def _check_choices(cfg: DictConfig) -> list[str]:
     for key, kind in ((f"{A}.actor.kl_loss_type", actor.kl_loss_type), ("algorithm.kl_penalty", alg.kl_penalty)):
         if not _kl_kind_ok(kind):
             errors.append(f"{key}={kind!r}: expected one of {', '.join(KL_ESTIMATORS.names())} (optionally with '+')")
+    launch = cfg[A].rollout.launch
+    if launch.weight_transport != "auto" and launch.mode == "engine" and not launch.url:
+        errors.append(f"{A}.rollout.launch.weight_transport={launch.weight_transport} applies over HTTP "
+                      f"(launch.mode=server or launch.url); an in-process engine takes the tensors directly")
     if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
         errors.append("trainer.resume_mode=resume_path needs trainer.resume_from_path")
     loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)

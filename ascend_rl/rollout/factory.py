@@ -18,15 +18,22 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ascend_rl.errors import UserError
-from ascend_rl.rollout.weight_sync import DiskPush, TensorPush
+from ascend_rl.rollout.weight_sync import DiskPush, DistributedPush, TensorPush
 
 
 @dataclass
 class Rollout:
     engine: object  # the rollout protocol
     push_weights: Callable  # named tensors → PushStats
-    close: Callable[[], None]
     description: str
+    server: object | None = None  # a ServerProcess the trainer started
+
+    def close(self) -> None:
+        """The weight group first (it needs the server), then the engine, then the server process."""
+        for part in (self.push_weights, self.engine, self.server):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
 
 
 def build_rollout(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
@@ -48,7 +55,7 @@ def _native_engine(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     from ascend_rl.rollout.native import NativeEngine
 
     engine = NativeEngine.from_pretrained(cfg.actor_rollout_ref.model.path, device)
-    return Rollout(engine, TensorPush(engine, _bucket_mb(cfg)), lambda: None, f"native engine on {device}")
+    return Rollout(engine, TensorPush(engine, _bucket_mb(cfg)), f"native engine on {device}")
 
 
 def _native_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
@@ -66,7 +73,7 @@ def _sglang_engine(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     plan = _server_args(cfg, device)
     os.environ.update(plan.env)  # the Engine's scheduler processes inherit the trainer's environment
     engine = SGLangEngine(plan.kwargs)
-    return Rollout(engine, TensorPush(engine, _bucket_mb(cfg)), engine.close, f"sglang.Engine on {device}")
+    return Rollout(engine, TensorPush(engine, _bucket_mb(cfg)), f"sglang.Engine on {device}")
 
 
 def _sglang_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
@@ -98,7 +105,7 @@ def _launched(cfg: DictConfig, argv: list[str], port: int, env: dict, device: st
     server = ServerProcess(argv, url, out_dir / "rollout_server.log", env)
     server.wait_until_healthy(cfg.actor_rollout_ref.rollout.launch.startup_timeout_s)
     rollout = _http_rollout(cfg, url, device, out_dir, f"{what} at {url}")
-    rollout.close = server.close
+    rollout.server = server
     return rollout
 
 
@@ -123,9 +130,15 @@ def _http_rollout(cfg: DictConfig, url: str, device: str, out_dir: Path, descrip
         transport = "tensor" if ro.name == "sglang" and device != "cpu" and installed_version() else "disk"
     if transport == "tensor":
         push = TensorPush(engine, _bucket_mb(cfg))
+    elif transport == "distributed":
+        from ascend_rl.platform import get_platform
+        from ascend_rl.rollout.weight_group import address_towards
+
+        push = DistributedPush(engine, get_platform(device).comm_backend, address_towards(url), _bucket_mb(cfg),
+                               server_ranks=engine.tp_size)
     else:
         push = DiskPush(engine, out_dir / "rollout_weights", cfg.actor_rollout_ref.model.path, _bucket_mb(cfg))
-    return Rollout(engine, push, lambda: None, f"{description} (weights by {transport})")
+    return Rollout(engine, push, f"{description} (weights by {transport})")
 
 
 BUILDERS = {

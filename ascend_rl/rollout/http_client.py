@@ -100,6 +100,21 @@ class HttpEngine:
         self.request("POST", "/update_weights_from_tensor",
                      {"serialized_named_tensors": [payload] * self.tp_size, "flush_cache": False})
 
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str, backend: str) -> None:
+        _check_success(self.request("POST", "/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend}), "init_weights_update_group")
+
+    def update_weights_from_distributed(self, meta: dict, group_name: str) -> None:
+        """meta: names, dtypes, shapes of one bucket, which rank 0 broadcasts in that order."""
+        _check_success(self.request("POST", "/update_weights_from_distributed",
+                                    {**meta, "group_name": group_name, "flush_cache": False}),
+                       "update_weights_from_distributed")
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self.request("POST", "/destroy_weights_update_group", {"group_name": group_name})
+
     def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
         self.request("POST", "/release_memory_occupation", {"tags": list(tags)} if tags else {})
 
@@ -111,6 +126,11 @@ class HttpEngine:
 
     def model_info(self) -> dict:
         return self.request("GET", "/model_info")
+
+
+def _check_success(answer, what: str) -> None:
+    if isinstance(answer, dict) and answer.get("success") is False:
+        raise HttpEngineError(f"{what}: {answer.get('message', 'failed')}")
 
 
 def probe_health(url: str, timeout_s: float) -> None:

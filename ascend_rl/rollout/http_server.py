@@ -41,6 +41,7 @@ class EngineService:
         self.weight_version = "default"
         self._lock = threading.Lock()  # the engine runs one call at a time
         self._request_count = 0
+        self._groups: dict[str, object] = {}  # weight-update process groups by name
 
     def handle(self, method: str, path: str, body: dict):
         routes = {
@@ -53,6 +54,9 @@ class EngineService:
             ("GET", "/flush_cache"): self.flush_cache,
             ("POST", "/flush_cache"): self.flush_cache,
             ("POST", "/update_weights_from_disk"): self.update_weights_from_disk,
+            ("POST", "/init_weights_update_group"): self.init_weights_update_group,
+            ("POST", "/update_weights_from_distributed"): self.update_weights_from_distributed,
+            ("POST", "/destroy_weights_update_group"): self.destroy_weights_update_group,
         }
         handler = routes.get((method, path))
         if handler is None:
@@ -123,6 +127,44 @@ class EngineService:
         if body.get("flush_cache", True):
             self.engine.flush_cache()
         return {"success": True, "message": f"Succeeded to update model weights from {path}.", "num_paused_requests": 0}
+
+
+    def init_weights_update_group(self, body: dict) -> dict:
+        from ascend_rl.rollout.weight_group import join_weight_group
+
+        try:
+            name = body.get("group_name", "weight_update_group")
+            self._groups[name] = join_weight_group(body.get("backend", "gloo"), body["master_address"],
+                                                   int(body["master_port"]), int(body["rank_offset"]),
+                                                   int(body["world_size"]), name)
+        except KeyError as err:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"init_weights_update_group: missing {err}") from None
+        return {"success": True, "message": f"joined weight update group {name}"}
+
+    def update_weights_from_distributed(self, body: dict) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        group = self._groups.get(body.get("group_name", "weight_update_group"))
+        if group is None:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "no weight update group: call /init_weights_update_group first")
+        tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=self.engine.device)
+                   for dtype, shape in zip(body["dtypes"], body["shapes"])]
+        for tensor in tensors:  # in the order rank 0 broadcasts them
+            dist.broadcast(tensor, src=0, group=group)
+        self.engine.update_weights_from_tensor(zip(body["names"], tensors))
+        self.weight_version = body.get("weight_version") or self.weight_version
+        if body.get("flush_cache", True):
+            self.engine.flush_cache()
+        return {"success": True, "message": f"received {len(tensors)} tensors"}
+
+    def destroy_weights_update_group(self, body: dict) -> dict:
+        import torch.distributed as dist
+
+        group = self._groups.pop(body.get("group_name", "weight_update_group"), None)
+        if group is not None:
+            dist.destroy_process_group(group)
+        return {"success": True, "message": ""}
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -6,13 +6,17 @@ engine calls small: one call per tensor is what made early RL weight syncs slow.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ascend_rl.rollout.weight_group import dtype_name, join_weight_group
 
 NamedTensor = tuple[str, torch.Tensor]
 
@@ -90,6 +94,70 @@ class DiskPush:
         self.engine.update_weights_from_disk(str(target))
         shutil.rmtree(self.staging_dir / f"push-{self.pushes - 1:06d}", ignore_errors=True)  # the previous one
         return PushStats(tensors, buckets, nbytes, time.perf_counter() - start)
+
+
+class DistributedPush:
+    """Buckets broadcast over a process group the trainer and the server join once (`hccl` on NPU, `nccl` on
+    CUDA, `gloo` on CPU): the server allocates each bucket from its names, dtypes and shapes and receives it
+    from rank 0. For servers on other nodes, where device handles do not reach."""
+
+    GROUP = "ascend_rl_weight_sync"
+
+    def __init__(self, engine, backend: str, address: str, bucket_megabytes: int, server_ranks: int = 1):
+        self.engine, self.backend, self.address = engine, backend, address
+        self.bucket_bytes, self.server_ranks = bucket_megabytes << 20, server_ranks
+        self.group = None
+
+    def __call__(self, named_tensors: Iterable[NamedTensor]) -> PushStats:
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        if self.group is None:
+            self.group = self._join()
+        tensors = buckets = nbytes = 0
+        for bucket in tensor_buckets(named_tensors, self.bucket_bytes):
+            meta = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket]}
+            with _in_background(self.engine.update_weights_from_distributed, meta, self.GROUP):
+                for _, tensor in bucket:
+                    dist.broadcast(tensor.detach().contiguous(), src=0, group=self.group)
+            buckets += 1
+            tensors += len(bucket)
+            nbytes += _nbytes(bucket)
+        return PushStats(tensors, buckets, nbytes, time.perf_counter() - start)
+
+    def _join(self):
+        from ascend_rl.rollout.server_process import free_port
+
+        port, world = free_port(), 1 + self.server_ranks
+        # Both sides block until all ranks have joined: the server's request waits in the background.
+        with _in_background(self.engine.init_weights_update_group, self.address, port, 1, world, self.GROUP,
+                            self.backend):
+            return join_weight_group(self.backend, self.address, port, 0, world, self.GROUP)
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.engine.destroy_weights_update_group(self.GROUP)
+            self.group = None
+
+
+@contextlib.contextmanager
+def _in_background(fn, *args):
+    """Run fn(*args) in a thread while the block runs; re-raise its error after the block."""
+    result: dict = {}
+
+    def target():
+        try:
+            fn(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    yield
+    thread.join()
+    if "error" in result:
+        raise result["error"]
 
 
 def _nbytes(bucket: list[NamedTensor]) -> int:
