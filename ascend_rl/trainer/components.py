@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ from ascend_rl.algorithms import make_kl_controller
 from ascend_rl.config.validate import data_files
 from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.sampler import ResumableBatchSampler
+from ascend_rl.distributed.actor_group import ActorGroup
 from ascend_rl.errors import UserError
-from ascend_rl.platform import resolve_device
+from ascend_rl.platform import get_platform, resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
 from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.plots import plot_curves
@@ -30,7 +32,7 @@ from ascend_rl.workers.actor import Actor, ActorSettings, OptimSettings, Referen
 class Components:
     cfg: DictConfig
     tokenizer: object
-    actor: Actor
+    actor: Actor | ActorGroup
     ref: ReferencePolicy | None
     rollout: Rollout
     rewards: RewardRunner
@@ -107,6 +109,8 @@ class Components:
         self.sinks = []
         self.rewards.close()
         self.rollout.close()
+        if isinstance(self.actor, ActorGroup):
+            self.actor.close()
 
     def plot(self) -> Path | None:
         return plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
@@ -156,14 +160,18 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
         rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
         kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
         total_steps=total, seed=seed, out_dir=out_dir, show_progress=show_progress, profiler=StepProfiler(cfg, device),
+        n_devices=t.nnodes * t.n_gpus_per_node,
     )
 
 
-def _build_actor(cfg: DictConfig, device: str, total_steps: int) -> Actor:
+def _build_actor(cfg: DictConfig, device: str, total_steps: int) -> Actor | ActorGroup:
+    """One process, or one FSDP2 worker process per device (`trainer.n_gpus_per_node`)."""
     arr = cfg.actor_rollout_ref
     actor_cfg, optim = arr.actor, arr.actor.optim
     warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total_steps)
-    return Actor(
+    world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+    make = Actor if world == 1 else partial(ActorGroup, world, backend=get_platform(device).comm_backend)
+    return make(
         arr.model.path, device,
         ActorSettings(
             ppo_mini_batch_size=actor_cfg.ppo_mini_batch_size * arr.rollout.n,  # verl counts prompts; we count samples

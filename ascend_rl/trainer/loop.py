@@ -13,6 +13,7 @@ import torch
 
 from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages, masked_mean
 from ascend_rl.data.collate import collate
+from ascend_rl.distributed.worker_group import WorkerDied
 from ascend_rl.rollout.protocol import SamplingParams
 from ascend_rl.trainer import checkpoint
 from ascend_rl.trainer.batch import RolloutBatch
@@ -68,8 +69,13 @@ class RLTrainer:
             if c.val_records and wants_final and not self._due(trainer_cfg.test_freq):
                 val_metrics = self.validate()
                 c.log(val_metrics, self.global_step)
+        except WorkerDied as err:
+            latest = checkpoint.latest_checkpoint(c.out_dir)
+            raise WorkerDied(f"{err} at step {self.global_step}; " + (
+                f"resume from {latest} (trainer.resume_mode=auto does)" if latest else "no checkpoint to resume from "
+                "yet (trainer.save_freq)")) from None
         finally:
-            c.close()  # scorer processes and metric files, also when a step fails
+            c.close()  # scorer processes, worker processes and metric files, also when a step fails
         c.plot()
         return FitResult(self.global_step, val_before, val_metrics, c.out_dir)
 

@@ -10,8 +10,16 @@ from pathlib import Path
 
 import torch
 from tensordict import TensorDict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty
+from ascend_rl.distributed.fsdp import all_reduce_mean, full_tensor, shard_model
 from ascend_rl.workers.model_io import response_log_probs
 
 
@@ -91,10 +99,17 @@ class ReferencePolicy:
 
 
 class Actor:
+    """One process's actor. With a device mesh, the model is FSDP2-sharded over it and every rank takes
+    its slice of each mini-batch; losses are normalised by the whole mini-batch's counts, so N ranks make the
+    update one process would."""
+
     def __init__(self, model_path: str, device: str, settings: ActorSettings, optim: OptimSettings,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, mesh=None):
         self.settings = settings
         self.model = load_model(model_path, device, gradient_checkpointing)
+        self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+        if mesh is not None:
+            shard_model(self.model, mesh)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim)
@@ -119,15 +134,19 @@ class Actor:
             for mini in batch[order].split(s.ppo_mini_batch_size):
                 self._update_mini_batch(mini, metrics)
         self.scheduler.step()
-        out = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
+        out = all_reduce_mean({f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()})
+        for summed in ("actor/pg_loss", "actor/kl_loss"):  # each rank holds its share of the mini-batch loss
+            if summed in out:
+                out[summed] *= self.world_size
         out["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
     def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
         s = self.settings
         mode = s.loss_agg_mode
-        # The mini-batch's own counts make the micro-batch losses add up to the mini-batch loss.
+        # The whole mini-batch's counts make the micro-batch losses of all ranks add up to the mini-batch loss.
         count = agg_denominator(mini["response_mask"], mode)
+        mini = mini[torch.tensor_split(torch.arange(mini.batch_size[0]), self.world_size)[self.rank]]
         agg_kw = {"global_num_tokens": count} if mode == "token-mean" else {"global_batch_size": count}
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = defaultdict(float)
@@ -145,7 +164,7 @@ class Actor:
                 kl = agg_loss(kl_penalty(log_prob, micro["ref_log_prob"], s.kl_loss_type), mask, mode, **agg_kw)
                 loss = loss + s.kl_loss_coef * kl
                 totals["kl_loss"] += kl.item()
-            loss.backward()
+            (loss * self.world_size).backward()  # FSDP averages gradients over the ranks; we want their sum
             totals["pg_loss"] += pg_loss.item()
             for name, value in pg_metrics.items():
                 metrics[name].append(value.item())
@@ -159,16 +178,25 @@ class Actor:
             metrics[name].append(value)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF parameter names and tensors, for weight sync to a rollout engine."""
+        """HF parameter names and whole tensors, for weight sync (sharded: a collective over the ranks)."""
         for name, param in self.model.named_parameters():
-            yield name, param.detach()
+            yield name, full_tensor(param.detach())
 
-    def save_pretrained(self, path: Path, tokenizer) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
-        tokenizer.save_pretrained(path)
+    def save_pretrained(self, path: Path, tokenizer=None) -> None:
+        """An HF model directory; sharded, the ranks gather the weights and rank 0 writes."""
+        state = None
+        if self.world_size > 1:
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(path)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer state keyed by parameter name (whole tensors), so any number of ranks can resume it."""
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state(self, model_dir: Path, state: dict) -> None:
         from safetensors.torch import load_file
@@ -176,12 +204,15 @@ class Actor:
         weights = {}
         for file in sorted(Path(model_dir).glob("*.safetensors")):
             weights.update(load_file(file))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if k not in self._tied_names()]
+        params = {n for n, _ in self.model.named_parameters()}
+        missing = sorted(params - set(weights) - self._tied_names())
+        unexpected = sorted(set(weights) - params - {n for n, _ in self.model.named_buffers()})
         if missing or unexpected:
             raise ValueError(f"{model_dir}: checkpoint does not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-        self.optimizer.load_state_dict(state["optimizer"])
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, weights, options=full)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
         self.scheduler.load_state_dict(state["scheduler"])
 
     def _tied_names(self) -> set[str]:

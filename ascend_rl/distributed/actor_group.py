@@ -1,0 +1,84 @@
+"""The actor over N processes (FSDP2 over a gloo/hccl/nccl group), with the single actor's interface, so the
+driver's step loop does not change.
+
+Log-probs: each rank computes a contiguous slice of the rows. Update: every rank receives the whole batch
+and takes its slice of each mini-batch (`Actor._update_mini_batch`), so mini-batch membership, shuffling and
+loss normalisation are those of one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+
+from ascend_rl.distributed.worker_group import ProcessWorkerGroup
+
+
+class _ActorWorker:
+    """Runs in each worker process: one FSDP2 shard of the actor."""
+
+    def __init__(self, rank: int, world_size: int, model_path: str, device: str, settings, optim,
+                 gradient_checkpointing: bool):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from ascend_rl.workers.actor import Actor
+
+        mesh = init_device_mesh(device, (world_size,))
+        self.actor = Actor(model_path, device, settings, optim, gradient_checkpointing, mesh=mesh)
+        self.rank = rank
+
+    def log_probs(self, rows: TensorDict):
+        return self.actor.log_probs(rows)
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        return self.actor.update(batch)
+
+    def named_weights(self):
+        named = [(n, t.cpu()) for n, t in self.actor.named_weights()]  # every rank takes part in the gather
+        return named if self.rank == 0 else None
+
+    def save_pretrained(self, path: Path) -> None:
+        self.actor.save_pretrained(path)
+
+    def state_dict(self):
+        state = self.actor.state_dict()
+        return state if self.rank == 0 else None
+
+    def load_state(self, model_dir: Path, state: dict) -> None:
+        self.actor.load_state(model_dir, state)
+
+
+class ActorGroup:
+    def __init__(self, world_size: int, model_path: str, device: str, settings, optim,
+                 gradient_checkpointing: bool = False, backend: str = "gloo"):
+        self.group = ProcessWorkerGroup(world_size, "ascend_rl.distributed.actor_group:_ActorWorker",
+                                        dict(model_path=model_path, device=device, settings=settings, optim=optim,
+                                             gradient_checkpointing=gradient_checkpointing), backend=backend)
+
+    def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.tensor_split(torch.arange(batch.batch_size[0]), self.group.world_size)
+        parts = self.group.call("log_probs", [(batch[r],) for r in rows])
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        return self.group.call_all("update", batch)[0]  # metrics are already reduced over the ranks
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.group.call_all("named_weights")[0]
+
+    def save_pretrained(self, path: Path, tokenizer=None) -> None:
+        self.group.call_all("save_pretrained", path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    def state_dict(self) -> dict:
+        return self.group.call_all("state_dict")[0]
+
+    def load_state(self, model_dir: Path, state: dict) -> None:
+        self.group.call_all("load_state", model_dir, state)
+
+    def close(self) -> None:
+        self.group.close()

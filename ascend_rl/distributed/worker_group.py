@@ -1,0 +1,123 @@
+"""N worker processes in one torch.distributed group, called by the driver like one object.
+
+Each worker builds its object (e.g. an actor shard) from a factory, then answers method calls; the driver
+sends every rank its arguments and gets the results back in rank order. A worker that raises stops the call
+with its traceback; a worker that dies stops it within a second, naming the rank and exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import time
+import traceback
+from collections.abc import Sequence
+
+import torch.multiprocessing as mp
+
+from ascend_rl.errors import UserError
+
+
+class WorkerDied(UserError):
+    pass
+
+
+def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: int, conn, factory: str,
+                 kwargs: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        module, _, name = factory.partition(":")
+        obj = getattr(importlib.import_module(module), name)(rank=rank, world_size=world_size, **kwargs)
+        conn.send(("ok", None))
+        while (message := conn.recv()) is not None:
+            method, args = message
+            try:
+                conn.send(("ok", getattr(obj, method)(*args)))
+            except Exception:  # noqa: BLE001 - the driver re-raises it with this worker's traceback
+                conn.send(("error", traceback.format_exc()))
+    except Exception:  # noqa: BLE001 - failed to build: report instead of hanging the driver
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+class ProcessWorkerGroup:
+    def __init__(self, world_size: int, factory: str, kwargs: dict, backend: str = "gloo",
+                 threads_per_worker: int | None = None):
+        from ascend_rl.rollout.server_process import free_port
+
+        ctx = mp.get_context("spawn")  # fork would copy the driver's threads and torch state
+        threads = threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
+        port = free_port()
+        self.conns, self.processes = [], []
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=_worker_main, daemon=True, name=f"ascend-rl-worker-{rank}",
+                                  args=(rank, world_size, port, backend, threads, child, factory, kwargs))
+            process.start()
+            self.conns.append(parent)
+            self.processes.append(process)
+        self._collect("start-up")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.processes)
+
+    def call(self, method: str, args_per_rank: Sequence[tuple]) -> list:
+        for conn, args in zip(self.conns, args_per_rank):
+            conn.send((method, args))
+        return self._collect(method)
+
+    def call_all(self, method: str, *args) -> list:
+        return self.call(method, [args] * self.world_size)
+
+    def _collect(self, what: str) -> list:
+        results = []
+        for rank, (conn, process) in enumerate(zip(self.conns, self.processes)):
+            while not conn.poll(1.0):
+                if not process.is_alive():
+                    self._died(rank, what)
+            try:
+                status, value = conn.recv()
+            except (EOFError, ConnectionResetError):  # the pipe closed: the process is exiting
+                process.join(timeout=5)
+                self._died(rank, what)
+            if status == "error":
+                dead = self._first_dead(wait_s=2.0)  # a peer's death shows up as a collective error here
+                if dead is not None:
+                    self._died(dead, what)
+                self.close()
+                raise RuntimeError(f"worker {rank} failed during {what}:\n{value}")
+            results.append(value)
+        return results
+
+    def _first_dead(self, wait_s: float) -> int | None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [rank for rank, p in enumerate(self.processes) if not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                return dead[0] if dead else None
+            time.sleep(0.1)
+
+    def _died(self, rank: int, what: str) -> None:
+        process = self.processes[rank]
+        self.close()
+        raise WorkerDied(f"worker {rank} (pid {process.pid}, this node) died with exit code {process.exitcode} "
+                         f"during {what}")
+
+    def close(self) -> None:
+        for conn, process in zip(self.conns, self.processes):
+            if process.is_alive():
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    conn.send(None)
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        self.conns, self.processes = [], []

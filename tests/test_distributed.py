@@ -1,0 +1,145 @@
+"""Training over several processes on CPU (gloo): FSDP2 workers make the update one process makes."""
+
+import pytest
+import torch
+
+from ascend_rl.data.collate import collate
+from ascend_rl.distributed.actor_group import ActorGroup
+from ascend_rl.distributed.worker_group import ProcessWorkerGroup, WorkerDied
+from ascend_rl.workers.actor import Actor, ActorSettings, OptimSettings
+
+SETTINGS = dict(ppo_mini_batch_size=8, ppo_micro_batch_size_per_gpu=2, ppo_epochs=2, shuffle=True,
+                loss_agg_mode="token-mean", use_kl_loss=False, entropy_coeff=0.01, grad_clip=1.0)
+
+
+def fixed_batch(actor, n=16, seed=0) -> "TensorDict":  # noqa: F821
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 40, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    responses = [torch.randint(3, 40, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(n)]
+    batch = collate(prompts, responses, pad_token_id=0)
+    batch["old_log_probs"] = actor.log_probs(batch)[0]
+    batch["advantages"] = torch.randn(batch["response_mask"].shape, generator=g) * batch["response_mask"]
+    return batch
+
+
+@pytest.mark.timeout(300)
+def test_two_fsdp2_workers_make_the_update_of_one(tiny_model_dir):
+    settings, optim = ActorSettings(**SETTINGS), OptimSettings(lr=1e-2, total_steps=4)
+    single = Actor(str(tiny_model_dir), "cpu", settings, optim)
+    batch = fixed_batch(single)
+    group = ActorGroup(2, str(tiny_model_dir), "cpu", settings, optim)
+    try:
+        old_single, old_group = single.log_probs(batch)[0], group.log_probs(batch)[0]
+        assert torch.allclose(old_single, old_group, atol=1e-6)
+        for _ in range(2):
+            m1, m2 = single.update(batch), group.update(batch)
+            assert m1["actor/pg_loss"] == pytest.approx(m2["actor/pg_loss"], abs=1e-5)
+            assert m1["actor/grad_norm"] == pytest.approx(m2["actor/grad_norm"], rel=1e-5)
+        theirs = dict(group.named_weights())
+        for name, mine in single.named_weights():
+            assert torch.allclose(mine, theirs[name], atol=1e-5), name
+    finally:
+        group.close()
+
+
+class Crasher:
+    def __init__(self, rank, world_size):
+        self.rank = rank
+
+    def work(self, code):
+        import os
+
+        if self.rank == 1:
+            os._exit(code)
+        return self.rank
+
+    def fail(self):
+        raise ValueError(f"bad input on rank {self.rank}")
+
+
+def test_a_dying_worker_is_reported_not_waited_for():
+    group = ProcessWorkerGroup(2, "test_distributed:Crasher", {})
+    with pytest.raises(WorkerDied, match=r"worker 1 \(pid \d+, this node\) died with exit code 3 during work"):
+        group.call_all("work", 3)
+
+
+def test_a_failing_worker_raises_with_its_traceback():
+    group = ProcessWorkerGroup(2, "test_distributed:Crasher", {})
+    with pytest.raises(RuntimeError, match=r"(?s)worker 0 failed during fail:.*ValueError: bad input on rank 0"):
+        group.call_all("fail")
+
+
+def run_steps(task, out, *extra):
+    from test_trainer import read_metrics, tiny_overrides
+
+    from ascend_rl.config import load_config
+    from ascend_rl.trainer.components import build_components
+    from ascend_rl.trainer.loop import RLTrainer
+
+    cfg = load_config(tiny_overrides(task, out, "trainer.test_freq=0", *extra))
+    RLTrainer(build_components(cfg, show_progress=False)).fit()
+    return [r for r in read_metrics(out) if "critic/score/mean" in r]
+
+
+@pytest.mark.timeout(600)
+def test_trainer_with_two_cpu_workers_and_checkpoints_across_world_sizes(task, tmp_path):
+    import shutil
+
+    # One process, 3 steps, checkpoint at step 2.
+    one = run_steps(task, tmp_path / "one", "trainer.total_training_steps=3", "trainer.save_freq=2")
+    # Two workers train the same steps 1-2 ...
+    two = run_steps(task, tmp_path / "two", "trainer.total_training_steps=2", "trainer.n_gpus_per_node=2",
+                    "trainer.save_freq=2")
+    for a, b in zip(one[:2], two):
+        assert a["actor/pg_loss"] == pytest.approx(b["actor/pg_loss"], abs=1e-5)
+        assert a["critic/score/mean"] == b["critic/score/mean"]
+    assert two[0]["perf/throughput"] > 0
+    # ... and the one-process checkpoint resumes with two workers, continuing as one process did.
+    shutil.copytree(tmp_path / "one", tmp_path / "resumed", ignore=shutil.ignore_patterns("global_step_3"))
+    (tmp_path / "resumed" / "latest_checkpointed_iteration.txt").write_text("2")
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("")
+    resumed = run_steps(task, tmp_path / "resumed", "trainer.total_training_steps=3", "trainer.n_gpus_per_node=2",
+                        "trainer.save_freq=2")
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["actor/pg_loss"] == pytest.approx(one[2]["actor/pg_loss"], abs=1e-5)
+    # the two-worker checkpoint is an HF model one process can load
+    assert (tmp_path / "two" / "global_step_2" / "actor" / "model.safetensors").is_file()
+
+
+def test_plan_allows_cpu_workers_but_not_yet_gpu_npu_groups():
+    from ascend_rl.config import load_config
+    from ascend_rl.config.plan import make_plan
+
+    base = ["actor_rollout_ref.model.path=/m", "trainer.n_gpus_per_node=2", "data.train_batch_size=8",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+            "algorithm.adv_estimator=grpo"]
+    assert make_plan(load_config([*base, "trainer.device=cpu"]), environ={}).unsupported == []
+    npu = make_plan(load_config([*base, "trainer.device=npu"]), environ={}).unsupported
+    assert npu and "several GPUs/NPUs (Ray worker groups)" in npu[0]
+
+
+def test_worker_death_mid_run_names_the_step_and_the_checkpoint(task, tmp_path, monkeypatch, capsys):
+    from test_trainer import tiny_overrides
+
+    from ascend_rl.cli.main import main
+    from ascend_rl.distributed.actor_group import ActorGroup
+
+    original = ActorGroup.update
+
+    def update_then_kill(self, batch):
+        if not hasattr(self, "_steps"):
+            self._steps = 0
+        self._steps += 1
+        if self._steps == 2:
+            self.group.processes[1].kill()
+        return original(self, batch)
+
+    monkeypatch.setattr(ActorGroup, "update", update_then_kill)
+    code = main(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run", "trainer.n_gpus_per_node=2",
+                                                          "trainer.save_freq=1", "trainer.total_training_steps=3")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: worker 1 (pid" in err and "died with exit code -9 during update at step 2" in err
+    assert f"resume from {tmp_path / 'run' / 'global_step_1'}" in err
