@@ -1,5 +1,7 @@
 """Training over several processes on CPU (gloo): FSDP2 workers make the update one process makes."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def test_two_fsdp2_workers_make_the_update_of_one(tiny_model_dir):
     settings, optim = ActorSettings(**SETTINGS), OptimSettings(lr=1e-2, total_steps=4)
     single = Actor(str(tiny_model_dir), "cpu", settings, optim)
     batch = fixed_batch(single)
-    group = ActorGroup(2, str(tiny_model_dir), "cpu", settings, optim)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim)
     try:
         old_single, old_group = single.log_probs(batch)[0], group.log_probs(batch)[0]
         assert torch.allclose(old_single, old_group, atol=1e-6)
@@ -117,7 +119,7 @@ def test_plan_allows_cpu_workers_but_not_yet_gpu_npu_groups():
             "algorithm.adv_estimator=grpo"]
     assert make_plan(load_config([*base, "trainer.device=cpu"]), environ={}).unsupported == []
     npu = make_plan(load_config([*base, "trainer.device=npu"]), environ={}).unsupported
-    assert npu and "several GPUs/NPUs (Ray worker groups)" in npu[0]
+    assert npu and "several GPUs/NPUs" in npu[0]
 
 
 def test_worker_death_mid_run_names_the_step_and_the_checkpoint(task, tmp_path, monkeypatch, capsys):
@@ -143,3 +145,48 @@ def test_worker_death_mid_run_names_the_step_and_the_checkpoint(task, tmp_path, 
     assert code == 2
     assert "error: worker 1 (pid" in err and "died with exit code -9 during update at step 2" in err
     assert f"resume from {tmp_path / 'run' / 'global_step_1'}" in err
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes():
+    """Ray's multi-node test cluster on this machine: a head and a second node, one CPU each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster.address
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.timeout(600)
+def test_ray_places_one_worker_per_node_and_trains(task, tmp_path, ray_two_nodes, monkeypatch):
+    from ascend_rl.distributed.actor_group import ActorGroup
+
+    groups = []
+    original = ActorGroup.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        groups.append(self.group)
+
+    monkeypatch.setattr(ActorGroup, "__init__", remember)
+    steps = run_steps(task, tmp_path / "run", "trainer.total_training_steps=1", "trainer.nnodes=2",
+                      "trainer.n_gpus_per_node=1", f"trainer.ray_address={ray_two_nodes}")
+    # a step finished: update on both nodes, then the full weights gathered from their shards were pushed
+    assert len(steps) == 1 and "actor/pg_loss" in steps[0] and steps[0]["rollout/weight_sync_gib"] > 0
+    nodes = groups[0].nodes
+    assert len(nodes) == 2 and nodes[0].split("/")[1] != nodes[1].split("/")[1]  # two different Ray nodes
+
+
+def test_ray_worker_death_names_worker_and_node(ray_two_nodes):
+    from pathlib import Path
+
+    from ascend_rl.distributed.ray_group import RayWorkerGroup
+
+    group = RayWorkerGroup(2, 1, "test_distributed:Crasher", {}, "gloo", None,
+                           env={"PYTHONPATH": str(Path(__file__).parent)})
+    with pytest.raises(WorkerDied, match=r"worker 1 \(node [\d.]+/\w{8}\) died during work"):
+        group.call_all("work", 3)

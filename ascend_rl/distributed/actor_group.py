@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
-from ascend_rl.distributed.worker_group import ProcessWorkerGroup
-
 
 class _ActorWorker:
     """Runs in each worker process: one FSDP2 shard of the actor."""
@@ -52,11 +50,11 @@ class _ActorWorker:
 
 
 class ActorGroup:
-    def __init__(self, world_size: int, model_path: str, device: str, settings, optim,
-                 gradient_checkpointing: bool = False, backend: str = "gloo"):
-        self.group = ProcessWorkerGroup(world_size, "ascend_rl.distributed.actor_group:_ActorWorker",
-                                        dict(model_path=model_path, device=device, settings=settings, optim=optim,
-                                             gradient_checkpointing=gradient_checkpointing), backend=backend)
+    def __init__(self, make_group, model_path: str, device: str, settings, optim, gradient_checkpointing: bool = False):
+        """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`)."""
+        self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
+                                dict(model_path=model_path, device=device, settings=settings, optim=optim,
+                                     gradient_checkpointing=gradient_checkpointing))
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.tensor_split(torch.arange(batch.batch_size[0]), self.group.world_size)

@@ -16,13 +16,20 @@ class Platform:
     visible_devices_var: str | None
     ray_resource: str | None
     noset_visible_devices_var: str | None = None  # makes Ray leave the visible-devices variable alone
+    worker_env: tuple[tuple[str, str], ...] = ()  # what every worker needs on this device, unless set already
 
 
 PLATFORMS: dict[str, Platform] = {
     "cpu": Platform("cpu", "gloo", None, None),
     "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", "GPU", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"),
     "npu": Platform("npu", "hccl", "ASCEND_RT_VISIBLE_DEVICES", "NPU",
-                    "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"),
+                    "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES",
+                    # the seed's mandatory variables: two processes per NPU (trainer + SGLang) need their own
+                    # HCCL ports, and Ray must not narrow the visible devices it cannot see itself
+                    worker_env=(("HCCL_HOST_SOCKET_PORT_RANGE", "60000-60050"),
+                                ("HCCL_NPU_SOCKET_PORT_RANGE", "61000-61050"),
+                                ("RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES", "1"),
+                                ("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True"))),
 }
 
 
@@ -31,6 +38,17 @@ def get_platform(name: str) -> Platform:
         return PLATFORMS[name]
     except KeyError:
         raise UserError(f"trainer.device={name!r}: expected one of {', '.join(sorted(PLATFORMS))}") from None
+
+
+def worker_env(device: str, environ) -> tuple[dict[str, str], list[str]]:
+    """The environment workers on `device` get: the driver's value where set, else the platform's default;
+    and the names that took the default (to say so in one log line)."""
+    env, defaulted = {}, []
+    for name, default in get_platform(device).worker_env:
+        env[name] = environ.get(name) or default
+        if not environ.get(name):
+            defaulted.append(f"{name}={default}")
+    return env, defaulted
 
 
 def detect_device() -> str:

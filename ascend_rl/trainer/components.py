@@ -17,8 +17,9 @@ from ascend_rl.config.validate import data_files
 from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.sampler import ResumableBatchSampler
 from ascend_rl.distributed.actor_group import ActorGroup
+from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
-from ascend_rl.platform import get_platform, resolve_device
+from ascend_rl.platform import resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
 from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.plots import plot_curves
@@ -170,7 +171,7 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int) -> Actor | Acto
     actor_cfg, optim = arr.actor, arr.actor.optim
     warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total_steps)
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    make = Actor if world == 1 else partial(ActorGroup, world, backend=get_platform(device).comm_backend)
+    make = Actor if world == 1 else partial(ActorGroup, worker_group_factory(cfg, device))
     return make(
         arr.model.path, device,
         ActorSettings(
