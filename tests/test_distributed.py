@@ -106,8 +106,22 @@ def test_trainer_with_two_cpu_workers_and_checkpoints_across_world_sizes(task, t
                         "trainer.save_freq=2")
     assert [r["step"] for r in resumed] == [3]
     assert resumed[0]["actor/pg_loss"] == pytest.approx(one[2]["actor/pg_loss"], abs=1e-5)
-    # the two-worker checkpoint is an HF model one process can load
-    assert (tmp_path / "two" / "global_step_2" / "actor" / "model.safetensors").is_file()
+    # the two-worker checkpoint exports as an HF model one process loads
+    from transformers import AutoModelForCausalLM
+
+    from ascend_rl.cli.main import main
+
+    assert main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    saved = dict(two_actor_weights(tmp_path / "two" / "global_step_2" / "actor"))
+    assert exported.keys() >= saved.keys() and all(torch.equal(exported[k], v) for k, v in saved.items())
+    assert main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 2  # never overwrites
+
+
+def two_actor_weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors")).items()
 
 
 def test_plan_allows_cpu_workers_but_not_yet_gpu_npu_groups():

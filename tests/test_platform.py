@@ -45,3 +45,14 @@ def test_trainer_device_overrides_detection(fake_torch_npu):
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(UserError, match="trainer.device='tpu': expected one of cpu, cuda, npu"):
         resolve_device("tpu")
+
+
+def test_npu_workers_get_the_mandatory_variables_unless_set():
+    from ascend_rl.platform import worker_env
+
+    env, defaulted = worker_env("npu", {"HCCL_HOST_SOCKET_PORT_RANGE": "50000-50050"})
+    assert env["HCCL_HOST_SOCKET_PORT_RANGE"] == "50000-50050"  # the user's value wins
+    assert env["RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"] == "1"
+    assert "HCCL_NPU_SOCKET_PORT_RANGE=61000-61050" in defaulted
+    assert not any(d.startswith("HCCL_HOST_SOCKET_PORT_RANGE") for d in defaulted)
+    assert worker_env("cpu", {}) == ({}, [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ascend_rl.cli import data_cmd, doctor_cmd, plan_cmd, serve_cmd, sft_cmd, train_cmd
+from ascend_rl.cli import data_cmd, doctor_cmd, export_cmd, plan_cmd, serve_cmd, sft_cmd, train_cmd
 from ascend_rl.errors import UserError
 
 COMMANDS = {
@@ -14,6 +14,7 @@ COMMANDS = {
     "sft": (sft_cmd, "supervised fine-tuning on prompt/response parquet (loss on the response only)"),
     "serve": (serve_cmd, "serve a model over HTTP with SGLang's endpoints (the native engine)"),
     "data": (data_cmd, "build the tiny model and datasets, convert GSM8K"),
+    "export": (export_cmd, "copy a training checkpoint out as a Hugging Face model directory"),
     "doctor": (doctor_cmd, "check this machine's software stack (Python, torch, torch_npu, CANN, driver, SGLang, "
                            "environment) and print the fix for each problem"),
 }
