@@ -23,8 +23,13 @@ def diagnose(device: str | None = None, config=None, environ=None, site_paths=No
     device = device or target_device(machine)
     plan = None
     if config is not None:
+        from omegaconf import OmegaConf
+
         from ascend_rl.config.plan import make_plan
 
+        if config.trainer.device is None:  # the config is checked for the device being diagnosed
+            config = config.copy()
+            OmegaConf.update(config, "trainer.device", device)
         plan = make_plan(config, machine.environ)
     return device, run_checks(machine, Context(device, config, plan))
 
