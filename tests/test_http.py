@@ -141,3 +141,62 @@ def test_serve_command(tiny_model_dir):
     bad = subprocess.run([sys.executable, "-m", "ascend_rl", "serve", "--model-path", "/nowhere"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--model-path /nowhere: not a Hugging Face model directory" in bad.stderr
+
+
+def _generate_in_background(port, body):
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(raw_post(port, "/generate", body)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+LONG = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 20_000, "ignore_eos": True}, "rid": "long-1"}
+
+
+def test_abort_request_ends_a_running_generation_with_its_tokens(server, client):
+    import time
+
+    port = server[0].server_port
+    thread, result = _generate_in_background(port, LONG)
+    time.sleep(1.0)
+    assert thread.is_alive()  # still decoding: control calls do not wait for it
+    client.abort_request("other")
+    time.sleep(0.3)
+    assert thread.is_alive()  # another rid: untouched
+    client.abort_request("long-1")
+    thread.join(30)
+    meta = result["meta_info"]
+    assert meta["id"] == "long-1" and meta["finish_reason"]["type"] == "abort"
+    assert 0 < meta["completion_tokens"] < 20_000 and len(result["output_ids"]) == meta["completion_tokens"]
+
+
+def test_pause_in_place_holds_requests_until_continue(server, client):
+    import time
+
+    port = server[0].server_port
+    assert raw_post(port, "/pause_generation", {"mode": "in_place"})["status"] == "ok"
+    try:
+        short = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
+        thread, result = _generate_in_background(port, short)
+        time.sleep(1.0)
+        assert thread.is_alive() and not result  # waiting, not failed
+    finally:
+        raw_post(port, "/continue_generation", {})
+    thread.join(30)
+    assert result["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+    with pytest.raises(HttpEngineError, match="400.*pause mode 'sideways'"):
+        client.pause_generation("sideways")
+
+
+def test_pause_abort_ends_running_requests(server, client):
+    import time
+
+    port = server[0].server_port
+    thread, result = _generate_in_background(port, {**LONG, "rid": "long-2"})
+    time.sleep(1.0)
+    client.pause_generation("abort")
+    thread.join(30)
+    client.continue_generation()
+    assert result["meta_info"]["finish_reason"]["type"] == "abort"
+    after = client.generate([PROMPT], SamplingParams(max_new_tokens=2, ignore_eos=True))[0]
+    assert after.finish_reason == "length"  # a request sent after the abort is not aborted

@@ -115,6 +115,15 @@ class HttpEngine:
     def destroy_weights_update_group(self, group_name: str) -> None:
         self.request("POST", "/destroy_weights_update_group", {"group_name": group_name})
 
+    def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
+        self.request("POST", "/abort_request", {"rid": rid or "", "abort_all": abort_all})
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        self.request("POST", "/pause_generation", {"mode": mode})
+
+    def continue_generation(self) -> None:
+        self.request("POST", "/continue_generation", {})
+
     def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
         self.request("POST", "/release_memory_occupation", {"tags": list(tags)} if tags else {})
 

@@ -24,8 +24,10 @@ class ApiError(Exception):
 
 def output_json(out: GenerateOutput, rid: str, return_logprob: bool, weight_version: str) -> dict:
     """One generation in SGLang's /generate output shape."""
-    reason = ({"type": "stop", "matched": out.output_ids[-1]} if out.finish_reason == "stop"
-              else {"type": out.finish_reason, "length": out.completion_tokens})
+    reason = {"stop": lambda: {"type": "stop", "matched": out.output_ids[-1]},
+              "abort": lambda: {"type": "abort", "message": "aborted by request", "status_code": None,
+                                "err_type": None},
+              }.get(out.finish_reason, lambda: {"type": out.finish_reason, "length": out.completion_tokens})()
     meta = {"id": rid, "finish_reason": reason, "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens, "cached_tokens": 0, "weight_version": weight_version}
     if return_logprob:
@@ -44,6 +46,12 @@ class EngineService:
         self._groups: dict[str, object] = {}  # weight-update process groups by name
 
     def handle(self, method: str, path: str, body: dict):
+        # Control calls act on a generation in progress, so they must not wait for the engine lock.
+        unlocked = {
+            ("POST", "/abort_request"): self.abort_request,
+            ("POST", "/pause_generation"): self.pause_generation,
+            ("POST", "/continue_generation"): self.continue_generation,
+        }
         routes = {
             ("GET", "/health"): lambda b: "",
             ("GET", "/model_info"): self.model_info,
@@ -58,11 +66,28 @@ class EngineService:
             ("POST", "/update_weights_from_distributed"): self.update_weights_from_distributed,
             ("POST", "/destroy_weights_update_group"): self.destroy_weights_update_group,
         }
+        if (method, path) in unlocked:
+            return unlocked[(method, path)](body)
         handler = routes.get((method, path))
         if handler is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}")
         with self._lock:
             return handler(body)
+
+    def abort_request(self, body: dict) -> str:
+        self.engine.abort_request(body.get("rid") or None, bool(body.get("abort_all", False)))
+        return ""
+
+    def pause_generation(self, body: dict) -> dict:
+        try:
+            self.engine.pause_generation(body.get("mode", "abort"))
+        except ValueError as err:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    def continue_generation(self, body: dict) -> dict:
+        self.engine.continue_generation()
+        return {"message": "Generation continued successfully.", "status": "ok"}
 
     def model_info(self, body: dict) -> dict:
         return {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
@@ -86,14 +111,20 @@ class EngineService:
         except (TypeError, ValueError) as err:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
         return_logprob = bool(body.get("return_logprob", False))
+        rid = body.get("rid")
+        rids = None if rid is None else ([rid] * len(prompts) if isinstance(rid, str) else list(rid))
+        if rids is not None and len(rids) != len(prompts):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts but {len(rids)} rids")
         try:
-            outputs = self.engine.generate(prompts, params, return_logprob=return_logprob)
+            outputs = self.engine.generate(prompts, params, return_logprob=return_logprob, rids=rids)
         except RuntimeError as err:  # e.g. memory released
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(err)) from None
+        per_prompt = len(outputs) // len(prompts)
         results = []
-        for out in outputs:
+        for i, out in enumerate(outputs):
             self._request_count += 1
-            results.append(output_json(out, f"req-{self._request_count}", return_logprob, self.weight_version))
+            name = rids[i // per_prompt] if rids else f"req-{self._request_count}"
+            results.append(output_json(out, name, return_logprob, self.weight_version))
         return results[0] if single and len(results) == 1 else results
 
     def release(self, body: dict) -> str:

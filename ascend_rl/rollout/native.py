@@ -8,6 +8,7 @@ depend on what else is in the batch, and samples of one prompt (different seeds)
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Iterable, Sequence
 from itertools import groupby
 
@@ -18,6 +19,41 @@ from ascend_rl.rollout.lean_decoder import LeanDecoder
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples
 
 MEMORY_TAGS = ("weights", "kv_cache")
+PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's; retract keeps the KV cache here (nothing to recompute)
+
+
+class GenerationControl:
+    """Abort and pause, set from other threads while a batch decodes (checked once per token).
+
+    abort_all ends the requests running at that moment (an epoch counter), not those sent later."""
+
+    def __init__(self):
+        self.epoch = 0
+        self._aborted_rids: set[str] = set()
+        self._running = threading.Event()
+        self._running.set()
+
+    def abort(self, rid: str | None, abort_all: bool) -> None:
+        if abort_all:
+            self.epoch += 1
+        elif rid is not None:
+            self._aborted_rids.add(rid)
+
+    def aborted(self, rid: str | None, started_epoch: int) -> bool:
+        return started_epoch < self.epoch or (rid is not None and rid in self._aborted_rids)
+
+    def forget(self, rids) -> None:
+        """A finished call's rids: aborting them no longer means anything (and must not hit a later reuse)."""
+        self._aborted_rids.difference_update(r for r in rids if r is not None)
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def wait_while_paused(self) -> None:
+        self._running.wait()
 
 
 class NativeEngine:
@@ -34,6 +70,7 @@ class NativeEngine:
         # transformers 5 renamed the KV-cache argument and output field from past_key_values to cache.
         self._cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._lean = LeanDecoder.for_model(model)  # None: this architecture runs the transformers forward
+        self.control = GenerationControl()
 
     @classmethod
     def from_pretrained(cls, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -49,10 +86,14 @@ class NativeEngine:
 
     @torch.no_grad()
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
-                 return_logprob: bool = False) -> list[GenerateOutput]:
+                 return_logprob: bool = False, rids: Sequence[str] | None = None) -> list[GenerateOutput]:
+        """`rids` (one per prompt) name requests for `abort_request`."""
         self._check_ready()
         prompts, params = expand_samples(input_ids, sampling_params)
-        requests = [(ids, p, p.sampling_seed) for ids, p in zip(prompts, params)]
+        per_prompt = len(prompts) // max(1, len(input_ids))
+        rids = [rids[i // per_prompt] for i in range(len(prompts))] if rids else [None] * len(prompts)
+        epoch = self.control.epoch
+        requests = [(ids, p, p.sampling_seed, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]
         outputs: list[GenerateOutput | None] = [None] * len(requests)
         # Rows of one batch share the sampling settings (seeds aside); group requests by them.
         order = sorted(range(len(requests)), key=lambda r: _batch_key(requests[r][1]))
@@ -63,14 +104,15 @@ class NativeEngine:
                 results = self._generate_batch([requests[r] for r in chunk])
                 for r, out in zip(chunk, results):
                     outputs[r] = out
+        self.control.forget(rids)
         return outputs
 
     def _generate_batch(self, requests) -> list[GenerateOutput]:
         params: SamplingParams = requests[0][1]
-        prompts = [ids for ids, _, _ in requests]
+        prompts = [ids for ids, *_ in requests]
         batch = len(prompts)
         ids, mask = pad_rows(prompts, self.pad_token_id, "left")  # every row's last token in the same column
-        generators = [_generator(seed) for _, _, seed in requests]
+        generators = [_generator(seed) for _, _, seed, _, _ in requests]
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         stepper = _LeanStepper(self._lean) if self._lean is not None else _TransformersStepper(self.model, self._cache_key)
 
@@ -80,7 +122,19 @@ class NativeEngine:
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finished = [False] * batch
         reasons = ["length"] * batch
+
+        def end_aborted() -> bool:
+            for row in range(batch):
+                if not finished[row] and self.control.aborted(requests[row][3], requests[row][4]):
+                    finished[row], reasons[row] = True, "abort"  # keeps the tokens generated so far
+            return all(finished)
+
         for _ in range(params.max_new_tokens):
+            if end_aborted():
+                break
+            self.control.wait_while_paused()  # in_place / retract: hold here with the KV cache
+            if end_aborted():  # an abort may have come during the pause
+                break
             next_ids, next_logprobs = _sample(logits.float(), params, [generators[r] for r in active])
             for j, row in enumerate(active):
                 if finished[row]:
@@ -100,6 +154,23 @@ class NativeEngine:
                     next_ids = next_ids[alive]
             logits = stepper.step(next_ids.to(self.device))
         return [GenerateOutput(tokens[r], reasons[r], len(prompts[r]), logprobs[r]) for r in range(batch)]
+
+    # --- control from other threads (the HTTP server's) ---------------------------------------------
+
+    def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
+        self.control.abort(rid, abort_all)
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """abort: running requests end now (finish reason abort); in_place / retract: they wait, with their
+        KV cache, until continue_generation. New requests wait too."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode {mode!r}: expected one of {', '.join(PAUSE_MODES)}")
+        if mode == "abort":
+            self.control.abort(None, abort_all=True)
+        self.control.pause()
+
+    def continue_generation(self) -> None:
+        self.control.resume()
 
     # --- weights and memory -------------------------------------------------------------------------
 
