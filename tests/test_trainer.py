@@ -257,3 +257,27 @@ def test_npu_profiler_without_torch_npu_is_a_clear_error(task, tmp_path, capsys)
                                                           "global_profiler.tool=npu", "global_profiler.steps=[1]")])
     assert code == 2
     assert "global_profiler.tool=npu needs torch_npu" in capsys.readouterr().err
+
+
+def test_on_policy_steps_skip_the_old_log_prob_pass_with_the_same_update(task, tmp_path):
+    """One mini-batch and one epoch: the update's forward supplies the old log-probs, so the separate pass
+    is skipped; the update and the metrics are those of the separate pass."""
+    on_policy = [f"{A}.actor.ppo_mini_batch_size=4", "trainer.total_training_steps=2"]
+    cfg = load_config(tiny_overrides(task, tmp_path / "fast", *on_policy))
+    fast = RLTrainer(build_components(cfg, show_progress=False))
+    assert not fast.needs_old_log_probs
+    fast.fit()
+    slow = RLTrainer(build_components(load_config(tiny_overrides(task, tmp_path / "slow", *on_policy)),
+                                      show_progress=False))
+    slow.needs_old_log_probs = True
+    slow.fit()
+    rows = {name: [r for r in read_metrics(tmp_path / name) if "critic/score/mean" in r] for name in ("fast", "slow")}
+    assert "timing_s/old_log_prob" not in rows["fast"][0] and "timing_s/old_log_prob" in rows["slow"][0]
+    for f, s in zip(rows["fast"], rows["slow"]):
+        assert f["actor/pg_loss"] == pytest.approx(s["actor/pg_loss"], abs=1e-6)
+        assert f["actor/entropy"] == pytest.approx(s["actor/entropy"], rel=1e-4)
+        assert f["rollout/logprob_diff_max"] < 1e-4
+    # Old log-probs from a separate forward differ from the update's by float noise (~1e-7); Adam turns that
+    # into up to a few percent of one step (lr 1e-3) where a gradient is ~0. A logic error would be ~lr.
+    for (name, a), (_, b) in zip(fast.c.actor.model.named_parameters(), slow.c.actor.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-4), (name, (a - b).abs().max().item())

@@ -28,11 +28,16 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """The mean of each value over the ranks (the same keys, in the same order, on every rank)."""
+def reduce_over_ranks(values: dict[str, float], maxed: frozenset[str] = frozenset()) -> dict[str, float]:
+    """The mean of each value over the ranks, the maximum for the keys in `maxed` (same keys on every rank)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
-    keys = sorted(values)
-    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    means, maxes = sorted(k for k in values if k not in maxed), sorted(k for k in values if k in maxed)
+    packed = torch.tensor([values[k] for k in means], dtype=torch.float64)
     dist.all_reduce(packed)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, packed.tolist())}
+    out = {k: v / dist.get_world_size() for k, v in zip(means, packed.tolist())}
+    if maxes:
+        top = torch.tensor([values[k] for k in maxes], dtype=torch.float64)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        out.update(zip(maxes, top.tolist()))
+    return out

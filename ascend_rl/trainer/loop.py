@@ -34,11 +34,22 @@ def sample_seed(seed: int, step: int, index: int) -> int:
     return ((seed * 1_000_003 + step) * 100_003 + index) % (2**62)
 
 
+def old_log_probs_needed(cfg) -> bool:
+    """A separate old-log-prob pass is needed unless the update is one optimizer step on the whole batch (one
+    mini-batch, one epoch): then the old log-probs equal the update's own forward, which supplies them (and
+    the entropy and engine-vs-trainer metrics), and a forward over the batch is saved. KL in the reward
+    needs them before the update."""
+    actor = cfg.actor_rollout_ref.actor
+    on_policy = actor.ppo_epochs == 1 and actor.ppo_mini_batch_size >= cfg.data.train_batch_size
+    return not on_policy or cfg.algorithm.use_kl_in_reward
+
+
 class RLTrainer:
     def __init__(self, components: Components):
         self.c = components
         self.cfg = components.cfg
         self.global_step = 0
+        self.needs_old_log_probs = old_log_probs_needed(self.cfg)
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -88,8 +99,9 @@ class RLTrainer:
                 batch = self.generate(prompts, step)
             with timed(timings, "reward"):
                 metrics.update(self.compute_rewards(batch))
-            with timed(timings, "old_log_prob"):
-                metrics.update(self.compute_old_log_probs(batch))
+            if self.needs_old_log_probs:
+                with timed(timings, "old_log_prob"):
+                    metrics.update(self.compute_old_log_probs(batch))
             if self.c.ref is not None:
                 with timed(timings, "ref"):
                     self.compute_ref_log_probs(batch)

@@ -18,8 +18,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty
-from ascend_rl.distributed.fsdp import all_reduce_mean, full_tensor, shard_model
+from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty, masked_mean
+from ascend_rl.distributed.fsdp import full_tensor, reduce_over_ranks, shard_model
 from ascend_rl.workers.model_io import response_log_probs
 
 
@@ -134,7 +134,12 @@ class Actor:
             for mini in batch[order].split(s.ppo_mini_batch_size):
                 self._update_mini_batch(mini, metrics)
         self.scheduler.step()
-        out = all_reduce_mean({f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()})
+        local = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
+        if "diff_max" in metrics:  # on-policy step: the update's forward gave the engine-vs-trainer difference
+            local["rollout/logprob_diff_max"] = max(metrics["diff_max"])
+            local["rollout/logprob_diff_mean"] = local.pop("actor/diff_mean")
+            del local["actor/diff_max"]
+        out = reduce_over_ranks(local, maxed=frozenset({"rollout/logprob_diff_max"}))
         for summed in ("actor/pg_loss", "actor/kl_loss"):  # each rank holds its share of the mini-batch loss
             if summed in out:
                 out[summed] *= self.world_size
@@ -150,11 +155,20 @@ class Actor:
         agg_kw = {"global_num_tokens": count} if mode == "token-mean" else {"global_batch_size": count}
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = defaultdict(float)
+        # Without old log-probs the step is on-policy (one mini-batch, one epoch): they equal this forward's.
+        on_policy = "old_log_probs" not in mini
         for micro in _micro_batches(mini, s.ppo_micro_batch_size_per_gpu):
             mask = micro["response_mask"]
-            log_prob, entropy = response_log_probs(self.model, micro, s.temperature, with_entropy=s.entropy_coeff != 0)
+            log_prob, entropy = response_log_probs(self.model, micro, s.temperature,
+                                                   with_entropy=s.entropy_coeff != 0 or on_policy)
+            old_log_prob = log_prob.detach() if on_policy else micro["old_log_probs"]
+            if on_policy:
+                metrics["entropy"].append(masked_mean(entropy.detach(), mask).item())
+                diff = (log_prob.detach() - micro["rollout_log_probs"]).abs()[mask.bool()]
+                metrics["diff_max"].append(diff.max().item())
+                metrics["diff_mean"].append(diff.mean().item())
             pg_loss, pg_metrics = compute_policy_loss(
-                s.loss_mode, old_log_prob=micro["old_log_probs"], log_prob=log_prob, advantages=micro["advantages"],
+                s.loss_mode, old_log_prob=old_log_prob, log_prob=log_prob, advantages=micro["advantages"],
                 response_mask=mask, loss_agg_mode=mode, clip_ratio_low=s.clip_ratio_low,
                 clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c, **agg_kw)
             loss = pg_loss
