@@ -65,7 +65,7 @@ def worker_ours(seed: int, steps: int, eval_every: int, out: Path, **_) -> dict:
     return {
         "step_s": [r["timing_s/step"] for r in steps_rows],
         "gen_s": [r["timing_s/gen"] for r in steps_rows],
-        "logprob_s": [r["timing_s/old_log_prob"] for r in steps_rows],
+        "logprob_s": [r.get("timing_s/old_log_prob", 0.0) for r in steps_rows],  # 0: on-policy, none needed
         "update_s": [r["timing_s/update_actor"] for r in steps_rows],
         "sync_s": [r["timing_s/update_weights"] for r in steps_rows],
         "tokens": [r["response_length/mean"] * PROMPTS * N for r in steps_rows],
@@ -223,7 +223,7 @@ def write_report(results: dict, args, ceiling: float) -> None:
     import matplotlib.pyplot as plt
 
     out = args.report
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"matmul_gflops": ceiling, "results": results}, indent=1))
     lines = [f"`{' '.join(['benchmarks/vs_trl.py', '--seeds', *map(str, args.seeds), '--steps', str(args.steps), '--threads', str(args.threads)])}`"
              f" on the 2-core dev machine, {args.threads} threads; medians over steps {WARMUP + 1}–{args.steps}.", "",
              "| seed | framework | s/step | samples/s | gen tokens/s | generation s | log-prob s | update s | weight sync s "
@@ -244,10 +244,11 @@ def write_report(results: dict, args, ceiling: float) -> None:
               f"({100 * statistics.median(flops) / ceiling:.1f} % of that ceiling)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for seed, pair in results.items():
+    for color, (seed, pair) in zip(("C0", "C1", "C2", "C3", "C4"), results.items()):
         for name, style in (("ours", "-o"), ("trl", "--s")):
             curve = pair[name]["curve"]
-            ax.plot([c[1] for c in curve], [c[2] for c in curve], style, label=f"{name}, seed {seed}")
+            ax.plot([c[1] for c in curve], [c[2] for c in curve], style, color=color,
+                    label=f"{'ascend-rl' if name == 'ours' else 'TRL'}, seed {seed}")
     ax.set(xlabel="wall-clock seconds of training (evaluation excluded)", ylabel="held-out greedy accuracy",
            ylim=(0, 1), title=f"GRPO on arithmetic, tiny Qwen3: ascend-rl vs TRL ({args.threads} threads)")
     ax.grid(alpha=0.3)
@@ -267,7 +268,12 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "results" / "vs_trl")
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the .json")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads(args.report.with_suffix(".json").read_text())
+        write_report(saved["results"], args, saved["matmul_gflops"])
+        return
     if args.worker:
         import torch
 
