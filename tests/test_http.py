@@ -200,3 +200,13 @@ def test_pause_abort_ends_running_requests(server, client):
     assert result["meta_info"]["finish_reason"]["type"] == "abort"
     after = client.generate([PROMPT], SamplingParams(max_new_tokens=2, ignore_eos=True))[0]
     assert after.finish_reason == "length"  # a request sent after the abort is not aborted
+
+
+def test_stop_string_over_http_reports_what_matched(server, tokenizer):
+    port = server[0].server_port
+    free = raw_post(port, "/generate", {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 12,
+                                                                                  "temperature": 0, "ignore_eos": True}})
+    stop = tokenizer.decode(free["output_ids"])[3:5]
+    answer = raw_post(port, "/generate", {"input_ids": PROMPT, "sampling_params": {
+        "max_new_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop]}})
+    assert answer["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}

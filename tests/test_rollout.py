@@ -120,3 +120,34 @@ def test_shared_prompts_do_not_change_samples(engine):
                             [SamplingParams(max_new_tokens=8, sampling_seed=7, n=6), params,
                              SamplingParams(max_new_tokens=8, sampling_seed=99)])
     assert crowd[6].output_ids == alone.output_ids
+
+
+def test_stop_strings_end_a_sample_where_the_text_first_contains_them(engine, tokenizer):
+    prompt = tokenizer("12+30=")["input_ids"]
+    free = engine.generate([prompt], SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True))[0]
+    text = tokenizer.decode(free.output_ids)
+    stop = text[5:7]  # two characters that first appear at position 5 or earlier
+    first = text.index(stop)
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True,
+                                                   stop=(stop, "never-produced")))[0]
+    assert out.finish_reason == "stop" and out.matched == stop
+    assert out.output_ids == free.output_ids[:len(out.output_ids)]  # the same tokens, up to the stop
+    assert tokenizer.decode(out.output_ids).endswith(stop) and len(tokenizer.decode(out.output_ids)) == first + 2
+    assert SamplingParams.from_dict({"stop": "x"}).stop == ("x",)  # SGLang's one string or a list
+
+
+def test_min_p_one_keeps_only_the_most_likely_token(engine):
+    prompts = [[1, 21, 15, 22, 33, 2], [5, 6, 7]]
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+    sampled = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, min_p=1.0, sampling_seed=3,
+                                                      ignore_eos=True))
+    assert [o.output_ids for o in sampled] == [o.output_ids for o in greedy]
+    loose = engine.generate(prompts * 4, SamplingParams(max_new_tokens=8, temperature=1.0, min_p=0.0,
+                                                        sampling_seed=3, ignore_eos=True))
+    assert any(o.output_ids != greedy[0].output_ids for o in loose[0::2])  # without it, sampling varies
+
+
+def test_stop_strings_without_a_tokenizer_are_a_clear_error(engine):
+    bare = NativeEngine(engine.model, engine.eos_token_ids, engine.pad_token_id)
+    with pytest.raises(ValueError, match="stop strings need the engine's tokenizer"):
+        bare.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, stop=("a",)))

@@ -25,14 +25,16 @@ class HttpEngineError(RuntimeError):
 
 def parse_output(item: dict) -> GenerateOutput:
     meta = item["meta_info"]
-    reason = (meta.get("finish_reason") or {}).get("type", "abort")
+    finish = meta.get("finish_reason") or {}
     logprobs = [entry[0] for entry in meta.get("output_token_logprobs") or []]
-    return GenerateOutput(list(item["output_ids"]), reason, meta.get("prompt_tokens", 0), logprobs)
+    return GenerateOutput(list(item["output_ids"]), finish.get("type", "abort"), meta.get("prompt_tokens", 0), logprobs,
+                          finish.get("matched"))
 
 
 def sampling_json(params: SamplingParams) -> dict:
     out = {k: v for k, v in asdict(params).items() if v is not None}
     out["stop_token_ids"] = list(params.stop_token_ids)
+    out["stop"] = list(params.stop)
     return out
 
 

@@ -24,7 +24,7 @@ class ApiError(Exception):
 
 def output_json(out: GenerateOutput, rid: str, return_logprob: bool, weight_version: str) -> dict:
     """One generation in SGLang's /generate output shape."""
-    reason = {"stop": lambda: {"type": "stop", "matched": out.output_ids[-1]},
+    reason = {"stop": lambda: {"type": "stop", "matched": out.matched},
               "abort": lambda: {"type": "abort", "message": "aborted by request", "status_code": None,
                                 "err_type": None},
               }.get(out.finish_reason, lambda: {"type": out.finish_reason, "length": out.completion_tokens})()

@@ -8,6 +8,7 @@ depend on what else is in the batch, and samples of one prompt (different seeds)
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from itertools import groupby
@@ -57,8 +58,11 @@ class GenerationControl:
 
 
 class NativeEngine:
-    def __init__(self, model, eos_token_ids: Iterable[int], pad_token_id: int, max_batch_size: int = 256):
-        """Serve `model` (a transformers causal LM, used in place: the caller may share it)."""
+    def __init__(self, model, eos_token_ids: Iterable[int], pad_token_id: int, max_batch_size: int = 256,
+                 decode=None):
+        """Serve `model` (a transformers causal LM, used in place: the caller may share it). `decode` (token
+        ids → text, e.g. a tokenizer's) is what stop strings are matched against."""
+        self.decode = decode
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
@@ -80,7 +84,7 @@ class NativeEngine:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        return cls(model, eos_ids, model.config.pad_token_id or 0, max_batch_size)
+        return cls(model, eos_ids, model.config.pad_token_id or 0, max_batch_size, decode=_tokenizer_decode(model_path))
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -114,6 +118,11 @@ class NativeEngine:
         ids, mask = pad_rows(prompts, self.pad_token_id, "left")  # every row's last token in the same column
         generators = [_generator(seed) for _, _, seed, _, _ in requests]
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        if params.stop and self.decode is None:
+            raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
+        # A stop string ends within the last few tokens: decode only those (each token is at least a byte).
+        window = max((len(text.encode()) for text in params.stop), default=0) + 1
+        matched: list[int | str | None] = [None] * batch
         stepper = _LeanStepper(self._lean) if self._lean is not None else _TransformersStepper(self.model, self._cache_key)
 
         logits = stepper.start(ids.to(self.device), mask.to(self.device), params.max_new_tokens)
@@ -143,7 +152,12 @@ class NativeEngine:
                 tokens[row].append(token)
                 logprobs[row].append(float(next_logprobs[j]))
                 if token in stop_ids:
-                    finished[row], reasons[row] = True, "stop"
+                    finished[row], reasons[row], matched[row] = True, "stop", token
+                elif params.stop:
+                    tail = self.decode(tokens[row][-window:])
+                    hit = next((text for text in params.stop if text in tail), None)
+                    if hit is not None:
+                        finished[row], reasons[row], matched[row] = True, "stop", hit
             if all(finished):
                 break
             if stepper.can_drop_rows:
@@ -153,7 +167,7 @@ class NativeEngine:
                     active = [active[j] for j in alive]
                     next_ids = next_ids[alive]
             logits = stepper.step(next_ids.to(self.device))
-        return [GenerateOutput(tokens[r], reasons[r], len(prompts[r]), logprobs[r]) for r in range(batch)]
+        return [GenerateOutput(tokens[r], reasons[r], len(prompts[r]), logprobs[r], matched[r]) for r in range(batch)]
 
     # --- control from other threads (the HTTP server's) ---------------------------------------------
 
@@ -272,7 +286,18 @@ def _check_tags(tags: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _batch_key(p: SamplingParams) -> tuple:
-    return (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.stop_token_ids, p.ignore_eos)
+    return (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.stop, p.stop_token_ids, p.ignore_eos)
+
+
+def _tokenizer_decode(model_path: str):
+    """The model directory's tokenizer as ids → text, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -287,7 +312,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generators) -> tuple[t
     if params.temperature == 0:
         tokens = logits.argmax(-1)
     else:
-        filtered = _filter_top_k_top_p(scaled.clone(), params.top_k, params.top_p)
+        filtered = _filter_top_k_top_p(scaled.clone(), params.top_k, params.top_p, params.min_p)
         # Gumbel-max with per-sample noise: argmax(z + g) samples softmax(z).
         uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators])
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
@@ -295,7 +320,9 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generators) -> tuple[t
     return tokens.cpu(), logprobs_all.gather(-1, tokens[:, None].to(logits.device)).squeeze(-1).cpu()
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    if min_p > 0:  # p < min_p · p_max  ⇔  logit < max logit + log(min_p)
+        logits[logits < logits.max(-1, keepdim=True).values + math.log(min_p)] = float("-inf")
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits[logits < kth] = float("-inf")

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop_token_ids", "ignore_eos",
-                 "sampling_seed")
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "stop_token_ids",
+                 "ignore_eos", "sampling_seed")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1: off
+    min_p: float = 0.0  # drop tokens below min_p × the most likely token's probability
     n: int = 1
+    stop: tuple[str, ...] = ()  # strings that end a sample (needs the engine's tokenizer)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     sampling_seed: int | None = None
@@ -35,6 +37,8 @@ class SamplingParams:
         values = {k: v for k, v in params.items() if v is not None}
         if "stop_token_ids" in values:
             values["stop_token_ids"] = tuple(values["stop_token_ids"])
+        if "stop" in values:  # SGLang takes one string or a list
+            values["stop"] = (values["stop"],) if isinstance(values["stop"], str) else tuple(values["stop"])
         return cls(**values)
 
 
@@ -60,6 +64,7 @@ class GenerateOutput:
     finish_reason: str  # "stop" | "length" | "abort"
     prompt_tokens: int
     output_logprobs: list[float] = field(default_factory=list)
+    matched: int | str | None = None  # what ended a "stop": the token id or the stop string
 
     @property
     def completion_tokens(self) -> int:
