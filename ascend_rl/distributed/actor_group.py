@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
+from ascend_rl.distributed.balance import balanced_partition
+
 
 class _ActorWorker:
     """Runs in each worker process: one FSDP2 shard of the actor."""
@@ -57,9 +59,11 @@ class ActorGroup:
                                      gradient_checkpointing=gradient_checkpointing))
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.tensor_split(torch.arange(batch.batch_size[0]), self.group.world_size)
-        parts = self.group.call("log_probs", [(batch[r],) for r in rows])
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        tokens = batch["attention_mask"].sum(-1).tolist()
+        rows = balanced_partition(tokens, self.group.world_size)  # the slowest rank sets the pace
+        parts = self.group.call("log_probs", [(batch[torch.tensor(r)],) for r in rows])
+        order = torch.tensor([i for r in rows for i in r]).argsort()  # back to the batch's row order
+        return torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order]
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         return self.group.call_all("update", batch)[0]  # metrics are already reduced over the ranks

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty, masked_mean
+from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
 from ascend_rl.distributed.fsdp import full_tensor, reduce_over_ranks, shard_model
 from ascend_rl.workers.model_io import response_log_probs
 
@@ -44,6 +45,7 @@ class ActorSettings:
     grad_clip: float = 1.0
     temperature: float = 1.0
     log_prob_micro_batch_size: int | None = None
+    balance_batch: bool = True  # several ranks: even token counts per rank (trainer.balance_batch)
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,19 @@ class Actor:
         out["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
+    def rows_of_rank(self, batch: TensorDict) -> list[int]:
+        """This rank's rows of a batch every rank holds (the order of rows does not change the update)."""
+        if self.settings.balance_batch and self.world_size > 1:
+            tokens = batch["attention_mask"].sum(-1).tolist()
+            return balanced_partition(tokens, self.world_size)[self.rank]
+        return contiguous_partition(batch.batch_size[0], self.world_size)[self.rank]
+
     def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
         s = self.settings
         mode = s.loss_agg_mode
         # The whole mini-batch's counts make the micro-batch losses of all ranks add up to the mini-batch loss.
         count = agg_denominator(mini["response_mask"], mode)
-        mini = mini[torch.tensor_split(torch.arange(mini.batch_size[0]), self.world_size)[self.rank]]
+        mini = mini[torch.tensor(self.rows_of_rank(mini))]
         agg_kw = {"global_num_tokens": count} if mode == "token-mean" else {"global_batch_size": count}
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = defaultdict(float)
@@ -220,7 +229,7 @@ class Actor:
             weights.update(load_file(file))
         params = {n for n, _ in self.model.named_parameters()}
         missing = sorted(params - set(weights) - self._tied_names())
-        unexpected = sorted(set(weights) - params - {n for n, _ in self.model.named_buffers()})
+        unexpected = sorted(set(weights) - params - self._tied_names() - {n for n, _ in self.model.named_buffers()})
         if missing or unexpected:
             raise ValueError(f"{model_dir}: checkpoint does not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
