@@ -5,7 +5,7 @@ by side in one run, same model, prompts, lengths and thread count.
 
 Shapes: the embedded task (arithmetic prompts, 64 prompts × n=8, up to 16 new tokens, eos stops early)
 and a long one (64-token prompts, 256 new tokens with eos ignored, 8 prompts × n=8). Each engine runs
-every shape `--repeats` times, alternating; the median is reported.
+every shape `--repeats` times, alternating; the median is reported. Writes benchmarks/results/rollout.{md,png}.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
         engine = NativeEngine.from_pretrained(str(model_dir))
         hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-        rows = []
+        rows, medians = [], {}
         for name, (prompts, n, max_new, ignore_eos) in shapes(tokenizer, records).items():
             rates = {"native": [], "transformers": []}
             for _ in range(args.repeats):  # alternate so both see the same machine load
@@ -91,10 +91,36 @@ def main() -> None:
                 tokens = run_hf(hf, prompts, n, max_new, ignore_eos, tokenizer.pad_token_id, eos)
                 rates["transformers"].append(tokens / (time.perf_counter() - start))
             native, ref = statistics.median(rates["native"]), statistics.median(rates["transformers"])
+            medians[name] = (native, ref)
             rows.append(f"| {name} | {native:,.0f} | {ref:,.0f} | {native / ref:.2f}× |")
-    table = ["| shape | native tokens/s | transformers generate tokens/s | ratio |", "|---|---|---|---|", *rows]
-    print(f"tiny Qwen3 (0.4 M params), fp32, {args.threads} threads, median of {args.repeats}")
+    table = [f"tiny Qwen3 (0.4 M params), fp32, {args.threads} threads, median of {args.repeats} "
+             f"(`benchmarks/rollout.py --threads {args.threads}`)", "",
+             "| shape | native tokens/s | transformers generate tokens/s | ratio |", "|---|---|---|---|", *rows]
     print("\n".join(table))
+    out = ROOT / "benchmarks" / "results" / "rollout"
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    plot(medians, args.threads, out.with_suffix(".png"))
+
+
+def plot(medians: dict[str, tuple[float, float]], threads: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    names = list(medians)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [medians[n][0] for n in names], 0.4, label="native engine")
+    ax.bar([x + 0.2 for x in xs], [medians[n][1] for n in names], 0.4, label="transformers generate")
+    for x, n in zip(xs, names):
+        ax.annotate(f"{medians[n][0] / medians[n][1]:.2f}×", (x - 0.2, medians[n][0]), ha="center", va="bottom")
+    ax.set_xticks(list(xs), [n.replace(" (", "\n(") for n in names], fontsize=8)
+    ax.set_ylim(0, 1.15 * max(max(v) for v in medians.values()))
+    ax.set(ylabel="generated tokens / s", title=f"rollout throughput, tiny Qwen3, {threads} threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
