@@ -141,7 +141,10 @@ def test_plan_allows_cpu_workers_but_not_yet_gpu_npu_groups():
     base = ["actor_rollout_ref.model.path=/m", "trainer.n_gpus_per_node=2", "data.train_batch_size=8",
             "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
             "algorithm.adv_estimator=grpo"]
-    assert make_plan(load_config([*base, "trainer.device=cpu"]), environ={}).unsupported == []
+    cpu = make_plan(load_config([*base, "trainer.device=cpu"]), environ={})
+    assert cpu.unsupported == [] and cpu.workers.startswith("2 worker processes on this machine (gloo)")
+    ray = make_plan(load_config([*base, "trainer.device=cpu", "trainer.nnodes=2"]), environ={})
+    assert ray.workers.startswith("Ray: 2 STRICT_PACK placement group(s) of 2 worker(s)")
     npu = make_plan(load_config([*base, "trainer.device=npu"]), environ={}).unsupported
     assert npu and "several GPUs/NPUs" in npu[0]
 

@@ -14,6 +14,7 @@ from ascend_rl.config.layout import Layout, compute_layout
 from ascend_rl.config.lint import lint, unsupported_features
 from ascend_rl.config.memory import MemoryEstimate, estimate_memory
 from ascend_rl.config.validate import data_files, missing_inputs, validate
+from ascend_rl.distributed.launch import describe_workers
 from ascend_rl.platform import resolve_device
 from ascend_rl.rollout.sglang.server_args import ServerArgsPlan
 
@@ -31,6 +32,7 @@ class Plan:
     missing_inputs: list[str] = field(default_factory=list)
     sglang: list[ServerArgsPlan] = field(default_factory=list)  # one per rollout replica
     sglang_fields: str | None = None  # which SGLang's fields the kwargs were checked against
+    workers: str = ""  # where the training processes go
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +47,7 @@ class Plan:
             "missing_inputs": self.missing_inputs,
             "sglang_server_args": [asdict(p) for p in self.sglang],
             "sglang_fields": self.sglang_fields,
+            "workers": self.workers,
         }
 
 
@@ -62,6 +65,7 @@ def make_plan(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> Plan
         unsupported=unsupported_features(cfg, layout.world_size),
         environment=check_environment(cfg, layout.device, environ),
         missing_inputs=missing_inputs(cfg),
+        workers=describe_workers(cfg, layout.device),
     )
     if cfg.actor_rollout_ref.rollout.name == "sglang" and not cfg.actor_rollout_ref.rollout.launch.url:
         _add_sglang_server_args(plan, cfg, environ)
@@ -110,6 +114,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"devices        {lay.device}: {lay.nnodes} node(s) × {lay.devices_per_node} = {lay.world_size}",
         f"training       {lay.train.describe()}",
+        f"workers        {plan.workers}",
         f"rollout        {lay.rollout.describe()} ({lay.rollout.devices_per_replica} device(s) each)",
         f"per step       {b.prompts_per_step} prompts × n = {b.samples_per_step} samples",
         f"updates        {b.mini_batches_per_step} mini-batch(es) of {b.samples_per_mini_batch} samples × "
