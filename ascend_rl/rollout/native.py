@@ -8,7 +8,6 @@ depend on what else is in the batch, and samples of one prompt (different seeds)
 from __future__ import annotations
 
 import inspect
-import math
 import threading
 from collections.abc import Iterable, Sequence
 from itertools import groupby
@@ -18,6 +17,7 @@ import torch
 from ascend_rl.data.collate import pad_rows, position_ids_from_mask
 from ascend_rl.rollout.lean_decoder import LeanDecoder
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples
+from ascend_rl.rollout.sampling import sample
 
 MEMORY_TAGS = ("weights", "kv_cache")
 PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's; retract keeps the KV cache here (nothing to recompute)
@@ -39,6 +39,10 @@ class GenerationControl:
             self.epoch += 1
         elif rid is not None:
             self._aborted_rids.add(rid)
+
+    def any_abort(self, started_epoch: int) -> bool:
+        """Cheap check before looking at rows: has anything been aborted that could concern this call?"""
+        return started_epoch < self.epoch or bool(self._aborted_rids)
 
     def aborted(self, rid: str | None, started_epoch: int) -> bool:
         return started_epoch < self.epoch or (rid is not None and rid in self._aborted_rids)
@@ -112,62 +116,71 @@ class NativeEngine:
         return outputs
 
     def _generate_batch(self, requests) -> list[GenerateOutput]:
+        """Decode one batch of requests with the same settings. Per-token work is tensor ops over the rows;
+        Python loops over rows only for stop strings and aborts."""
         params: SamplingParams = requests[0][1]
         prompts = [ids for ids, *_ in requests]
-        batch = len(prompts)
-        ids, mask = pad_rows(prompts, self.pad_token_id, "left")  # every row's last token in the same column
-        generators = [_generator(seed) for _, _, seed, _, _ in requests]
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        batch, steps = len(prompts), params.max_new_tokens
         if params.stop and self.decode is None:
             raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
-        # A stop string ends within the last few tokens: decode only those (each token is at least a byte).
-        window = max((len(text.encode()) for text in params.stop), default=0) + 1
-        matched: list[int | str | None] = [None] * batch
+        ids, mask = pad_rows(prompts, self.pad_token_id, "left")  # every row's last token in the same column
+        seeds = torch.tensor([_seed_of(seed) for _, _, seed, _, _ in requests], dtype=torch.int64)
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos
+                                                                   else set(self.eos_token_ids))), dtype=torch.long)
+        window = max((len(text.encode()) for text in params.stop), default=0) + 1  # tokens are ≥ 1 byte
         stepper = _LeanStepper(self._lean) if self._lean is not None else _TransformersStepper(self.model, self._cache_key)
 
-        logits = stepper.start(ids.to(self.device), mask.to(self.device), params.max_new_tokens)
-        active = list(range(batch))  # the original row of each row the stepper still computes
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        logprobs: list[list[float]] = [[] for _ in range(batch)]
-        finished = [False] * batch
+        tokens = torch.zeros((batch, steps), dtype=torch.long)
+        logprobs = torch.zeros((batch, steps))
+        lengths = torch.zeros(batch, dtype=torch.long)
+        finished = torch.zeros(batch, dtype=torch.bool)
         reasons = ["length"] * batch
+        matched: list[int | str | None] = [None] * batch
+        active = torch.arange(batch)  # the original row of each row the stepper still computes
+
+        def end(rows: list[int], reason: str, what: list | None = None) -> None:
+            for i, row in enumerate(rows):
+                finished[row], reasons[row], matched[row] = True, reason, what[i] if what else None
 
         def end_aborted() -> bool:
-            for row in range(batch):
-                if not finished[row] and self.control.aborted(requests[row][3], requests[row][4]):
-                    finished[row], reasons[row] = True, "abort"  # keeps the tokens generated so far
-            return all(finished)
+            if self.control.any_abort(requests[0][4]):
+                end([r for r in range(batch) if not finished[r]
+                     and self.control.aborted(requests[r][3], requests[r][4])], "abort")  # keeps their tokens
+            return bool(finished.all())
 
-        for _ in range(params.max_new_tokens):
+        logits = stepper.start(ids.to(self.device), mask.to(self.device), steps)
+        for step in range(steps):
             if end_aborted():
                 break
             self.control.wait_while_paused()  # in_place / retract: hold here with the KV cache
             if end_aborted():  # an abort may have come during the pause
                 break
-            next_ids, next_logprobs = _sample(logits.float(), params, [generators[r] for r in active])
-            for j, row in enumerate(active):
-                if finished[row]:
-                    continue
-                token = int(next_ids[j])
-                tokens[row].append(token)
-                logprobs[row].append(float(next_logprobs[j]))
-                if token in stop_ids:
-                    finished[row], reasons[row], matched[row] = True, "stop", token
-                elif params.stop:
-                    tail = self.decode(tokens[row][-window:])
-                    hit = next((text for text in params.stop if text in tail), None)
-                    if hit is not None:
-                        finished[row], reasons[row], matched[row] = True, "stop", hit
-            if all(finished):
+            next_ids, next_logprobs = sample(logits.float(), params, seeds[active], step)
+            live = ~finished[active]
+            rows = active[live]
+            tokens[rows, step], logprobs[rows, step], lengths[rows] = next_ids[live], next_logprobs[live], step + 1
+            stopped = rows[torch.isin(next_ids[live], stop_ids)].tolist()
+            end(stopped, "stop", tokens[stopped, step].tolist())
+            if params.stop:
+                hits = {r: self._stop_string_hit(tokens[r, :step + 1], params.stop, window)
+                        for r in rows.tolist() if not finished[r]}
+                hits = {r: text for r, text in hits.items() if text is not None}
+                end(list(hits), "stop", list(hits.values()))
+            if finished.all():
                 break
-            if stepper.can_drop_rows:
-                alive = [j for j, row in enumerate(active) if not finished[row]]
-                if len(alive) < len(active):
-                    stepper.keep_rows(torch.tensor(alive, device=self.device))
-                    active = [active[j] for j in alive]
-                    next_ids = next_ids[alive]
+            alive = ~finished[active]
+            # Dropping rows copies the KV cache: worth it once a quarter of the rows are done.
+            if stepper.can_drop_rows and alive.sum() <= 0.75 * len(active):
+                kept = alive.nonzero().squeeze(-1)
+                stepper.keep_rows(kept.to(self.device))
+                active, next_ids = active[kept], next_ids[kept]
             logits = stepper.step(next_ids.to(self.device))
-        return [GenerateOutput(tokens[r], reasons[r], len(prompts[r]), logprobs[r], matched[r]) for r in range(batch)]
+        return [GenerateOutput(tokens[r, :lengths[r]].tolist(), reasons[r], len(prompts[r]),
+                               logprobs[r, :lengths[r]].tolist(), matched[r]) for r in range(batch)]
+
+    def _stop_string_hit(self, row_tokens: torch.Tensor, stops, window: int) -> str | None:
+        tail = self.decode(row_tokens[-window:].tolist())
+        return next((text for text in stops if text in tail), None)
 
     # --- control from other threads (the HTTP server's) ---------------------------------------------
 
@@ -289,6 +302,12 @@ def _batch_key(p: SamplingParams) -> tuple:
     return (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.stop, p.stop_token_ids, p.ignore_eos)
 
 
+def _seed_of(seed: int | None) -> int:
+    """A request's noise seed: its sampling_seed, else one drawn from torch's generator (so torch.manual_seed
+    makes unseeded runs reproducible)."""
+    return seed if seed is not None else int(torch.randint(0, 2**62, (1,)))
+
+
 def _tokenizer_decode(model_path: str):
     """The model directory's tokenizer as ids → text, or None when it has none."""
     from transformers import AutoTokenizer
@@ -298,37 +317,3 @@ def _tokenizer_decode(model_path: str):
     except (OSError, ValueError):
         return None
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def _generator(seed: int | None) -> torch.Generator | None:
-    return None if seed is None else torch.Generator().manual_seed(seed)
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, generators) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens and their log-probs under softmax(logits / temperature) (unfiltered, as the trainer
-    recomputes them); greedy at temperature 0, where log-probs are under temperature 1."""
-    scaled = logits / params.temperature if params.temperature > 0 else logits
-    logprobs_all = torch.log_softmax(scaled, dim=-1)
-    if params.temperature == 0:
-        tokens = logits.argmax(-1)
-    else:
-        filtered = _filter_top_k_top_p(scaled.clone(), params.top_k, params.top_p, params.min_p)
-        # Gumbel-max with per-sample noise: argmax(z + g) samples softmax(z).
-        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        tokens = (filtered + gumbel.to(filtered.device)).argmax(-1)
-    return tokens.cpu(), logprobs_all.gather(-1, tokens[:, None].to(logits.device)).squeeze(-1).cpu()
-
-
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
-    if min_p > 0:  # p < min_p · p_max  ⇔  logit < max logit + log(min_p)
-        logits[logits < logits.max(-1, keepdim=True).values + math.log(min_p)] = float("-inf")
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits[logits < kth] = float("-inf")
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
-        logits.scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
