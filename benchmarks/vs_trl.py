@@ -231,10 +231,9 @@ def write_report(results: dict, args, ceiling: float) -> None:
     for seed, pair in results.items():
         for name in ("ours", "trl"):
             r = pair[name]
+            split = " | ".join(f"{r[k]:.2f}" if k in r else "–" for k in ("logprob_s", "update_s", "sync_s"))
             lines.append(f"| {seed} | {name} | {r['step_s']:.2f} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | "
-                         f"{r['gen_s']:.2f} | {r.get('logprob_s', float('nan')):.2f} | "
-                         f"{r.get('update_s', float('nan')):.2f} | {r.get('sync_s', float('nan')):.2f} | "
-                         f"{r['acc_start']:.3f} → {r['acc_end']:.3f} |")
+                         f"{r['gen_s']:.2f} | {split} | {r['acc_start']:.3f} → {r['acc_end']:.3f} |")
     ratios = [pair["ours"]["samples_per_s"] / pair["trl"]["samples_per_s"] for pair in results.values()]
     flops = [pair["ours"]["update_gflops"] for pair in results.values()]
     lines += ["", f"Samples per second, ours / TRL: {', '.join(f'{r:.2f}×' for r in ratios)} (seeds "
