@@ -11,6 +11,7 @@ import inspect
 import threading
 from collections.abc import Iterable, Sequence
 from itertools import groupby
+from typing import NamedTuple
 
 import torch
 
@@ -21,6 +22,13 @@ from ascend_rl.rollout.sampling import sample
 
 MEMORY_TAGS = ("weights", "kv_cache")
 PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's; retract keeps the KV cache here (nothing to recompute)
+
+
+class _Request(NamedTuple):
+    input_ids: list[int]
+    params: SamplingParams  # n = 1: one request per sample
+    rid: str | None  # for abort_request
+    epoch: int  # GenerationControl.epoch when it arrived (abort_all ends the requests running then)
 
 
 class GenerationControl:
@@ -101,11 +109,11 @@ class NativeEngine:
         per_prompt = len(prompts) // max(1, len(input_ids))
         rids = [rids[i // per_prompt] for i in range(len(prompts))] if rids else [None] * len(prompts)
         epoch = self.control.epoch
-        requests = [(ids, p, p.sampling_seed, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]
+        requests = [_Request(ids, p, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]
         outputs: list[GenerateOutput | None] = [None] * len(requests)
         # Rows of one batch share the sampling settings (seeds aside); group requests by them.
-        order = sorted(range(len(requests)), key=lambda r: _batch_key(requests[r][1]))
-        for _, group in groupby(order, key=lambda r: _batch_key(requests[r][1])):
+        order = sorted(range(len(requests)), key=lambda r: _batch_key(requests[r].params))
+        for _, group in groupby(order, key=lambda r: _batch_key(requests[r].params)):
             group = list(group)
             for start in range(0, len(group), self.max_batch_size):
                 chunk = group[start:start + self.max_batch_size]
@@ -115,16 +123,16 @@ class NativeEngine:
         self.control.forget(rids)
         return outputs
 
-    def _generate_batch(self, requests) -> list[GenerateOutput]:
+    def _generate_batch(self, requests: list[_Request]) -> list[GenerateOutput]:
         """Decode one batch of requests with the same settings. Per-token work is tensor ops over the rows;
         Python loops over rows only for stop strings and aborts."""
-        params: SamplingParams = requests[0][1]
-        prompts = [ids for ids, *_ in requests]
+        params = requests[0].params
+        prompts = [r.input_ids for r in requests]
         batch, steps = len(prompts), params.max_new_tokens
         if params.stop and self.decode is None:
             raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
         ids, mask = pad_rows(prompts, self.pad_token_id, "left")  # every row's last token in the same column
-        seeds = torch.tensor([_seed_of(seed) for _, _, seed, _, _ in requests], dtype=torch.int64)
+        seeds = torch.tensor([_seed_of(r.params.sampling_seed) for r in requests], dtype=torch.int64)
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos
                                                                    else set(self.eos_token_ids))), dtype=torch.long)
         window = max((len(text.encode()) for text in params.stop), default=0) + 1  # tokens are ≥ 1 byte
@@ -143,9 +151,9 @@ class NativeEngine:
                 finished[row], reasons[row], matched[row] = True, reason, what[i] if what else None
 
         def end_aborted() -> bool:
-            if self.control.any_abort(requests[0][4]):
+            if self.control.any_abort(requests[0].epoch):
                 end([r for r in range(batch) if not finished[r]
-                     and self.control.aborted(requests[r][3], requests[r][4])], "abort")  # keeps their tokens
+                     and self.control.aborted(requests[r].rid, requests[r].epoch)], "abort")  # keeps their tokens
             return bool(finished.all())
 
         logits = stepper.start(ids.to(self.device), mask.to(self.device), steps)
