@@ -53,6 +53,12 @@ def _v(text: str | None) -> Version | None:
         return None
 
 
+def _at_least(found: str, minimum: str) -> bool:
+    """False also for a version pip's rules cannot read (reported rather than crashing on)."""
+    v = _v(found)
+    return v is not None and v >= Version(minimum)
+
+
 def _base(text: str | None) -> str | None:
     v = _v(text)
     return v.base_version if v else None
@@ -76,7 +82,7 @@ def _torch(m: Machine, ctx: Context) -> list[Row]:
     found = m.packages["torch"]
     if found is None:
         return [Row("torch", FAIL, "not installed", _torch_fix(ctx.device))]
-    if ctx.device == "npu" and _v(found) < Version(MIN["torch"]):
+    if ctx.device == "npu" and not _at_least(found, MIN["torch"]):
         return [Row("torch", FAIL, found, f"needs >= {MIN['torch']}: {_torch_fix('npu')}")]
     return [Row("torch", OK, found)]
 
@@ -94,7 +100,7 @@ def _torch_npu(m: Machine, ctx: Context) -> list[Row]:
     found, torch = m.packages["torch_npu"], m.packages["torch"]
     if found is None:
         return [Row("torch_npu", FAIL, "not installed", _torch_fix("npu"))]
-    if _v(found) is None or _v(found) < Version(MIN["torch_npu"]):
+    if not _at_least(found, MIN["torch_npu"]):
         return [Row("torch_npu", FAIL, found, f"needs >= {MIN['torch_npu']}: {_torch_fix('npu')}")]
     if torch and _base(found) != _base(torch):
         return [Row("torch_npu", FAIL, f"{found} with torch {torch}",
@@ -216,7 +222,7 @@ def _transformers(m: Machine, ctx: Context) -> list[Row]:
     wanted = f">={rng['minimum']},<{rng['below']}"
     if found is None:
         return [Row("transformers", FAIL, "not installed", f"pip install 'transformers{wanted}'")]
-    if not Version(rng["minimum"]) <= _v(found) < Version(rng["below"]):
+    if not _at_least(found, rng["minimum"]) or _at_least(found, rng["below"]):
         return [Row("transformers", FAIL, found, f"pip install 'transformers{wanted}'")]
     return [Row("transformers", OK, found)]
 
