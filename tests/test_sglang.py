@@ -261,3 +261,14 @@ def test_weight_transport_without_http_is_an_error():
 
     plan = make_plan(load_config([f"{A}.model.path=/m", f"{A}.rollout.launch.weight_transport=disk"]), environ={})
     assert any("weight_transport=disk applies over HTTP" in e for e in plan.errors)
+
+
+def test_rollout_name_defaults_to_sglang_where_installed_on_a_device(fake_sglang):
+    base = [f"{A}.model.path=/m"]
+    assert load_config([*base, "trainer.device=npu"])[A].rollout.name == "sglang"
+    assert load_config([*base, "trainer.device=cpu"])[A].rollout.name == "native"  # SGLang on CPU needs its own build
+    assert load_config([*base, "trainer.device=npu", f"{A}.rollout.name=native"])[A].rollout.name == "native"
+
+
+def test_rollout_name_defaults_to_native_without_sglang():
+    assert load_config([f"{A}.model.path=/m", "trainer.device=npu"])[A].rollout.name == "native"

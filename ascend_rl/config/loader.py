@@ -28,8 +28,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ASCEND_RL_CACHE", Path.home() / ".cache" / "ascend-rl")).expanduser()
 
 
+def default_rollout(device: str | None) -> str:
+    """`rollout.name` when the config does not say: sglang where it is installed and a GPU or NPU runs the
+    job; native otherwise (CPU, tests, the embedded default)."""
+    from ascend_rl.platform import resolve_device
+    from ascend_rl.rollout.sglang.fields import installed_version
+
+    if installed_version() is None:
+        return "native"
+    return "native" if resolve_device(device) == "cpu" else "sglang"
+
+
 if not OmegaConf.has_resolver("ascend_rl_cache"):
     OmegaConf.register_new_resolver("ascend_rl_cache", lambda: str(cache_dir()))
+if not OmegaConf.has_resolver("ascend_rl_rollout"):
+    OmegaConf.register_new_resolver("ascend_rl_rollout", default_rollout)
 
 
 def choose_config_name(overrides: Sequence[str], config_name: str | None) -> str:
