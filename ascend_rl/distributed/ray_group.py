@@ -8,12 +8,11 @@ runtime environment when the driver's environment does not set them.
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from collections.abc import Sequence
 
-from ascend_rl.distributed.worker_group import WorkerDied
+from ascend_rl.distributed.worker_group import WorkerDied, WorkerGroup, build_worker_object
 from ascend_rl.errors import UserError
 
 
@@ -41,9 +40,7 @@ class _RayWorker:
                           WORLD_SIZE=str(self.world_size))
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size)
-        module, _, name = factory.partition(":")
-        self.obj = getattr(importlib.import_module(module), name)(rank=self.rank, world_size=self.world_size,
-                                                                   **kwargs)
+        self.obj = build_worker_object(factory, self.rank, self.world_size, kwargs)
         return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
     def call(self, method: str, *args):
@@ -57,7 +54,7 @@ def _device_request(resource: str | None) -> dict:
     return {"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}
 
 
-class RayWorkerGroup:
+class RayWorkerGroup(WorkerGroup):
     def __init__(self, nnodes: int, per_node: int, factory: str, kwargs: dict, backend: str,
                  resource: str | None, address: str | None = None, ray_init: dict | None = None,
                  env: dict[str, str] | None = None, timeout_s: float = 300):
@@ -97,9 +94,6 @@ class RayWorkerGroup:
 
     def call(self, method: str, args_per_rank: Sequence[tuple]) -> list:
         return self._get([w.call.remote(method, *args) for w, args in zip(self.workers, args_per_rank)], method)
-
-    def call_all(self, method: str, *args) -> list:
-        return self.call(method, [args] * self.world_size)
 
     def _get(self, refs: list, what: str, grace_s: float = 3.0) -> list:
         """Results in rank order. A dead worker is reported as such, also when its peers fail first (they see

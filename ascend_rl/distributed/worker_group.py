@@ -23,6 +23,28 @@ class WorkerDied(UserError):
     pass
 
 
+def build_worker_object(factory: str, rank: int, world_size: int, kwargs: dict):
+    """What a worker serves: `module:Name` called with its rank, the world size and the group's kwargs."""
+    module, _, name = factory.partition(":")
+    return getattr(importlib.import_module(module), name)(rank=rank, world_size=world_size, **kwargs)
+
+
+class WorkerGroup:
+    """What the driver sees of a group of workers (processes here, Ray actors in `ray_group`)."""
+
+    world_size: int
+
+    def call(self, method: str, args_per_rank: Sequence[tuple]) -> list:
+        """`method` on every worker with its own arguments; the results in rank order."""
+        raise NotImplementedError
+
+    def call_all(self, method: str, *args) -> list:
+        return self.call(method, [args] * self.world_size)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
 def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: int, conn, factory: str,
                  kwargs: dict) -> None:
     import torch
@@ -32,8 +54,7 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: i
     torch.set_num_threads(threads)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        module, _, name = factory.partition(":")
-        obj = getattr(importlib.import_module(module), name)(rank=rank, world_size=world_size, **kwargs)
+        obj = build_worker_object(factory, rank, world_size, kwargs)
         conn.send(("ok", None))
         while (message := conn.recv()) is not None:
             method, args = message
@@ -47,7 +68,7 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: i
         dist.destroy_process_group()
 
 
-class ProcessWorkerGroup:
+class ProcessWorkerGroup(WorkerGroup):
     def __init__(self, world_size: int, factory: str, kwargs: dict, backend: str = "gloo",
                  threads_per_worker: int | None = None):
         from ascend_rl.rollout.server_process import free_port
@@ -73,9 +94,6 @@ class ProcessWorkerGroup:
         for conn, args in zip(self.conns, args_per_rank):
             conn.send((method, args))
         return self._collect(method)
-
-    def call_all(self, method: str, *args) -> list:
-        return self.call(method, [args] * self.world_size)
 
     def _collect(self, what: str) -> list:
         results = []
