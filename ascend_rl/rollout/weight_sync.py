@@ -48,55 +48,74 @@ def tensor_buckets(named_tensors: Iterable[NamedTensor], bucket_bytes: int) -> I
         yield bucket
 
 
-class TensorPush:
-    """Each bucket through `engine.update_weights_from_tensor` (in-process engines; SGLang over HTTP on this node)."""
+class _BucketPush:
+    """One push: `begin`, `send` each bucket, `finish`; the bucketing and the counting are shared."""
 
     def __init__(self, engine, bucket_megabytes: int):
         self.engine, self.bucket_bytes = engine, bucket_megabytes << 20
 
     def __call__(self, named_tensors: Iterable[NamedTensor]) -> PushStats:
         start = time.perf_counter()
+        self.begin()
         tensors = buckets = nbytes = 0
         for bucket in tensor_buckets(named_tensors, self.bucket_bytes):
-            self.engine.update_weights_from_tensor(bucket)
             buckets += 1
+            self.send(bucket, buckets)
             tensors += len(bucket)
             nbytes += _nbytes(bucket)
+        self.finish()
         return PushStats(tensors, buckets, nbytes, time.perf_counter() - start)
 
+    def begin(self) -> None:
+        pass
 
-class DiskPush:
+    def send(self, bucket: list[NamedTensor], index: int) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        pass
+
+
+class TensorPush(_BucketPush):
+    """Each bucket through `engine.update_weights_from_tensor` (in-process engines; SGLang over HTTP on this node)."""
+
+    def send(self, bucket: list[NamedTensor], index: int) -> None:
+        self.engine.update_weights_from_tensor(bucket)
+
+
+class DiskPush(_BucketPush):
     """Buckets written as safetensors shards of a model directory, then one `update_weights_from_disk`: for
     servers that cannot take device handles (another host, or `ascend-rl serve`). Needs a directory both
     sides can read; a fresh one per push, so a server never reads a half-written set."""
 
     def __init__(self, engine, staging_dir: Path, model_path: str, bucket_megabytes: int):
-        self.engine, self.staging_dir, self.model_path = engine, Path(staging_dir), model_path
-        self.bucket_bytes = bucket_megabytes << 20
+        super().__init__(engine, bucket_megabytes)
+        self.staging_dir, self.model_path = Path(staging_dir), Path(model_path)
         self.pushes = 0
 
-    def __call__(self, named_tensors: Iterable[NamedTensor]) -> PushStats:
+    def _target(self, push: int) -> Path:
+        return self.staging_dir / f"push-{push:06d}"
+
+    def begin(self) -> None:
+        self.pushes += 1
+        self._target(self.pushes).mkdir(parents=True)
+
+    def send(self, bucket: list[NamedTensor], index: int) -> None:
         from safetensors.torch import save_file
 
-        start = time.perf_counter()
-        self.pushes += 1
-        target = self.staging_dir / f"push-{self.pushes:06d}"
-        target.mkdir(parents=True)
-        tensors = buckets = nbytes = 0
-        for bucket in tensor_buckets(named_tensors, self.bucket_bytes):
-            buckets += 1
-            save_file({name: t.detach().contiguous().cpu() for name, t in bucket}, target / f"weights-{buckets:05d}.safetensors")
-            tensors += len(bucket)
-            nbytes += _nbytes(bucket)
+        save_file({name: t.detach().contiguous().cpu() for name, t in bucket},
+                  self._target(self.pushes) / f"weights-{index:05d}.safetensors")
+
+    def finish(self) -> None:
+        target = self._target(self.pushes)
         for name in ("config.json", "generation_config.json"):
-            if (Path(self.model_path) / name).is_file():
-                shutil.copy(Path(self.model_path) / name, target / name)
+            if (self.model_path / name).is_file():
+                shutil.copy(self.model_path / name, target / name)
         self.engine.update_weights_from_disk(str(target))
-        shutil.rmtree(self.staging_dir / f"push-{self.pushes - 1:06d}", ignore_errors=True)  # the previous one
-        return PushStats(tensors, buckets, nbytes, time.perf_counter() - start)
+        shutil.rmtree(self._target(self.pushes - 1), ignore_errors=True)  # the previous one
 
 
-class DistributedPush:
+class DistributedPush(_BucketPush):
     """Buckets broadcast over a process group the trainer and the server join once (`hccl` on NPU, `nccl` on
     CUDA, `gloo` on CPU): the server allocates each bucket from its names, dtypes and shapes and receives it
     from rank 0. For servers on other nodes, where device handles do not reach."""
@@ -104,27 +123,22 @@ class DistributedPush:
     GROUP = "ascend_rl_weight_sync"
 
     def __init__(self, engine, backend: str, address: str, bucket_megabytes: int, server_ranks: int = 1):
-        self.engine, self.backend, self.address = engine, backend, address
-        self.bucket_bytes, self.server_ranks = bucket_megabytes << 20, server_ranks
+        super().__init__(engine, bucket_megabytes)
+        self.backend, self.address, self.server_ranks = backend, address, server_ranks
         self.group = None
 
-    def __call__(self, named_tensors: Iterable[NamedTensor]) -> PushStats:
-        import torch.distributed as dist
-
-        start = time.perf_counter()
+    def begin(self) -> None:
         if self.group is None:
             self.group = self._join()
-        tensors = buckets = nbytes = 0
-        for bucket in tensor_buckets(named_tensors, self.bucket_bytes):
-            meta = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket]}
-            with _in_background(self.engine.update_weights_from_distributed, meta, self.GROUP):
-                for _, tensor in bucket:
-                    dist.broadcast(tensor.detach().contiguous(), src=0, group=self.group)
-            buckets += 1
-            tensors += len(bucket)
-            nbytes += _nbytes(bucket)
-        return PushStats(tensors, buckets, nbytes, time.perf_counter() - start)
+
+    def send(self, bucket: list[NamedTensor], index: int) -> None:
+        import torch.distributed as dist
+
+        meta = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket]}
+        with _in_background(self.engine.update_weights_from_distributed, meta, self.GROUP):
+            for _, tensor in bucket:
+                dist.broadcast(tensor.detach().contiguous(), src=0, group=self.group)
 
     def _join(self):
         from ascend_rl.rollout.server_process import free_port
