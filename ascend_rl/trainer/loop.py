@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages, masked_mean
+from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages
 from ascend_rl.data.collate import collate
 from ascend_rl.distributed.worker_group import WorkerDied
 from ascend_rl.rollout.protocol import SamplingParams
@@ -19,6 +19,7 @@ from ascend_rl.trainer import checkpoint
 from ascend_rl.trainer.batch import RolloutBatch
 from ascend_rl.trainer.components import Components
 from ascend_rl.trainer.metrics import data_metrics, throughput_metrics, timed
+from ascend_rl.workers.model_io import logprob_metrics
 
 
 @dataclass
@@ -160,10 +161,7 @@ class RLTrainer:
     def compute_old_log_probs(self, batch: RolloutBatch) -> dict[str, float]:
         old, entropy = self.c.actor.log_probs(batch.tensors)
         batch["old_log_probs"] = old
-        mask = batch["response_mask"]
-        diff = (old - batch["rollout_log_probs"]).abs()[mask.bool()]
-        return {"actor/entropy": masked_mean(entropy, mask).item(),
-                "rollout/logprob_diff_max": diff.max().item(), "rollout/logprob_diff_mean": diff.mean().item()}
+        return logprob_metrics(old, entropy, batch["rollout_log_probs"], batch["response_mask"])
 
     def compute_ref_log_probs(self, batch: RolloutBatch) -> None:
         batch["ref_log_prob"] = self.c.ref.log_probs(batch.tensors)

@@ -18,10 +18,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty, masked_mean
+from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty
 from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
 from ascend_rl.distributed.fsdp import full_tensor, reduce_over_ranks, shard_model
-from ascend_rl.workers.model_io import response_log_probs
+from ascend_rl.workers.model_io import logprob_metrics, response_log_probs
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,10 @@ class Actor:
             for mini in batch[order].split(s.ppo_mini_batch_size):
                 self._update_mini_batch(mini, metrics)
         self.scheduler.step()
-        local = {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
-        if "diff_max" in metrics:  # on-policy step: the update's forward gave the engine-vs-trainer difference
-            local["rollout/logprob_diff_max"] = max(metrics["diff_max"])
-            local["rollout/logprob_diff_mean"] = local.pop("actor/diff_mean")
-            del local["actor/diff_max"]
-        out = reduce_over_ranks(local, maxed=frozenset({"rollout/logprob_diff_max"}))
+        # Keys without a section are the actor's; a "_max" metric is a maximum, the others means.
+        local = {(k if "/" in k else f"actor/{k}"): max(v) if k.endswith("_max") else sum(v) / len(v)
+                 for k, v in metrics.items()}
+        out = reduce_over_ranks(local, maxed=frozenset(k for k in local if k.endswith("_max")))
         for summed in ("actor/pg_loss", "actor/kl_loss"):  # each rank holds its share of the mini-batch loss
             if summed in out:
                 out[summed] *= self.world_size
@@ -171,11 +169,10 @@ class Actor:
             log_prob, entropy = response_log_probs(self.model, micro, s.temperature,
                                                    with_entropy=s.entropy_coeff != 0 or on_policy)
             old_log_prob = log_prob.detach() if on_policy else micro["old_log_probs"]
-            if on_policy:
-                metrics["entropy"].append(masked_mean(entropy.detach(), mask).item())
-                diff = (log_prob.detach() - micro["rollout_log_probs"]).abs()[mask.bool()]
-                metrics["diff_max"].append(diff.max().item())
-                metrics["diff_mean"].append(diff.mean().item())
+            if on_policy:  # this forward stands in for the old-log-prob pass, and so do its metrics
+                for name, value in logprob_metrics(log_prob.detach(), entropy.detach(), micro["rollout_log_probs"],
+                                                   mask).items():
+                    metrics[name].append(value)
             pg_loss, pg_metrics = compute_policy_loss(
                 s.loss_mode, old_log_prob=old_log_prob, log_prob=log_prob, advantages=micro["advantages"],
                 response_mask=mask, loss_agg_mode=mode, clip_ratio_low=s.clip_ratio_low,
