@@ -13,7 +13,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, per_sample
 
 
 class ApiError(Exception):
@@ -24,15 +24,19 @@ class ApiError(Exception):
 
 def output_json(out: GenerateOutput, rid: str, return_logprob: bool, weight_version: str) -> dict:
     """One generation in SGLang's /generate output shape."""
-    reason = {"stop": lambda: {"type": "stop", "matched": out.matched},
-              "abort": lambda: {"type": "abort", "message": "aborted by request", "status_code": None,
-                                "err_type": None},
-              }.get(out.finish_reason, lambda: {"type": out.finish_reason, "length": out.completion_tokens})()
-    meta = {"id": rid, "finish_reason": reason, "prompt_tokens": out.prompt_tokens,
+    meta = {"id": rid, "finish_reason": finish_reason_json(out), "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens, "cached_tokens": 0, "weight_version": weight_version}
     if return_logprob:
         meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids)]
     return {"output_ids": out.output_ids, "meta_info": meta}
+
+
+def finish_reason_json(out: GenerateOutput) -> dict:
+    if out.finish_reason == "stop":
+        return {"type": "stop", "matched": out.matched}
+    if out.finish_reason == "abort":
+        return {"type": "abort", "message": "aborted by request", "status_code": None, "err_type": None}
+    return {"type": out.finish_reason, "length": out.completion_tokens}
 
 
 class EngineService:
@@ -119,11 +123,11 @@ class EngineService:
             outputs = self.engine.generate(prompts, params, return_logprob=return_logprob, rids=rids)
         except RuntimeError as err:  # e.g. memory released
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(err)) from None
-        per_prompt = len(outputs) // len(prompts)
+        names = per_sample(rids, params) if rids else None
         results = []
         for i, out in enumerate(outputs):
             self._request_count += 1
-            name = rids[i // per_prompt] if rids else f"req-{self._request_count}"
+            name = names[i] if names else f"req-{self._request_count}"
             results.append(output_json(out, name, return_logprob, self.weight_version))
         return results[0] if single and len(results) == 1 else results
 
@@ -154,11 +158,14 @@ class EngineService:
             self.engine.update_weights_from_tensor((k, v) for k, v in tensors.items() if k in known)
         except (KeyError, RuntimeError) as err:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        self._weights_updated(body)
+        return {"success": True, "message": f"Succeeded to update model weights from {path}.", "num_paused_requests": 0}
+
+    def _weights_updated(self, body: dict) -> None:
+        """What every weight update ends with: the new version label, and the cache flushed unless asked not to."""
         self.weight_version = body.get("weight_version") or self.weight_version
         if body.get("flush_cache", True):
             self.engine.flush_cache()
-        return {"success": True, "message": f"Succeeded to update model weights from {path}.", "num_paused_requests": 0}
-
 
     def init_weights_update_group(self, body: dict) -> dict:
         from ascend_rl.rollout.weight_group import join_weight_group
@@ -184,9 +191,7 @@ class EngineService:
         for tensor in tensors:  # in the order rank 0 broadcasts them
             dist.broadcast(tensor, src=0, group=group)
         self.engine.update_weights_from_tensor(zip(body["names"], tensors))
-        self.weight_version = body.get("weight_version") or self.weight_version
-        if body.get("flush_cache", True):
-            self.engine.flush_cache()
+        self._weights_updated(body)
         return {"success": True, "message": f"received {len(tensors)} tensors"}
 
     def destroy_weights_update_group(self, body: dict) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from ascend_rl.data.collate import pad_rows, position_ids_from_mask
 from ascend_rl.rollout.lean_decoder import LeanDecoder
-from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples, per_sample
 from ascend_rl.rollout.sampling import sample
 
 MEMORY_TAGS = ("weights", "kv_cache")
@@ -106,8 +106,7 @@ class NativeEngine:
         """`rids` (one per prompt) name requests for `abort_request`."""
         self._check_ready()
         prompts, params = expand_samples(input_ids, sampling_params)
-        per_prompt = len(prompts) // max(1, len(input_ids))
-        rids = [rids[i // per_prompt] for i in range(len(prompts))] if rids else [None] * len(prompts)
+        rids = per_sample(rids, sampling_params) if rids else [None] * len(prompts)
         epoch = self.control.epoch
         requests = [_Request(ids, p, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]
         outputs: list[GenerateOutput | None] = [None] * len(requests)

@@ -58,6 +58,13 @@ def expand_samples(input_ids: Sequence[Sequence[int]], sampling_params: Sampling
     return prompts, params
 
 
+def per_sample(values: Sequence, sampling_params: SamplingParams | Sequence[SamplingParams]) -> list:
+    """One value per prompt (e.g. a request id) repeated for each of its n samples, in `expand_samples`' order."""
+    if isinstance(sampling_params, SamplingParams):
+        sampling_params = [sampling_params] * len(values)
+    return [value for value, p in zip(values, sampling_params) for _ in range(p.n)]
+
+
 @dataclass
 class GenerateOutput:
     output_ids: list[int]
