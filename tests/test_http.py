@@ -2,6 +2,7 @@
 
 import json
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -16,9 +17,17 @@ PROMPT = [1, 21, 15, 22, 33, 2, 99, 1]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    engine = NativeEngine.from_pretrained(str(tiny_model_dir))
-    srv = make_server(engine, str(tiny_model_dir), port=0)
+def long_model_dir(tmp_path_factory):
+    """The tiny model with a context long enough for generations that outlast a test's pauses."""
+    from ascend_rl.data.tiny_model import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("long") / "model", TinyModelSpec(max_position_embeddings=32768))
+
+
+@pytest.fixture(scope="module")
+def server(long_model_dir):
+    engine = NativeEngine.from_pretrained(str(long_model_dir))
+    srv = make_server(engine, str(long_model_dir), port=0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv, engine
@@ -71,6 +80,52 @@ def test_error_answers_are_4xx_with_a_message(server, client):
         client.request("GET", "/nope")
     with pytest.raises(HttpEngineError, match="400 model_path '/nowhere': no"):
         client.update_weights_from_disk("/nowhere")
+    with pytest.raises(HttpEngineError, match="400 Requested token count exceeds the model's maximum context length"):
+        client.generate([PROMPT], SamplingParams(max_new_tokens=40_000))
+    with pytest.raises(HttpEngineError, match="400 stream=true is not built"):
+        client.request("POST", "/generate", {"input_ids": PROMPT, "stream": True})
+    port = server[0].server_port
+    malformed = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(malformed)
+    assert bad.value.code == 400 and "request body is not JSON" in json.loads(bad.value.read())["error"]["message"]
+    assert client.generate([PROMPT], SamplingParams(max_new_tokens=2))[0].prompt_tokens == len(PROMPT)  # still serving
+
+
+def test_api_key_guards_every_endpoint_but_health(long_model_dir):
+    engine = NativeEngine.from_pretrained(str(long_model_dir))
+    srv = make_server(engine, str(long_model_dir), port=0, api_key="s3cret")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{srv.server_port}"
+    try:
+        HttpEngine(url).wait_until_healthy(timeout_s=10)  # health needs no key, as in SGLang
+        for key in (None, "wrong"):
+            with pytest.raises(HttpEngineError, match="401"):
+                HttpEngine(url, max_attempts=1, api_key=key).model_info()
+        out = HttpEngine(url, api_key="s3cret").generate([PROMPT], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        assert len(out[0].output_ids) == 2
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_concurrent_requests_share_one_running_batch(server, client):
+    """A short request sent while a long one decodes comes back first, with the tokens it gets alone."""
+    import time
+
+    port = server[0].server_port
+    short = SamplingParams(max_new_tokens=4, sampling_seed=3, ignore_eos=True)
+    alone = client.generate([PROMPT[:4]], short)[0]
+    thread, result = _generate_in_background(port, {**LONG, "sampling_params": {"max_new_tokens": 3000,
+                                                                                 "ignore_eos": True}, "rid": "long-3"})
+    while not server[1].scheduler.busy:
+        time.sleep(0.005)
+    joined = client.generate([PROMPT[:4]], short)[0]
+    assert thread.is_alive() and joined.output_ids == alone.output_ids
+    client.abort_request("long-3")
+    thread.join(30)
+    assert result["meta_info"]["finish_reason"]["type"] == "abort"
 
 
 def test_sleep_wake_cycle_and_weight_push_from_disk(server, client, tiny_model_dir, tmp_path):

@@ -6,6 +6,7 @@ import torch
 from ascend_rl.data.collate import collate
 from ascend_rl.rollout.native import NativeEngine
 from ascend_rl.rollout.protocol import SamplingParams
+from ascend_rl.rollout.steppers import LeanStepper, TransformersStepper
 from ascend_rl.workers.model_io import response_log_probs
 
 PROMPTS = [[1, 21, 15, 22, 33, 2, 99, 1], [1, 25, 26, 15, 27, 33, 2, 99, 1, 69]]
@@ -100,11 +101,11 @@ def test_sampling_params_use_sglang_names():
 def test_lean_decoder_is_used_for_qwen3_and_other_models_fall_back(engine, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    assert engine._lean is not None  # Qwen3 passed the self-check against the transformers forward
+    assert isinstance(engine.stepper, LeanStepper)  # Qwen3 passed the self-check against the transformers forward
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
     fallback = NativeEngine(gpt2, eos_token_ids=[0], pad_token_id=0)
-    assert fallback._lean is None
+    assert isinstance(fallback.stepper, TransformersStepper)
     outs = fallback.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, n=2, sampling_seed=1, ignore_eos=True),
                              return_logprob=True)
     batch = collate([PROMPTS[0]] * 2, [o.output_ids for o in outs], pad_token_id=0)
@@ -148,6 +149,116 @@ def test_min_p_one_keeps_only_the_most_likely_token(engine):
 
 
 def test_stop_strings_without_a_tokenizer_are_a_clear_error(engine):
-    bare = NativeEngine(engine.model, engine.eos_token_ids, engine.pad_token_id)
+    bare = NativeEngine(engine.model, eos_token_ids=[2], pad_token_id=0)
     with pytest.raises(ValueError, match="stop strings need the engine's tokenizer"):
         bare.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, stop=("a",)))
+
+
+# --- continuous batching -------------------------------------------------------------------------------
+
+MIXED = [[1, 21, 15], [1, 25, 26, 15, 27, 33, 2, 99, 1, 69, 40, 41], [1, 30, 31, 32, 33, 2], [1, 50] * 4]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """transformers' greedy generate on one unpadded prompt, cut after the first end-of-sequence token."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False)[0, len(prompt):].tolist()
+    return out[:next((i + 1 for i, t in enumerate(out) if t in eos_ids), len(out))]
+
+
+def spy_on_joins(engine, monkeypatch) -> list[tuple[int, int]]:
+    """(rows kept running, rows joining) for every join."""
+    joins, admit = [], engine.stepper.admit
+    monkeypatch.setattr(engine.stepper, "admit",
+                        lambda keep, prompts, room: joins.append((len(keep), len(prompts))) or admit(keep, prompts, room))
+    return joins
+
+
+def test_greedy_equals_transformers_generate_with_shared_prompts_and_rows_joining(tiny_model_dir, monkeypatch):
+    engine = NativeEngine.from_pretrained(str(tiny_model_dir), max_num_seqs=3)
+    joins = spy_on_joins(engine, monkeypatch)
+    limits = [3, 14, 7, 10]
+    params = [SamplingParams(max_new_tokens=m, temperature=0, n=2) for m in limits]
+    outs = engine.generate(MIXED, params)
+    eos = set(engine.scheduler.eos_ids)
+    for i, (prompt, limit) in enumerate(zip(MIXED, limits)):
+        expected = hf_greedy(engine.model, prompt, limit, eos)
+        assert [outs[2 * i].output_ids, outs[2 * i + 1].output_ids] == [expected, expected]
+    assert max(kept + joining for kept, joining in joins) <= 3  # max_num_seqs
+    assert any(kept > 0 for kept, _ in joins)  # rows joined a batch that was running
+
+
+def test_samples_do_not_depend_on_the_batch_budget(tiny_model_dir):
+    params = [SamplingParams(max_new_tokens=m, n=3, sampling_seed=11, ignore_eos=True) for m in (5, 9, 4, 12)]
+    roomy = NativeEngine.from_pretrained(str(tiny_model_dir)).generate(MIXED, params, return_logprob=True)
+    tight = NativeEngine.from_pretrained(str(tiny_model_dir), max_num_seqs=2, max_num_batched_tokens=16)
+    squeezed = tight.generate(MIXED, params, return_logprob=True)
+    assert [o.output_ids for o in squeezed] == [o.output_ids for o in roomy]
+    assert torch.allclose(torch.tensor(sum((o.output_logprobs for o in squeezed), [])),
+                          torch.tensor(sum((o.output_logprobs for o in roomy), [])), atol=1e-5)
+
+
+def test_prefill_and_kv_budgets_bound_each_join(tiny_model_dir, monkeypatch):
+    from ascend_rl.rollout.scheduler import Budget
+
+    model = NativeEngine.from_pretrained(str(tiny_model_dir)).model
+    kv_tokens = 3 * (12 + 10)  # three rows of the longest prompt and max_new_tokens
+    engine = NativeEngine(model, [2], 0, Budget(max_num_seqs=64, max_num_batched_tokens=24, kv_cache_tokens=kv_tokens))
+    widths = []
+    prefill = engine.stepper.decoder.prefill
+    monkeypatch.setattr(engine.stepper.decoder, "prefill", lambda ids, mask: widths.append(ids.shape) or prefill(ids, mask))
+    joins = spy_on_joins(engine, monkeypatch)
+    outs = engine.generate(MIXED * 2, SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True))
+    assert all(len(o.output_ids) == 10 for o in outs)
+    assert all(rows * width <= 24 for rows, width in widths[1:])  # the first join may exceed (one prompt always fits)
+    assert max(kept + joining for kept, joining in joins) <= 3
+
+
+def test_requests_over_the_context_or_the_cache_budget_are_refused(tiny_model_dir):
+    from ascend_rl.rollout.scheduler import Budget
+
+    engine = NativeEngine.from_pretrained(str(tiny_model_dir), context_length=20)
+    with pytest.raises(ValueError, match="maximum context length of 20 tokens.*21 tokens: 3 tokens from the input"):
+        engine.generate([MIXED[0]], SamplingParams(max_new_tokens=18))
+    assert len(engine.generate([MIXED[0]], SamplingParams(max_new_tokens=17, ignore_eos=True))[0].output_ids) == 17
+    small = NativeEngine(engine.model, [2], 0, Budget(kv_cache_tokens=10))
+    with pytest.raises(ValueError, match="11 tokens does not fit the KV cache budget of 10 tokens"):
+        small.generate([MIXED[0]], SamplingParams(max_new_tokens=8))
+
+
+def test_kv_budget_is_the_memory_share_left_after_the_weights(tiny_model_dir, monkeypatch):
+    from ascend_rl.errors import UserError
+    from ascend_rl.rollout.native import kv_cache_tokens
+
+    model = NativeEngine.from_pretrained(str(tiny_model_dir)).model
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    per_token = 2 * 2 * 2 * 32 * 4  # K and V × 2 layers × 2 KV heads × head dim 32 × fp32
+    monkeypatch.setattr("ascend_rl.platform.total_memory_bytes", lambda device: 4 * weights)
+    assert kv_cache_tokens(model, "cpu", 0.5) == (2 * weights - weights) // per_token
+    with pytest.raises(UserError, match="gpu_memory_utilization=0.2: .* leaves no room for a KV cache"):
+        kv_cache_tokens(model, "cpu", 0.2)
+
+
+def test_a_request_from_another_thread_joins_the_running_batch(tiny_model_dir):
+    import threading
+    import time
+
+    engine = NativeEngine.from_pretrained(str(tiny_model_dir))
+    short = SamplingParams(max_new_tokens=5, sampling_seed=7, ignore_eos=True)
+    alone = engine.generate([MIXED[2]], short)[0]
+    finished_at = {}
+
+    def long_call():
+        engine.generate([MIXED[0]], SamplingParams(max_new_tokens=480, ignore_eos=True, sampling_seed=1))
+        finished_at["long"] = time.monotonic()
+
+    thread = threading.Thread(target=long_call)
+    thread.start()
+    while not engine.scheduler.busy:
+        time.sleep(0.001)
+    joined = engine.generate([MIXED[2]], short)[0]
+    finished_at["short"] = time.monotonic()
+    thread.join(60)
+    assert joined.output_ids == alone.output_ids
+    assert finished_at["short"] < finished_at["long"]  # it did not wait for the long request to end

@@ -66,3 +66,14 @@ def detect_device() -> str:
 def resolve_device(requested: str | None) -> str:
     """`trainer.device` when set (validated), else what this machine has."""
     return get_platform(requested).name if requested else detect_device()
+
+
+def total_memory_bytes(device: str) -> int:
+    """The memory of one device (RAM on CPU)."""
+    import os
+
+    import torch
+
+    if device == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return getattr(torch, device).mem_get_info()[1]  # torch.cuda and torch.npu (torch_npu) share the call

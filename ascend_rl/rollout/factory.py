@@ -54,16 +54,25 @@ def _bucket_mb(cfg: DictConfig) -> int:
 def _native_engine(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     from ascend_rl.rollout.native import NativeEngine
 
-    engine = NativeEngine.from_pretrained(cfg.actor_rollout_ref.model.path, device)
+    ro = cfg.actor_rollout_ref.rollout
+    engine = NativeEngine.from_pretrained(cfg.actor_rollout_ref.model.path, device, max_num_seqs=ro.max_num_seqs,
+                                          max_num_batched_tokens=ro.max_num_batched_tokens,
+                                          memory_utilization=ro.gpu_memory_utilization,
+                                          context_length=ro.max_model_len)
     return Rollout(engine, TensorPush(engine, _bucket_mb(cfg)), f"native engine on {device}")
 
 
 def _native_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     from ascend_rl.rollout.server_process import free_port
 
+    ro = cfg.actor_rollout_ref.rollout
     port = free_port()
     argv = [sys.executable, "-m", "ascend_rl", "serve", "--model-path", cfg.actor_rollout_ref.model.path,
-            "--port", str(port), "--device", device]
+            "--port", str(port), "--device", device, "--max-running-requests", str(ro.max_num_seqs),
+            "--max-prefill-tokens", str(ro.max_num_batched_tokens),
+            "--mem-fraction-static", str(ro.gpu_memory_utilization)]
+    if ro.max_model_len:
+        argv += ["--context-length", str(ro.max_model_len)]
     return _launched(cfg, argv, port, {}, device, out_dir, "native server")
 
 

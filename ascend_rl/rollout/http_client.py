@@ -40,8 +40,11 @@ def sampling_json(params: SamplingParams) -> dict:
 
 class HttpEngine:
     def __init__(self, url: str, timeout_s: float = 60.0, max_attempts: int = 3, retry_delay_s: float = 2.0,
-                 tp_size: int = 1):
+                 tp_size: int = 1, api_key: str | None = None):
         self.url = url.rstrip("/")
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.tp_size = tp_size
         self.timeout_s, self.max_attempts, self.retry_delay_s = timeout_s, max_attempts, retry_delay_s
 
@@ -53,8 +56,7 @@ class HttpEngine:
         for attempt in range(self.max_attempts):
             if attempt:
                 time.sleep(self.retry_delay_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=self.headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                     raw = resp.read()

@@ -1,16 +1,18 @@
 """An SGLang-compatible HTTP server for any engine of the protocol (`ascend-rl serve`).
 
 Endpoint names and JSON shapes are SGLang's (token in, token out: the `skip_tokenizer_init` mode RL
-uses), so one client (`http_client.HttpEngine`) talks to a real SGLang server and to this one. Built on
-the standard library's threading HTTP server: requests are served one engine call at a time.
+uses), so one client (`http_client.HttpEngine`) talks to a real SGLang server and to this one. Served by
+FastAPI on uvicorn, as SGLang is: each request runs the engine call in a worker thread, so concurrent
+/generate requests join one running batch (the engine's continuous batching), and abort/pause reach it
+while it decodes. Weight and memory calls run one at a time.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, per_sample
@@ -45,22 +47,24 @@ class EngineService:
     def __init__(self, engine, model_path: str):
         self.engine, self.model_path = engine, model_path
         self.weight_version = "default"
-        self._lock = threading.Lock()  # the engine runs one call at a time
+        self._lock = threading.Lock()  # weight and memory calls: one at a time
         self._request_count = 0
         self._groups: dict[str, object] = {}  # weight-update process groups by name
 
-    def handle(self, method: str, path: str, body: dict):
-        # Control calls act on a generation in progress, so they must not wait for the engine lock.
+    def routes(self) -> dict[tuple[str, str], tuple[object, bool]]:
+        """(method, path) → (handler(body), whether it takes the lock). Generation and the calls that act on
+        a generation in progress (abort, pause) must not wait for the lock."""
         unlocked = {
-            ("POST", "/abort_request"): self.abort_request,
-            ("POST", "/pause_generation"): self.pause_generation,
-            ("POST", "/continue_generation"): self.continue_generation,
-        }
-        routes = {
             ("GET", "/health"): lambda b: "",
             ("GET", "/model_info"): self.model_info,
             ("GET", "/get_model_info"): self.model_info,
             ("POST", "/generate"): self.generate,
+            ("PUT", "/generate"): self.generate,
+            ("POST", "/abort_request"): self.abort_request,
+            ("POST", "/pause_generation"): self.pause_generation,
+            ("POST", "/continue_generation"): self.continue_generation,
+        }
+        locked = {
             ("POST", "/release_memory_occupation"): self.release,
             ("POST", "/resume_memory_occupation"): self.resume,
             ("GET", "/flush_cache"): self.flush_cache,
@@ -70,13 +74,21 @@ class EngineService:
             ("POST", "/update_weights_from_distributed"): self.update_weights_from_distributed,
             ("POST", "/destroy_weights_update_group"): self.destroy_weights_update_group,
         }
-        if (method, path) in unlocked:
-            return unlocked[(method, path)](body)
-        handler = routes.get((method, path))
+        return {**{k: (h, False) for k, h in unlocked.items()}, **{k: (h, True) for k, h in locked.items()}}
+
+    def handle(self, method: str, path: str, body: dict):
+        handler, locked = self.routes().get((method, path), (None, False))
         if handler is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}")
-        with self._lock:
-            return handler(body)
+        try:
+            if not locked:
+                return handler(body)
+            with self._lock:
+                return handler(body)
+        except ValueError as err:  # the request's fault: bad sampling keys, too long, unknown tags
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        except RuntimeError as err:  # the engine's state: memory released, requests running
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(err)) from None
 
     def abort_request(self, body: dict) -> str:
         self.engine.abort_request(body.get("rid") or None, bool(body.get("abort_all", False)))
@@ -110,6 +122,8 @@ class EngineService:
         raw_list = raw if isinstance(raw, list) else [raw] * len(prompts)
         if len(raw_list) != len(prompts):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts but {len(raw_list)} sampling_params")
+        if body.get("stream"):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "stream=true is not built in ascend-rl serve: send stream=false")
         try:
             params = [SamplingParams.from_dict(p) for p in raw_list]
         except (TypeError, ValueError) as err:
@@ -119,10 +133,7 @@ class EngineService:
         rids = None if rid is None else ([rid] * len(prompts) if isinstance(rid, str) else list(rid))
         if rids is not None and len(rids) != len(prompts):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts but {len(rids)} rids")
-        try:
-            outputs = self.engine.generate(prompts, params, return_logprob=return_logprob, rids=rids)
-        except RuntimeError as err:  # e.g. memory released
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(err)) from None
+        outputs = self.engine.generate(prompts, params, return_logprob=return_logprob, rids=rids)
         names = per_sample(rids, params) if rids else None
         results = []
         for i, out in enumerate(outputs):
@@ -203,40 +214,82 @@ class EngineService:
         return {"success": True, "message": ""}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    service: EngineService  # set on the subclass made by make_server
+def create_app(service: EngineService, api_key: str | None = None):
+    """The FastAPI app: every route of the service, SGLang's error shape, and with `api_key`, SGLang's
+    bearer check (health probes stay open, as in SGLang)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.concurrency import run_in_threadpool
 
-    def do_GET(self):
-        self._serve("GET")
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
-    def do_POST(self):
-        self._serve("POST")
+    def answer(status: HTTPStatus, payload) -> Response:
+        if isinstance(payload, str):
+            return PlainTextResponse(payload, status_code=status)
+        return JSONResponse(payload, status_code=status)
 
-    def _serve(self, method: str) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
+    if api_key:
+        @app.middleware("http")
+        async def check_api_key(request: Request, call_next):
+            if not request.url.path.startswith("/health") and \
+                    request.headers.get("Authorization") != f"Bearer {api_key}":
+                return JSONResponse({"error": "Unauthorized"}, status_code=HTTPStatus.UNAUTHORIZED)
+            return await call_next(request)
+
+    def endpoint(method: str, path: str):
+        async def serve(request: Request) -> Response:
+            raw = await request.body()
             try:
                 body = json.loads(raw) if raw else {}
+                if not isinstance(body, dict):
+                    raise ApiError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
+                # The engine call blocks (decoding); a worker thread keeps the event loop serving.
+                return answer(HTTPStatus.OK, await run_in_threadpool(service.handle, method, path, body))
             except json.JSONDecodeError as err:
-                raise ApiError(HTTPStatus.BAD_REQUEST, f"request body is not JSON: {err}") from None
-            result = self.service.handle(method, self.path.split("?")[0], body)
-            self._send(HTTPStatus.OK, result)
-        except ApiError as err:
-            self._send(err.status, {"error": {"message": str(err)}})
+                return answer(HTTPStatus.BAD_REQUEST, {"error": {"message": f"request body is not JSON: {err}"}})
+            except ApiError as err:
+                return answer(err.status, {"error": {"message": str(err)}})
+        return serve
 
-    def _send(self, status: HTTPStatus, payload) -> None:
-        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    async def no_endpoint(request: Request, exc) -> Response:  # 404 / 405 in SGLang's error shape
+        message = f"no endpoint {request.method} {request.url.path}"
+        return answer(HTTPStatus(exc.status_code), {"error": {"message": message}})
 
-    def log_message(self, format, *args):  # keep the console for the trainer's output
-        pass
+    app.add_exception_handler(HTTPStatus.NOT_FOUND, no_endpoint)
+    app.add_exception_handler(HTTPStatus.METHOD_NOT_ALLOWED, no_endpoint)
+    for method, path in service.routes():
+        app.add_route(path, endpoint(method, path), methods=[method])  # plain Starlette routes: no DI
+    return app
 
 
-def make_server(engine, model_path: str, host: str = "127.0.0.1", port: int = 30000) -> ThreadingHTTPServer:
-    handler = type("EngineHandler", (_Handler,), {"service": EngineService(engine, model_path)})
-    return ThreadingHTTPServer((host, port), handler)
+class HttpServer:
+    """uvicorn on a socket bound at construction (port 0 picks a free one; an address in use fails here)."""
+
+    def __init__(self, app, host: str, port: int):
+        import uvicorn
+
+        self.socket = socket.create_server((host, port))
+        self.server_port = self.socket.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self._stopped = threading.Event()
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        self._stopped.clear()
+        try:
+            self._server.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop serving (from another thread) and wait until the server has let go of the socket."""
+        self._server.should_exit = True
+        self._stopped.wait(timeout_s)
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+
+def make_server(engine, model_path: str, host: str = "127.0.0.1", port: int = 30000,
+                api_key: str | None = None) -> HttpServer:
+    return HttpServer(create_app(EngineService(engine, model_path), api_key), host, port)

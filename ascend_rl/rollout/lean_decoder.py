@@ -3,13 +3,15 @@
 transformers' forward is written for every model and every feature; for decoding it rebuilds 4-D masks
 and grows the cache with a copy at every token, which dominates the time of small and medium models
 on a CPU. This one reads the same parameters (no copy: weight updates to the model are seen), keeps
-one K/V tensor per layer written in place, and can drop finished rows from the batch.
+one K/V tensor per layer written in place, and lets rows join (prefilled apart, then merged) and leave.
 
 `LeanDecoder.for_model` checks itself against the model's own forward on a small input and returns None
 (the engine then uses the transformers forward) when the architecture or a setting is not covered.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +31,8 @@ class LeanDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.has_qk_norm = hasattr(model.model.layers[0].self_attn, "q_norm")
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.key_mask: torch.Tensor | None = None  # [B, L] which cache columns hold real tokens
-        self.length = 0  # filled cache columns
-        self.positions: torch.Tensor | None = None  # [B] position id of the next token
+        self.cache: KVRows | None = None  # the running rows, `room` free columns after `length`
+        self.length = 0  # filled cache columns: every row's last token is in column length - 1
 
     @classmethod
     def for_model(cls, model) -> LeanDecoder | None:
@@ -48,46 +47,72 @@ class LeanDecoder:
     # --- the forward ------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Run left-padded prompts [B, P]; returns the last position's logits [B, V]."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KVRows]:
+        """Run left-padded prompts [B, P] apart from the running rows; returns the last position's logits
+        [B, V] and their cache, to be joined to the running rows by `merge`."""
         batch, width = input_ids.shape
         dtype, device = self.model.dtype, input_ids.device
-        total = width + max_new_tokens
-        shape = (batch, self.n_kv_heads, total, self.head_dim)
+        shape = (batch, self.n_kv_heads, width, self.head_dim)
         layers = len(self.model.model.layers)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.key_mask = torch.zeros((batch, total), dtype=torch.bool, device=device)
-        self.key_mask[:, :width] = attention_mask.bool()
         positions = position_ids_from_mask(attention_mask)
-        self.length = width
-        self.positions = positions[:, -1] + 1
+        rows = KVRows([torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)],
+                      [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)],
+                      attention_mask.bool(), positions[:, -1] + 1)
         causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-        mask = causal[None, None] & self.key_mask[:, None, None, :width]
+        mask = causal[None, None] & rows.key_mask[:, None, None, :]
         # Rows that are all padding before their first token attend to nothing; let them see themselves.
         mask |= torch.eye(width, dtype=torch.bool, device=device)[None, None]
-        hidden = self._forward(input_ids, positions, mask, start=0)
-        return self._logits(hidden[:, -1])
+        hidden = self._forward(input_ids, positions, mask, rows, start=0)
+        return self._logits(hidden[:, -1]), rows
+
+    @torch.no_grad()
+    def merge(self, keep: torch.Tensor, new: KVRows | None, room: int) -> None:
+        """The running cache becomes the running rows `keep` followed by `new`, right-aligned so that every
+        row's last token is in the same column, with `room` free columns for the tokens still to come.
+        Columns no kept row uses are dropped, so a long-running server's cache does not creep right."""
+        parts = []
+        if self.cache is not None and len(keep):
+            used = self.cache.key_mask[keep, :self.length].any(0)
+            first = int(used.float().argmax()) if used.any() else self.length
+            parts.append(self.cache.take(keep, first, self.length))
+        if new is not None:
+            parts.append(new)
+        if not parts:
+            self.cache, self.length = None, 0
+            return
+        width = max(p.width for p in parts)
+        sample = parts[0].k[0]
+        batch = sum(len(p.positions) for p in parts)
+        shape = (batch, self.n_kv_heads, width + room, self.head_dim)
+        # Zeros, not empty: padding columns are masked, but 0 × NaN from stale memory would still be NaN.
+        merged = KVRows([sample.new_zeros(shape) for _ in parts[0].k], [sample.new_zeros(shape) for _ in parts[0].v],
+                        torch.zeros((batch, width + room), dtype=torch.bool, device=sample.device),
+                        torch.cat([p.positions for p in parts]))
+        row = 0
+        for part in parts:
+            rows, columns = slice(row, row + len(part.positions)), slice(width - part.width, width)
+            for layer in range(len(merged.k)):
+                merged.k[layer][rows, :, columns] = part.k[layer]
+                merged.v[layer][rows, :, columns] = part.v[layer]
+            merged.key_mask[rows, columns] = part.key_mask
+            row += len(part.positions)
+        self.cache, self.length = merged, width
 
     @torch.no_grad()
     def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
         """Append one token per row [B]; returns the next logits [B, V]."""
-        column = self.length
-        self.key_mask[:, column] = True
+        cache, column = self.cache, self.length
+        if column == cache.width:
+            raise RuntimeError("KV cache full: merge with enough room for the longest row")
+        cache.key_mask[:, column] = True
         self.length += 1
-        mask = self.key_mask[:, None, None, :self.length]
-        hidden = self._forward(next_ids[:, None], self.positions[:, None], mask, start=column)
-        self.positions = self.positions + 1
+        mask = cache.key_mask[:, None, None, :self.length]
+        hidden = self._forward(next_ids[:, None], cache.positions[:, None], mask, cache, start=column)
+        cache.positions = cache.positions + 1
         return self._logits(hidden[:, -1])
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows from the batch (and the cache)."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-        self.key_mask = self.key_mask.index_select(0, rows)
-        self.positions = self.positions.index_select(0, rows)
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVRows,
+                 start: int) -> torch.Tensor:
         base = self.model.model
         x = base.embed_tokens(ids)
         cos, sin = self._rotary(positions, x.dtype)
@@ -102,9 +127,9 @@ class LeanDecoder:
                 q, k = self._rms(q, attn.q_norm.weight), self._rms(k, attn.k_norm.weight)
             q = _rotate(q.transpose(1, 2), cos, sin)
             k = _rotate(k.transpose(1, 2), cos, sin)
-            self.k[index][:, :, start:end] = k
-            self.v[index][:, :, start:end] = v.transpose(1, 2)
-            out = self._attention(q, self.k[index][:, :, :end], self.v[index][:, :, :end], mask)
+            cache.k[index][:, :, start:end] = k
+            cache.v[index][:, :, start:end] = v.transpose(1, 2)
+            out = self._attention(q, cache.k[index][:, :, :end], cache.v[index][:, :, :end], mask)
             x = x + attn.o_proj(out.transpose(1, 2).flatten(-2))
             h = self._rms(x, layer.post_attention_layernorm.weight)
             mlp = layer.mlp
@@ -148,14 +173,37 @@ class LeanDecoder:
         mask = torch.ones_like(ids)
         mask[1, :2] = 0
         steps = torch.randint(0, vocab, (2, 2), generator=generator).to(device)
-        lean = [self.prefill(ids, mask, max_new_tokens=2)]
-        lean += [self.decode(steps[:, i]) for i in range(2)]
+        logits, rows = self.prefill(ids, mask)
+        self.merge(torch.arange(0), rows, room=2)
+        lean = [logits] + [self.decode(steps[:, i]) for i in range(2)]
+        self.merge(torch.arange(0), None, room=0)
         full_ids = torch.cat([ids, steps], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(steps)], dim=1)
         positions = position_ids_from_mask(full_mask)
         reference = self.model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
         expected = [reference[:, 5], reference[:, 6], reference[:, 7]]
         return all((a - b).abs().max().item() < SELF_CHECK_TOLERANCE for a, b in zip(lean, expected))
+
+
+@dataclass
+class KVRows:
+    """The KV cache of some rows: per layer K and V [rows, KV heads, columns, head dim], which columns hold
+    real tokens, and each row's next position id."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    key_mask: torch.Tensor  # [rows, columns]
+    positions: torch.Tensor  # [rows]
+
+    @property
+    def width(self) -> int:
+        return self.key_mask.shape[1]
+
+    def take(self, rows: torch.Tensor, first: int, end: int) -> KVRows:
+        """A copy of these rows' columns first … end − 1."""
+        return KVRows([k[:, :, first:end].index_select(0, rows) for k in self.k],
+                      [v[:, :, first:end].index_select(0, rows) for v in self.v],
+                      self.key_mask[:, first:end].index_select(0, rows), self.positions.index_select(0, rows))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,193 +1,89 @@
-"""The built-in rollout engine (`rollout.name=native`): batched sampling with a KV cache over a
-transformers model, behind the SGLang-shaped protocol.
+"""The built-in rollout engine (`rollout.name=native`): continuous batching with a KV cache over a
+transformers model, behind the SGLang-shaped protocol (generation, weights, memory, abort and pause).
 
-Every sample draws its noise from its own generator seeded with `sampling_seed`, so a sample does not
-depend on what else is in the batch, and samples of one prompt (different seeds) differ.
+Every sample's noise is a function of its `sampling_seed` and token index, so a sample does not depend on
+what else is in the batch, and samples of one prompt (seeds sampling_seed + j) differ.
 """
 
 from __future__ import annotations
 
-import inspect
-import threading
 from collections.abc import Iterable, Sequence
-from itertools import groupby
-from typing import NamedTuple
 
 import torch
 
-from ascend_rl.data.collate import pad_rows, position_ids_from_mask
-from ascend_rl.rollout.lean_decoder import LeanDecoder
+from ascend_rl.errors import UserError
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples, per_sample
-from ascend_rl.rollout.sampling import sample
+from ascend_rl.rollout.scheduler import Budget, GenerationControl, Request, Scheduler
+from ascend_rl.rollout.steppers import stepper_for
 
 MEMORY_TAGS = ("weights", "kv_cache")
 PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's; retract keeps the KV cache here (nothing to recompute)
 
 
-class _Request(NamedTuple):
-    input_ids: list[int]
-    params: SamplingParams  # n = 1: one request per sample
-    rid: str | None  # for abort_request
-    epoch: int  # GenerationControl.epoch when it arrived (abort_all ends the requests running then)
-
-
-class GenerationControl:
-    """Abort and pause, set from other threads while a batch decodes (checked once per token).
-
-    abort_all ends the requests running at that moment (an epoch counter), not those sent later."""
-
-    def __init__(self):
-        self.epoch = 0
-        self._aborted_rids: set[str] = set()
-        self._running = threading.Event()
-        self._running.set()
-
-    def abort(self, rid: str | None, abort_all: bool) -> None:
-        if abort_all:
-            self.epoch += 1
-        elif rid is not None:
-            self._aborted_rids.add(rid)
-
-    def any_abort(self, started_epoch: int) -> bool:
-        """Cheap check before looking at rows: has anything been aborted that could concern this call?"""
-        return started_epoch < self.epoch or bool(self._aborted_rids)
-
-    def aborted(self, rid: str | None, started_epoch: int) -> bool:
-        return started_epoch < self.epoch or (rid is not None and rid in self._aborted_rids)
-
-    def forget(self, rids) -> None:
-        """A finished call's rids: aborting them no longer means anything (and must not hit a later reuse)."""
-        self._aborted_rids.difference_update(r for r in rids if r is not None)
-
-    def pause(self) -> None:
-        self._running.clear()
-
-    def resume(self) -> None:
-        self._running.set()
-
-    def wait_while_paused(self) -> None:
-        self._running.wait()
-
-
 class NativeEngine:
-    def __init__(self, model, eos_token_ids: Iterable[int], pad_token_id: int, max_batch_size: int = 256,
-                 decode=None):
+    def __init__(self, model, eos_token_ids: Iterable[int], pad_token_id: int, budget: Budget | None = None,
+                 decode=None, context_length: int | None = None):
         """Serve `model` (a transformers causal LM, used in place: the caller may share it). `decode` (token
-        ids → text, e.g. a tokenizer's) is what stop strings are matched against."""
-        self.decode = decode
+        ids → text, e.g. a tokenizer's) is what stop strings are matched against. A request's prompt and
+        max_new_tokens together must fit `context_length` (default: the model's max_position_embeddings)."""
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.max_batch_size = max_batch_size
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.pad_token_id = pad_token_id
+        self.context_length = context_length or getattr(model.config, "max_position_embeddings", None)
+        self.budget = budget or Budget()
         self._released: set[str] = set()
         self._weights_stale = False
         self._buffers: dict[str, torch.Tensor] = {}
-        # transformers 5 renamed the KV-cache argument and output field from past_key_values to cache.
-        self._cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._lean = LeanDecoder.for_model(model)  # None: this architecture runs the transformers forward
         self.control = GenerationControl()
+        self.stepper = stepper_for(model, pad_token_id)
+        self.scheduler = Scheduler(self.stepper, self.budget, self.control, frozenset(eos_token_ids), decode)
 
     @classmethod
     def from_pretrained(cls, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        max_batch_size: int = 256) -> NativeEngine:
+                        max_num_seqs: int = Budget.max_num_seqs,
+                        max_num_batched_tokens: int = Budget.max_num_batched_tokens,
+                        memory_utilization: float | None = None, context_length: int | None = None) -> NativeEngine:
+        """`memory_utilization` (verl's gpu_memory_utilization, SGLang's mem_fraction_static): the share of
+        the device's memory (RAM on CPU) for weights and KV cache; None: no cache limit."""
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        return cls(model, eos_ids, model.config.pad_token_id or 0, max_batch_size, decode=_tokenizer_decode(model_path))
+        kv_tokens = None if memory_utilization is None else kv_cache_tokens(model, device, memory_utilization)
+        budget = Budget(max_num_seqs, max_num_batched_tokens, kv_tokens)
+        return cls(model, eos_ids, model.config.pad_token_id or 0, budget, _tokenizer_decode(model_path),
+                   context_length)
 
     # --- generation ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
                  return_logprob: bool = False, rids: Sequence[str] | None = None) -> list[GenerateOutput]:
-        """`rids` (one per prompt) name requests for `abort_request`."""
+        """`rids` (one per prompt) name requests for `abort_request`. Calls from several threads share the
+        running batch (continuous batching)."""
         self._check_ready()
         prompts, params = expand_samples(input_ids, sampling_params)
         rids = per_sample(rids, sampling_params) if rids else [None] * len(prompts)
+        for ids, p in zip(prompts, params):
+            self._check_length(len(ids), p.max_new_tokens)
         epoch = self.control.epoch
-        requests = [_Request(ids, p, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]
-        outputs: list[GenerateOutput | None] = [None] * len(requests)
-        # Rows of one batch share the sampling settings (seeds aside); group requests by them.
-        order = sorted(range(len(requests)), key=lambda r: _batch_key(requests[r].params))
-        for _, group in groupby(order, key=lambda r: _batch_key(requests[r].params)):
-            group = list(group)
-            for start in range(0, len(group), self.max_batch_size):
-                chunk = group[start:start + self.max_batch_size]
-                results = self._generate_batch([requests[r] for r in chunk])
-                for r, out in zip(chunk, results):
-                    outputs[r] = out
-        self.control.forget(rids)
-        return outputs
+        requests = [Request(ids, p, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]
+        tickets = self.scheduler.submit(requests, [_seed_of(p.sampling_seed) for p in params])
+        try:
+            return self.scheduler.run(tickets)
+        finally:
+            self.control.forget(rids)
 
-    def _generate_batch(self, requests: list[_Request]) -> list[GenerateOutput]:
-        """Decode one batch of requests with the same settings. Per-token work is tensor ops over the rows;
-        Python loops over rows only for stop strings and aborts."""
-        params = requests[0].params
-        prompts = [r.input_ids for r in requests]
-        batch, steps = len(prompts), params.max_new_tokens
-        if params.stop and self.decode is None:
-            raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
-        ids, mask = pad_rows(prompts, self.pad_token_id, "left")  # every row's last token in the same column
-        seeds = torch.tensor([_seed_of(r.params.sampling_seed) for r in requests], dtype=torch.int64)
-        stop_ids = torch.tensor(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos
-                                                                   else set(self.eos_token_ids))), dtype=torch.long)
-        window = max((len(text.encode()) for text in params.stop), default=0) + 1  # tokens are ≥ 1 byte
-        stepper = _LeanStepper(self._lean) if self._lean is not None else _TransformersStepper(self.model, self._cache_key)
-
-        tokens = torch.zeros((batch, steps), dtype=torch.long)
-        logprobs = torch.zeros((batch, steps))
-        lengths = torch.zeros(batch, dtype=torch.long)
-        finished = torch.zeros(batch, dtype=torch.bool)
-        reasons = ["length"] * batch
-        matched: list[int | str | None] = [None] * batch
-        active = torch.arange(batch)  # the original row of each row the stepper still computes
-
-        def end(rows: list[int], reason: str, what: list | None = None) -> None:
-            for i, row in enumerate(rows):
-                finished[row], reasons[row], matched[row] = True, reason, what[i] if what else None
-
-        def end_aborted() -> bool:
-            if self.control.any_abort(requests[0].epoch):
-                end([r for r in range(batch) if not finished[r]
-                     and self.control.aborted(requests[r].rid, requests[r].epoch)], "abort")  # keeps their tokens
-            return bool(finished.all())
-
-        logits = stepper.start(ids.to(self.device), mask.to(self.device), steps)
-        for step in range(steps):
-            if end_aborted():
-                break
-            self.control.wait_while_paused()  # in_place / retract: hold here with the KV cache
-            if end_aborted():  # an abort may have come during the pause
-                break
-            next_ids, next_logprobs = sample(logits.float(), params, seeds[active], step)
-            live = ~finished[active]
-            rows = active[live]
-            tokens[rows, step], logprobs[rows, step], lengths[rows] = next_ids[live], next_logprobs[live], step + 1
-            stopped = rows[torch.isin(next_ids[live], stop_ids)].tolist()
-            end(stopped, "stop", tokens[stopped, step].tolist())
-            if params.stop:
-                hits = {r: self._stop_string_hit(tokens[r, :step + 1], params.stop, window)
-                        for r in rows.tolist() if not finished[r]}
-                hits = {r: text for r, text in hits.items() if text is not None}
-                end(list(hits), "stop", list(hits.values()))
-            if finished.all():
-                break
-            alive = ~finished[active]
-            # Dropping rows copies the KV cache: worth it once a quarter of the rows are done.
-            if stepper.can_drop_rows and alive.sum() <= 0.75 * len(active):
-                kept = alive.nonzero().squeeze(-1)
-                stepper.keep_rows(kept.to(self.device))
-                active, next_ids = active[kept], next_ids[kept]
-            logits = stepper.step(next_ids.to(self.device))
-        return [GenerateOutput(tokens[r, :lengths[r]].tolist(), reasons[r], len(prompts[r]),
-                               logprobs[r, :lengths[r]].tolist(), matched[r]) for r in range(batch)]
-
-    def _stop_string_hit(self, row_tokens: torch.Tensor, stops, window: int) -> str | None:
-        tail = self.decode(row_tokens[-window:].tolist())
-        return next((text for text in stops if text in tail), None)
+    def _check_length(self, prompt: int, max_new_tokens: int) -> None:
+        """SGLang's rule: prompt + max_new_tokens must fit the context; and here, the KV cache budget."""
+        total = prompt + max_new_tokens
+        if self.context_length is not None and total > self.context_length:
+            raise ValueError(f"Requested token count exceeds the model's maximum context length of "
+                             f"{self.context_length} tokens. You requested a total of {total} tokens: {prompt} "
+                             f"tokens from the input and {max_new_tokens} tokens for the completion.")
+        if self.budget.kv_cache_tokens is not None and total > self.budget.kv_cache_tokens:
+            raise ValueError(f"a request of {total} tokens does not fit the KV cache budget of "
+                             f"{self.budget.kv_cache_tokens} tokens; raise gpu_memory_utilization")
 
     # --- control from other threads (the HTTP server's) ---------------------------------------------
 
@@ -209,19 +105,23 @@ class NativeEngine:
     # --- weights and memory -------------------------------------------------------------------------
 
     def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Between decode steps: running requests go on with the new weights (as in SGLang)."""
         if "weights" in self._released:
             raise RuntimeError("weights are released: call resume_memory_occupation(['weights']) first")
         params = dict(self.model.named_parameters())
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise KeyError(f"update_weights_from_tensor: the engine's model has no parameter {name!r}")
-            params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
+        with self.scheduler.step_lock:
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise KeyError(f"update_weights_from_tensor: the engine's model has no parameter {name!r}")
+                params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
         self._weights_stale = False
 
     def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
         """Free the weights (their content is lost, as in SGLang without a CPU backup) and/or the KV cache
         (this engine keeps none between calls)."""
         tags = _check_tags(tags)
+        if self.scheduler.busy:  # SGLang asserts the same
+            raise RuntimeError("release_memory_occupation while requests run: pause or abort them first")
         if "weights" in tags and "weights" not in self._released:
             # Buffers (rotary frequencies) are not weights a trainer pushes: keep them.
             self._buffers = {name: b.clone() for name, b in self.model.named_buffers()}
@@ -249,54 +149,6 @@ class NativeEngine:
             raise RuntimeError("weights were resumed but not updated: call update_weights_from_tensor first")
 
 
-class _LeanStepper:
-    """Decoding through LeanDecoder: preallocated KV cache, finished rows dropped."""
-
-    can_drop_rows = True
-
-    def __init__(self, decoder: LeanDecoder):
-        self.decoder = decoder
-
-    def start(self, ids, mask, max_new_tokens):
-        # The n samples of a prompt share it: prefill each distinct prompt once, then copy its KV rows.
-        rows = torch.cat([ids, mask], dim=1)
-        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
-        width = ids.shape[1]
-        logits = self.decoder.prefill(distinct[:, :width], distinct[:, width:], max_new_tokens)
-        self.decoder.keep_rows(inverse)
-        return logits[inverse]
-
-    def step(self, next_ids):
-        return self.decoder.decode(next_ids)
-
-    def keep_rows(self, rows):
-        self.decoder.keep_rows(rows)
-
-
-class _TransformersStepper:
-    """Decoding through the model's own forward and cache (any architecture)."""
-
-    can_drop_rows = False
-
-    def __init__(self, model, cache_key: str):
-        self.model, self.cache_key = model, cache_key
-
-    def start(self, ids, mask, max_new_tokens):
-        self.mask = mask
-        self.positions = position_ids_from_mask(mask)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.positions, use_cache=True)
-        self.cache = out[self.cache_key]
-        return out.logits[:, -1]
-
-    def step(self, next_ids):
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.positions = self.positions[:, -1:] + 1
-        out = self.model(input_ids=next_ids[:, None], attention_mask=self.mask, position_ids=self.positions,
-                         use_cache=True, **{self.cache_key: self.cache})
-        self.cache = out[self.cache_key]
-        return out.logits[:, -1]
-
-
 def _check_tags(tags: Sequence[str] | None) -> tuple[str, ...]:
     tags = tuple(tags) if tags else MEMORY_TAGS
     unknown = set(tags) - set(MEMORY_TAGS)
@@ -305,14 +157,33 @@ def _check_tags(tags: Sequence[str] | None) -> tuple[str, ...]:
     return tags
 
 
-def _batch_key(p: SamplingParams) -> tuple:
-    return (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.stop, p.stop_token_ids, p.ignore_eos)
-
-
 def _seed_of(seed: int | None) -> int:
     """A request's noise seed: its sampling_seed, else one drawn from torch's generator (so torch.manual_seed
     makes unseeded runs reproducible)."""
     return seed if seed is not None else int(torch.randint(0, 2**62, (1,)))
+
+
+def kv_cache_tokens(model, device: str, memory_utilization: float) -> int:
+    """Rows × columns of KV cache that fit `memory_utilization` of the device's memory after the weights."""
+    from ascend_rl.platform import total_memory_bytes
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = total_memory_bytes(device)
+    budget = memory_utilization * total - weights
+    per_token = _kv_bytes_per_token(model)
+    if budget < per_token:
+        raise UserError(f"actor_rollout_ref.rollout.gpu_memory_utilization={memory_utilization}: "
+                        f"{memory_utilization * total / 2**30:.2f} GiB of {total / 2**30:.1f} GiB leaves no room for "
+                        f"a KV cache after the {weights / 2**30:.2f} GiB of weights")
+    return int(budget // per_token)
+
+
+def _kv_bytes_per_token(model) -> int:
+    """K and V of one token, every layer."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
 
 
 def _tokenizer_decode(model_path: str):

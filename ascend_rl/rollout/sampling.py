@@ -29,18 +29,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def uniform_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """[rows, vocab] uniforms in (0, 1) from each row's seed and the step: splitmix64 over (seed, step, token),
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor | int, vocab: int) -> torch.Tensor:
+    """[rows, vocab] uniforms in (0, 1) from each row's seed and step: splitmix64 over (seed, step, token),
     mixed in stages so that no two different triples share an input."""
-    row = _mix(_mix(seeds.to(torch.int64)) ^ step)
+    row = _mix(_mix(seeds.to(torch.int64)) ^ steps)
     bits = _mix(row[:, None] + torch.arange(1, vocab + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN)
     return (_shift_right(bits, 11).to(torch.float64) + 0.5) / 2.0**53
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, step: int
+def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, steps: torch.Tensor | int
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens and their log-probs under softmax(logits / temperature) (unfiltered, as the trainer
-    recomputes them); greedy at temperature 0, where log-probs are under temperature 1."""
+    recomputes them); greedy at temperature 0, where log-probs are under temperature 1. `steps`: each row's
+    token index (its noise depends on it and its seed only)."""
     scaled = logits / params.temperature if params.temperature > 0 else logits
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     if params.temperature == 0:
@@ -48,7 +49,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, st
     else:
         filtered = filter_logits(scaled.clone(), params.top_k, params.top_p, params.min_p)
         # Gumbel-max: argmax(z + g) with g = -log(-log(u)) samples softmax(z).
-        uniform = uniform_noise(seeds, step, logits.shape[-1]).to(filtered.device)
+        uniform = uniform_noise(seeds, steps, logits.shape[-1]).to(filtered.device)
         tokens = (filtered - torch.log(-torch.log(uniform)).to(filtered.dtype)).argmax(-1)
     return tokens.cpu(), logprobs_all.gather(-1, tokens[:, None].to(logits.device)).squeeze(-1).cpu()
 

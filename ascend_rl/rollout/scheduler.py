@@ -1,0 +1,320 @@
+"""Continuous batching for the native engine.
+
+Requests (one per sample) wait in a queue. Every step: aborted requests end, waiting requests join the
+running batch as far as the budget allows (`max_num_seqs` rows, `max_num_batched_tokens` prefill tokens, the
+KV cache's token budget), every running row samples one token, finished rows hand their result to whoever
+waits for it, and the model runs one decode step. Rows of one batch share their sampling settings
+(`max_new_tokens` and the seed aside); requests with other settings wait until the batch drains.
+
+No thread of our own: every caller of `run` drives steps in turn (one at a time, under `step_lock`) until
+its own requests are done, so requests sent from several threads (the HTTP server's) share one batch, and a
+lone caller (the trainer) runs its rollout on its own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+from ascend_rl.rollout.sampling import sample
+
+# Joining copies the running cache; with rows waiting, join once a quarter of the batch is free.
+JOIN_FRACTION = 0.25
+# Dropping finished rows copies the cache too: worth it once a quarter of the rows are done.
+DROP_FRACTION = 0.75
+PAUSE_POLL_S = 0.05  # how soon a paused caller notices that its request was aborted
+
+
+class Request(NamedTuple):
+    input_ids: list[int]
+    params: SamplingParams  # n = 1: one request per sample
+    rid: str | None  # for abort_request
+    epoch: int  # GenerationControl.epoch when it arrived (abort_all ends the requests sent before it)
+
+
+@dataclass
+class Ticket:
+    """One request and, once it finished, its output (or the error that ended it)."""
+
+    request: Request
+    seed: int
+    output: GenerateOutput | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_num_seqs: int = 256  # rows decoded together
+    max_num_batched_tokens: int = 8192  # prompt tokens one join may prefill (padded, shared prompts once)
+    kv_cache_tokens: int | None = None  # rows × cache columns the KV cache may hold; None: no limit
+
+
+class GenerationControl:
+    """Abort and pause, set from other threads while a batch decodes (checked once per step).
+
+    abort_all ends the requests sent before it (an epoch counter), not those sent later."""
+
+    def __init__(self):
+        self.epoch = 0
+        self._aborted_rids: set[str] = set()
+        self._running = threading.Event()
+        self._running.set()
+
+    def abort(self, rid: str | None, abort_all: bool) -> None:
+        if abort_all:
+            self.epoch += 1
+        elif rid is not None:
+            self._aborted_rids.add(rid)
+
+    def aborted(self, request: Request) -> bool:
+        return request.epoch < self.epoch or (request.rid is not None and request.rid in self._aborted_rids)
+
+    def forget(self, rids) -> None:
+        """A finished call's rids: aborting them no longer means anything (and must not hit a later reuse)."""
+        self._aborted_rids.difference_update(r for r in rids if r is not None)
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def wait_while_paused(self, timeout_s: float) -> None:
+        self._running.wait(timeout_s)
+
+
+@dataclass
+class _Batch:
+    """The running rows, in the stepper's row order."""
+
+    tickets: list[Ticket]
+    params: SamplingParams  # the shared settings
+    seeds: torch.Tensor  # [R] int64
+    limits: torch.Tensor  # [R] max_new_tokens
+    tokens: torch.Tensor  # [R, max limit]
+    logprobs: torch.Tensor  # [R, max limit]
+    generated: torch.Tensor  # [R] tokens so far
+    finished: torch.Tensor  # [R] bool
+    logits: torch.Tensor  # [R, V] next-token logits
+
+    def alive(self) -> torch.Tensor:
+        return (~self.finished).nonzero().squeeze(-1)
+
+    def room(self, rows: torch.Tensor) -> int:
+        """Decode steps the longest of these rows may still need."""
+        return int((self.limits[rows] - self.generated[rows]).max()) if len(rows) else 0
+
+
+class Scheduler:
+    def __init__(self, stepper, budget: Budget, control: GenerationControl, stop_ids: frozenset[int],
+                 decode: Callable[[list[int]], str] | None):
+        self.stepper, self.budget, self.control = stepper, budget, control
+        self.eos_ids, self.decode = stop_ids, decode
+        self.step_lock = threading.Lock()  # one step at a time; weight updates take it to land between steps
+        self._queue_lock = threading.Lock()
+        self._waiting: list[Ticket] = []
+        self._batch: _Batch | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._batch is not None or bool(self._waiting)
+
+    def submit(self, requests: list[Request], seeds: list[int]) -> list[Ticket]:
+        if self.decode is None and any(r.params.stop for r in requests):
+            raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
+        tickets = [Ticket(r, s) for r, s in zip(requests, seeds)]
+        for ticket in tickets:
+            if ticket.request.params.max_new_tokens <= 0:
+                ticket.output = GenerateOutput([], "length", len(ticket.request.input_ids))
+        with self._queue_lock:
+            self._waiting.extend(t for t in tickets if not t.done)
+        return tickets
+
+    def run(self, tickets: list[Ticket]) -> list[GenerateOutput]:
+        """Drive steps until these tickets are done; raises what ended a ticket with an error. While paused,
+        steps only end aborted requests, and nobody holds the step lock between them."""
+        while not all(t.done for t in tickets):
+            with self.step_lock:
+                if not all(t.done for t in tickets):
+                    self._step_or_fail_all()
+            if self.control.paused:
+                self.control.wait_while_paused(PAUSE_POLL_S)
+        error = next((t.error for t in tickets if t.error is not None), None)
+        if error is not None:
+            raise error
+        return [t.output for t in tickets]
+
+    # --- one step ---------------------------------------------------------------------------------------
+
+    def _step_or_fail_all(self) -> None:
+        try:
+            self._step()
+        except BaseException as err:  # a bug or out of memory: every caller learns it, the next call starts clean
+            with self._queue_lock:
+                waiting, self._waiting = self._waiting, []
+            for ticket in waiting + (self._batch.tickets if self._batch else []):
+                if not ticket.done:
+                    ticket.error = err
+            self._batch = None
+            self.stepper.reset()
+            raise
+
+    def _step(self) -> None:
+        self._end_aborted()
+        if self.control.paused:  # in_place / retract: the rows wait with their KV cache
+            return
+        self._admit()
+        batch = self._batch
+        if batch is None:
+            return
+        if len(batch.alive()):
+            next_ids = self._sample(batch)
+        alive = batch.alive()
+        if not len(alive):
+            self._batch = None
+            self.stepper.reset()
+            return
+        if self.stepper.can_join and len(alive) <= DROP_FRACTION * len(batch.tickets):
+            self.stepper.keep_rows(alive, batch.room(alive))
+            batch = self._batch = _select(batch, alive)
+            next_ids = next_ids[alive]
+        batch.logits = self.stepper.step(next_ids)
+
+    def _sample(self, batch: _Batch) -> torch.Tensor:
+        """Every live row draws its next token; finished rows get a placeholder (0) for the decode step."""
+        params, rows = batch.params, batch.alive()
+        ids, logprobs = sample(batch.logits[rows.to(batch.logits.device)].float(), params, batch.seeds[rows],
+                               batch.generated[rows])
+        columns = batch.generated[rows]
+        batch.tokens[rows, columns], batch.logprobs[rows, columns] = ids, logprobs
+        batch.generated[rows] += 1
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        stopped = torch.isin(ids, torch.tensor(sorted(stop_ids), dtype=torch.long))
+        for row, token in zip(rows[stopped].tolist(), ids[stopped].tolist()):
+            self._finish(batch, row, "stop", token)
+        if params.stop:
+            for row in rows[~stopped].tolist():
+                text = self._stop_string_hit(batch, row)
+                if text is not None:
+                    self._finish(batch, row, "stop", text)
+        for row in rows[batch.generated[rows] >= batch.limits[rows]].tolist():
+            if not batch.finished[row]:
+                self._finish(batch, row, "length")
+        next_ids = torch.zeros(len(batch.tickets), dtype=torch.long)
+        next_ids[rows] = ids
+        return next_ids
+
+    def _stop_string_hit(self, batch: _Batch, row: int) -> str | None:
+        window = max(len(text.encode()) for text in batch.params.stop) + 1  # tokens are ≥ 1 byte
+        end = int(batch.generated[row])
+        tail = self.decode(batch.tokens[row, max(0, end - window):end].tolist())
+        return next((text for text in batch.params.stop if text in tail), None)
+
+    def _finish(self, batch: _Batch, row: int, reason: str, matched: int | str | None = None) -> None:
+        """The row's result goes to its ticket now (its caller may return while the batch runs on)."""
+        batch.finished[row] = True
+        ticket, count = batch.tickets[row], int(batch.generated[row])
+        ticket.output = GenerateOutput(batch.tokens[row, :count].tolist(), reason, len(ticket.request.input_ids),
+                                       batch.logprobs[row, :count].tolist(), matched)
+
+    def _end_aborted(self) -> None:
+        """Aborted requests end with the tokens they have (none, if still waiting)."""
+        with self._queue_lock:
+            aborted = [t for t in self._waiting if self.control.aborted(t.request)]
+            self._waiting = [t for t in self._waiting if not self.control.aborted(t.request)]
+        for ticket in aborted:
+            ticket.output = GenerateOutput([], "abort", len(ticket.request.input_ids))
+        batch = self._batch
+        if batch is not None:
+            for row in batch.alive().tolist():
+                if self.control.aborted(batch.tickets[row].request):
+                    self._finish(batch, row, "abort")
+
+    # --- joining ----------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        batch = self._batch
+        if batch is not None and not self.stepper.can_join:
+            return
+        with self._queue_lock:
+            if not self._waiting:
+                return
+            key = _batch_key(batch.params if batch else self._waiting[0].request.params)
+            candidates = [t for t in self._waiting if _batch_key(t.request.params) == key]
+        alive = batch.alive() if batch else torch.arange(0)
+        free = self.budget.max_num_seqs - len(alive)
+        if batch is not None and len(candidates) > free and free < JOIN_FRACTION * self.budget.max_num_seqs:
+            return
+        joining = self._fitting(candidates[:free], alive, batch)
+        if not joining:
+            return
+        with self._queue_lock:
+            self._waiting = [t for t in self._waiting if all(t is not j for j in joining)]
+        room = max(batch.room(alive) if batch else 0, max(t.request.params.max_new_tokens for t in joining))
+        logits = self.stepper.admit(alive, [t.request.input_ids for t in joining], room)
+        self._batch = _joined(_select(batch, alive) if batch else None, joining, logits)
+
+    def _fitting(self, candidates: list[Ticket], alive: torch.Tensor, batch: _Batch | None) -> list[Ticket]:
+        """The longest prefix of `candidates` within the prefill and KV budgets (at least one if nothing runs)."""
+        width = self.stepper.width if batch else 0
+        room = batch.room(alive) if batch else 0
+        joining, prompts, longest = [], set(), 0
+        for ticket in candidates:
+            ids, params = ticket.request.input_ids, ticket.request.params
+            prompts_after, longest_after = prompts | {tuple(ids)}, max(longest, len(ids))
+            prefill = len(prompts_after) * longest_after
+            cache = (len(alive) + len(joining) + 1) * (max(width, longest_after) + max(room, params.max_new_tokens))
+            within = prefill <= self.budget.max_num_batched_tokens and (
+                self.budget.kv_cache_tokens is None or cache <= self.budget.kv_cache_tokens)
+            if not within and (joining or len(alive)):
+                break
+            joining.append(ticket)
+            prompts, longest = prompts_after, longest_after
+            room = max(room, params.max_new_tokens)
+        return joining
+
+
+def _batch_key(p: SamplingParams) -> tuple:
+    """What the rows of one batch must share."""
+    return p.temperature, p.top_p, p.top_k, p.min_p, p.stop, p.stop_token_ids, p.ignore_eos
+
+
+def _select(batch: _Batch, rows: torch.Tensor) -> _Batch:
+    return _Batch([batch.tickets[r] for r in rows.tolist()], batch.params, batch.seeds[rows], batch.limits[rows],
+                  batch.tokens[rows], batch.logprobs[rows], batch.generated[rows], batch.finished[rows],
+                  batch.logits[rows.to(batch.logits.device)])
+
+
+def _joined(kept: _Batch | None, joining: list[Ticket], logits: torch.Tensor) -> _Batch:
+    """The kept rows followed by the joining ones (the stepper's row order)."""
+    count, width = len(joining), max(t.request.params.max_new_tokens for t in joining)
+    new = _Batch(joining, joining[0].request.params, torch.tensor([t.seed for t in joining], dtype=torch.int64),
+                 torch.tensor([t.request.params.max_new_tokens for t in joining], dtype=torch.long),
+                 torch.zeros((count, width), dtype=torch.long), torch.zeros((count, width)),
+                 torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.bool), logits)
+    if kept is None:
+        return new
+    width = max(width, kept.tokens.shape[1])
+
+    def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b.to(a.device, a.dtype)])
+
+    def cat_tables(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per-token tables, padded to one width
+        return cat(*(torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (a, b)))
+
+    return _Batch(kept.tickets + joining, kept.params, cat(kept.seeds, new.seeds), cat(kept.limits, new.limits),
+                  cat_tables(kept.tokens, new.tokens), cat_tables(kept.logprobs, new.logprobs),
+                  cat(kept.generated, new.generated), cat(kept.finished, new.finished), cat(kept.logits, new.logits))
