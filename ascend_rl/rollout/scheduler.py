@@ -168,8 +168,7 @@ class Scheduler:
             for ticket in waiting + (self._batch.tickets if self._batch else []):
                 if not ticket.done:
                     ticket.error = err
-            self._batch = None
-            self.stepper.reset()
+            self._end_batch()
             raise
 
     def _step(self) -> None:
@@ -178,20 +177,23 @@ class Scheduler:
             return
         self._admit()
         batch = self._batch
-        if batch is None:
+        if batch is None or not len(batch.alive()):  # nothing to do, or aborts ended every row
+            self._end_batch()
             return
-        if len(batch.alive()):
-            next_ids = self._sample(batch)
+        next_ids = self._sample(batch)
         alive = batch.alive()
         if not len(alive):
-            self._batch = None
-            self.stepper.reset()
+            self._end_batch()
             return
         if self.stepper.can_join and len(alive) <= DROP_FRACTION * len(batch.tickets):
             self.stepper.keep_rows(alive, batch.room(alive))
             batch = self._batch = _select(batch, alive)
             next_ids = next_ids[alive]
         batch.logits = self.stepper.step(next_ids)
+
+    def _end_batch(self) -> None:
+        self._batch = None
+        self.stepper.reset()  # frees the KV cache
 
     def _sample(self, batch: _Batch) -> torch.Tensor:
         """Every live row draws its next token; finished rows get a placeholder (0) for the decode step."""
