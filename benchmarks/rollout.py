@@ -77,7 +77,7 @@ def main() -> None:
         data = write_arithmetic(Path(work) / "data", n_train=64, n_test=8, max_operand=49)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         records = load_prompts([data["train"]], tokenizer, 64)
-        engine = NativeEngine.from_pretrained(str(model_dir))
+        engine = NativeEngine.from_pretrained(str(model_dir), max_num_seqs=1024)  # verl's default, as the trainer runs
         hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
         rows, medians = [], {}
