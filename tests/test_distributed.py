@@ -229,3 +229,57 @@ def test_balanced_partition_evens_tokens_with_equal_row_counts():
     contiguous = [sum(tokens[i] for i in g) for g in contiguous_partition(8, 2)]
     assert max(sums) - min(sums) <= 20 < max(contiguous) - min(contiguous)  # 196/187 against 340/34
     assert [len(g) for g in balanced_partition([1] * 5, 2)] == [3, 2]
+
+
+def test_fsdp_config_maps_to_mixed_precision_and_offload_on_accelerators_only():
+    from omegaconf import OmegaConf
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    from ascend_rl.distributed.fsdp import fsdp_settings, shard_kwargs
+    from ascend_rl.errors import UserError
+
+    cfg = OmegaConf.create({"model_dtype": "fp32", "dtype": "bfloat16", "param_offload": True,
+                            "optimizer_offload": False, "reshard_after_forward": False})
+    npu = fsdp_settings(cfg, "npu")
+    assert (npu.model_dtype, npu.compute_dtype, npu.offload) == (torch.float32, torch.bfloat16, True)
+    kwargs = shard_kwargs("MESH", npu)
+    assert kwargs["mp_policy"] == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    assert isinstance(kwargs["offload_policy"], CPUOffloadPolicy) and kwargs["reshard_after_forward"] is False
+    cpu = fsdp_settings(cfg, "cpu")  # CPU computes in fp32 and has nothing to offload to
+    assert (cpu.compute_dtype, cpu.offload) == (torch.float32, False)
+    assert set(shard_kwargs("MESH", cpu)) == {"mesh", "reshard_after_forward"}
+    with pytest.raises(UserError, match="fsdp_config.dtype=half: expected one of"):
+        fsdp_settings(OmegaConf.merge(cfg, {"dtype": "half"}), "cuda")
+
+
+@pytest.mark.timeout(300)
+def test_bf16_compute_keeps_fp32_master_weights_in_workers_and_in_one_process(tiny_model_dir):
+    """FSDP2's mixed precision (workers) and autocast (one process) compute in bf16, update fp32 weights,
+    and land near the fp32 update."""
+    from ascend_rl.distributed.fsdp import FsdpSettings
+
+    settings, optim = ActorSettings(**SETTINGS, balance_batch=False), OptimSettings(lr=1e-2, total_steps=4)
+    bf16 = FsdpSettings(compute_dtype=torch.bfloat16)
+    exact = Actor(str(tiny_model_dir), "cpu", settings, optim)
+    batch = fixed_batch(exact)
+    single = Actor(str(tiny_model_dir), "cpu", settings, optim, fsdp=bf16)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, fsdp=bf16)
+    try:
+        initial = {n: t.clone() for n, t in exact.named_weights()}
+        reference = exact.update(batch)["actor/pg_loss"]
+        updated = dict(exact.named_weights())
+
+        def mean_distance(a, b):
+            return sum((a[n] - b[n]).abs().sum().item() for n in a) / sum(t.numel() for t in a.values())
+
+        for actor in (single, group):
+            low = actor.log_probs(batch)[0]
+            assert low.dtype == torch.float32 and 0 < (low - batch["old_log_probs"]).abs().max() < 0.1
+            assert actor.update(batch)["actor/pg_loss"] == pytest.approx(reference, abs=2e-2)
+            weights = dict(actor.named_weights())
+            assert all(w.dtype == torch.float32 for w in weights.values())
+            # Adam moves every weight by ~lr per step whatever its gradient's size, so where bf16 flips the sign of
+            # a tiny gradient it moves the other way; on average it lands far closer to fp32's update than it moved.
+            assert mean_distance(weights, updated) < 0.25 * mean_distance(initial, updated)
+    finally:
+        group.close()

@@ -15,19 +15,20 @@ import torch
 from tensordict import TensorDict
 
 from ascend_rl.distributed.balance import balanced_partition
+from ascend_rl.distributed.fsdp import FsdpSettings
 
 
 class _ActorWorker:
     """Runs in each worker process: one FSDP2 shard of the actor."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, device: str, settings, optim,
-                 gradient_checkpointing: bool):
+                 gradient_checkpointing: bool, fsdp):
         from torch.distributed.device_mesh import init_device_mesh
 
         from ascend_rl.workers.actor import Actor
 
         mesh = init_device_mesh(device, (world_size,))
-        self.actor = Actor(model_path, device, settings, optim, gradient_checkpointing, mesh=mesh)
+        self.actor = Actor(model_path, device, settings, optim, gradient_checkpointing, mesh=mesh, fsdp=fsdp)
         self.rank = rank
 
     def log_probs(self, rows: TensorDict):
@@ -52,11 +53,12 @@ class _ActorWorker:
 
 
 class ActorGroup:
-    def __init__(self, make_group, model_path: str, device: str, settings, optim, gradient_checkpointing: bool = False):
+    def __init__(self, make_group, model_path: str, device: str, settings, optim, gradient_checkpointing: bool = False,
+                 fsdp: FsdpSettings | None = None):
         """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`)."""
         self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
                                 dict(model_path=model_path, device=device, settings=settings, optim=optim,
-                                     gradient_checkpointing=gradient_checkpointing))
+                                     gradient_checkpointing=gradient_checkpointing, fsdp=fsdp))
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = batch["attention_mask"].sum(-1).tolist()

@@ -2,8 +2,61 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+
+from ascend_rl.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """How the actor's weights are kept and computed with (`actor.fsdp_config`)."""
+
+    model_dtype: torch.dtype = torch.float32  # the weights the optimizer updates (model_dtype)
+    compute_dtype: torch.dtype = torch.float32  # forward and backward (dtype); gradients are reduced in fp32
+    offload: bool = False  # parameters, gradients and optimizer state in host memory (param/optimizer_offload)
+    reshard_after_forward: bool = True
+
+
+def dtype_of(key: str, name) -> torch.dtype:
+    try:
+        return DTYPES[str(name)]
+    except KeyError:
+        raise UserError(f"{key}={name}: expected one of {', '.join(DTYPES)}") from None
+
+
+def fsdp_settings(fsdp_config, device: str, key: str = "actor_rollout_ref.actor.fsdp_config") -> FsdpSettings:
+    """On CPU: fp32 compute (bf16 matmuls are slow there) and no offload (everything is in host memory)."""
+    model_dtype = dtype_of(f"{key}.model_dtype", fsdp_config.model_dtype)
+    compute = dtype_of(f"{key}.dtype", fsdp_config.dtype) if device != "cpu" else torch.float32
+    offload = device != "cpu" and bool(fsdp_config.param_offload or fsdp_config.get("optimizer_offload", False))
+    return FsdpSettings(model_dtype, compute, offload, bool(fsdp_config.reshard_after_forward))
+
+
+def shard_kwargs(mesh, settings: FsdpSettings) -> dict:
+    """fully_shard's arguments: FSDP2 casts parameters to the compute dtype per layer (mixed precision), and
+    CPUOffloadPolicy keeps parameters on the host, so the optimizer step also runs there."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": settings.reshard_after_forward}
+    if settings.compute_dtype != settings.model_dtype:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=settings.compute_dtype, reduce_dtype=torch.float32)
+    if settings.offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    return kwargs
+
+
+def compute_context(settings: FsdpSettings, device: str):
+    """One process (no FSDP): autocast gives the compute dtype that FSDP's mixed precision gives workers."""
+    if settings.compute_dtype == settings.model_dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=settings.compute_dtype)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -15,12 +68,13 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def shard_model(model: torch.nn.Module, mesh) -> None:
+def shard_model(model: torch.nn.Module, mesh, settings: FsdpSettings) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    kwargs = shard_kwargs(mesh, settings)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)  # embeddings, final norm and head
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)  # embeddings, final norm and head
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from ascend_rl.config.validate import data_files
 from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.sampler import ResumableBatchSampler
 from ascend_rl.distributed.actor_group import ActorGroup
+from ascend_rl.distributed.fsdp import fsdp_settings
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import resolve_device
@@ -189,6 +190,7 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int) -> Actor | Acto
                       lr_scheduler_type=optim.lr_scheduler_type, warmup_steps=warmup, total_steps=total_steps,
                       min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles),
         gradient_checkpointing=arr.model.enable_gradient_checkpointing,
+        fsdp=fsdp_settings(actor_cfg.fsdp_config, device),
     )
 
 

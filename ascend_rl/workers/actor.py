@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty
 from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
-from ascend_rl.distributed.fsdp import full_tensor, reduce_over_ranks, shard_model
+from ascend_rl.distributed.fsdp import FsdpSettings, compute_context, full_tensor, reduce_over_ranks, shard_model
 from ascend_rl.workers.model_io import logprob_metrics, response_log_probs
 
 
@@ -60,10 +61,10 @@ class OptimSettings:
     num_cycles: float = 0.5
 
 
-def load_model(path: str, device: str, gradient_checkpointing: bool = False):
+def load_model(path: str, device: str, gradient_checkpointing: bool = False, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     if gradient_checkpointing:  # renamed in transformers 5
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -106,12 +107,15 @@ class Actor:
     update one process would."""
 
     def __init__(self, model_path: str, device: str, settings: ActorSettings, optim: OptimSettings,
-                 gradient_checkpointing: bool = False, mesh=None):
+                 gradient_checkpointing: bool = False, mesh=None, fsdp: FsdpSettings | None = None):
         self.settings = settings
-        self.model = load_model(model_path, device, gradient_checkpointing)
+        fsdp = fsdp or FsdpSettings()
+        self.model = load_model(model_path, device, gradient_checkpointing, fsdp.model_dtype)
         self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
         if mesh is not None:
-            shard_model(self.model, mesh)
+            shard_model(self.model, mesh, fsdp)
+        # FSDP's mixed precision casts per layer; one process gets the same compute dtype from autocast.
+        self._compute = partial(compute_context, fsdp if mesh is None else FsdpSettings(), device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim)
@@ -120,8 +124,9 @@ class Actor:
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         """Old log-probs and entropy of the sampled responses under the current weights."""
         self.model.eval()
-        parts = [response_log_probs(self.model, mb, self.settings.temperature, with_entropy=True)
-                 for mb in _micro_batches(batch, self.settings.log_prob_micro_batch_size)]
+        with self._compute():
+            parts = [response_log_probs(self.model, mb, self.settings.temperature, with_entropy=True)
+                     for mb in _micro_batches(batch, self.settings.log_prob_micro_batch_size)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def update(self, batch: TensorDict) -> dict[str, float]:
@@ -166,8 +171,9 @@ class Actor:
         on_policy = "old_log_probs" not in mini
         for micro in _micro_batches(mini, s.ppo_micro_batch_size_per_gpu):
             mask = micro["response_mask"]
-            log_prob, entropy = response_log_probs(self.model, micro, s.temperature,
-                                                   with_entropy=s.entropy_coeff != 0 or on_policy)
+            with self._compute():
+                log_prob, entropy = response_log_probs(self.model, micro, s.temperature,
+                                                       with_entropy=s.entropy_coeff != 0 or on_policy)
             old_log_prob = log_prob.detach() if on_policy else micro["old_log_probs"]
             if on_policy:  # this forward stands in for the old-log-prob pass, and so do its metrics
                 for name, value in logprob_metrics(log_prob.detach(), entropy.detach(), micro["rollout_log_probs"],
