@@ -116,6 +116,9 @@ def test_trainer_with_two_cpu_workers_and_checkpoints_across_world_sizes(task, t
     back = run_steps(task, tmp_path / "back_to_one", "trainer.total_training_steps=3", "trainer.save_freq=2")
     assert [r["step"] for r in back] == [3]
     assert back[0]["actor/pg_loss"] == pytest.approx(one[2]["actor/pg_loss"], abs=1e-4)
+    # each worker wrote its own shard of the model and optimizer state; nothing was gathered for them
+    shards = sorted(p.name for p in (tmp_path / "two" / "global_step_2" / "actor" / "dcp").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
     # the two-worker checkpoint exports as an HF model one process loads
     from transformers import AutoModelForCausalLM
 
@@ -125,6 +128,7 @@ def test_trainer_with_two_cpu_workers_and_checkpoints_across_world_sizes(task, t
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
     saved = dict(two_actor_weights(tmp_path / "two" / "global_step_2" / "actor"))
     assert exported.keys() >= saved.keys() and all(torch.equal(exported[k], v) for k, v in saved.items())
+    assert not (tmp_path / "hf" / "dcp").exists()  # training state is not part of the exported model
     assert main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 2  # never overwrites
 
 
@@ -134,7 +138,7 @@ def two_actor_weights(model_dir):
     return load_file(str(model_dir / "model.safetensors")).items()
 
 
-def test_plan_allows_cpu_workers_but_not_yet_gpu_npu_groups():
+def test_plan_places_cpu_and_npu_worker_groups():
     from ascend_rl.config import load_config
     from ascend_rl.config.plan import make_plan
 
@@ -145,8 +149,10 @@ def test_plan_allows_cpu_workers_but_not_yet_gpu_npu_groups():
     assert cpu.unsupported == [] and cpu.workers.startswith("2 worker processes on this machine (gloo)")
     ray = make_plan(load_config([*base, "trainer.device=cpu", "trainer.nnodes=2"]), environ={})
     assert ray.workers.startswith("Ray: 2 STRICT_PACK placement group(s) of 2 worker(s)")
-    npu = make_plan(load_config([*base, "trainer.device=npu"]), environ={}).unsupported
-    assert npu and "several GPUs/NPUs" in npu[0]
+    npu = make_plan(load_config([*base, "trainer.device=npu"]), environ={})
+    assert npu.unsupported == []
+    assert npu.workers.startswith("2 worker processes on this machine (cpu:gloo,npu:hccl)")
+    assert "on npu they have not run on hardware yet" in npu.workers
 
 
 def test_worker_death_mid_run_names_the_step_and_the_checkpoint(task, tmp_path, monkeypatch, capsys):

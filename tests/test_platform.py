@@ -56,3 +56,33 @@ def test_npu_workers_get_the_mandatory_variables_unless_set():
     assert "HCCL_NPU_SOCKET_PORT_RANGE=61000-61050" in defaulted
     assert not any(d.startswith("HCCL_HOST_SOCKET_PORT_RANGE") for d in defaulted)
     assert worker_env("cpu", {}) == ({}, [])
+
+
+def test_worker_device_is_the_local_rank_or_the_one_ray_assigned():
+    from ascend_rl.platform import device_index, get_platform
+
+    npu, cuda = get_platform("npu"), get_platform("cuda")
+    assert device_index(npu, 3, {}, []) == 3  # worker processes on one node
+    # Ray with RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES=1: every device visible, take the assigned one
+    assert device_index(npu, 1, {"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, ["5"]) == 5
+    assert device_index(npu, 1, {"ASCEND_RT_VISIBLE_DEVICES": "4,5,6,7"}, ["6"]) == 2
+    # Ray narrowing the variable to the assigned device: it is device 0 of this process
+    assert device_index(cuda, 1, {"CUDA_VISIBLE_DEVICES": "6"}, ["6"]) == 0
+    assert device_index(cuda, 1, {}, ["2"]) == 2
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES=0,1 does not list device 3, which Ray gave"):
+        device_index(cuda, 0, {"CUDA_VISIBLE_DEVICES": "0,1"}, ["3"])
+
+
+def test_a_worker_makes_its_device_current(monkeypatch):
+    import types
+
+    from ascend_rl.platform import get_platform, select_worker_device
+
+    chosen = []
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(set_device=chosen.append), raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert select_worker_device("npu") == "npu:3" and chosen == [3]
+    assert select_worker_device("cpu") == "cpu" and chosen == [3]
+    assert get_platform("npu").process_group_backend == "cpu:gloo,npu:hccl"
+    assert get_platform("cuda").process_group_backend == "cpu:gloo,cuda:nccl"
+    assert get_platform("cpu").process_group_backend == "gloo"

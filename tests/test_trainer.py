@@ -281,3 +281,14 @@ def test_on_policy_steps_skip_the_old_log_prob_pass_with_the_same_update(task, t
     # into up to a few percent of one step (lr 1e-3) where a gradient is ~0. A logic error would be ~lr.
     for (name, a), (_, b) in zip(fast.c.actor.model.named_parameters(), slow.c.actor.model.named_parameters()):
         assert torch.allclose(a, b, atol=1e-4), (name, (a - b).abs().max().item())
+
+
+def test_resuming_a_checkpoint_without_its_shards_is_a_clear_error(task, tmp_path):
+    import shutil
+
+    from ascend_rl.errors import UserError
+
+    fit(task, tmp_path / "run", "trainer.save_freq=1", "trainer.total_training_steps=1", "trainer.test_freq=0")
+    shutil.rmtree(tmp_path / "run" / "global_step_1" / "actor" / "dcp")
+    with pytest.raises(UserError, match=r"global_step_1: no actor/dcp/ shards \(model and optimizer state\)"):
+        fit(task, tmp_path / "run", "trainer.total_training_steps=2", "trainer.test_freq=0")

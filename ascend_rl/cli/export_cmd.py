@@ -15,6 +15,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ascend_rl.errors import UserError
     from ascend_rl.trainer.checkpoint import latest_checkpoint
+    from ascend_rl.workers.actor import DCP_DIR
 
     source, out = Path(args.checkpoint), Path(args.out)
     step_dir = source if (source / "actor").is_dir() else latest_checkpoint(source)
@@ -25,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{model}: no config.json and safetensors weights; the checkpoint is incomplete")
     if out.exists():
         raise UserError(f"{out} exists; export writes a new directory and never overwrites one")
-    # Checkpoints hold whole tensors gathered from every rank, so the model directory is already an HF one.
-    shutil.copytree(model, out)
+    # Checkpoints hold whole tensors gathered from every rank, so the model directory is already an HF one;
+    # the sharded training state beside them is not part of a model.
+    shutil.copytree(model, out, ignore=shutil.ignore_patterns(DCP_DIR))
     print(f"exported {model} to {out} (load it with transformers' from_pretrained, or serve it: "
           f"ascend-rl serve --model-path {out})")
     return 0

@@ -13,7 +13,6 @@ from functools import lru_cache
 from omegaconf import DictConfig, OmegaConf
 
 from ascend_rl.config import schema
-from ascend_rl.platform import resolve_device
 
 A = "actor_rollout_ref"
 SGLANG_KW = f"+{A}.rollout.engine_kwargs.sglang"
@@ -70,9 +69,6 @@ UNSUPPORTED = (
             f"{A}.actor.strategy=fsdp"),
     Feature("rollout backends other than native/sglang", lambda c, w: c[A].rollout.name not in ("native", "sglang"),
             f"{A}.rollout.name=native"),
-    Feature("training on several GPUs/NPUs (worker groups run on CPU so far)",
-            lambda c, w: w > 1 and resolve_device(c.trainer.device) != "cpu",
-            "trainer.nnodes=1 trainer.n_gpus_per_node=1, or CPU workers with trainer.device=cpu"),
     Feature("Ulysses sequence parallelism", lambda c, w: c[A].actor.ulysses_sequence_parallel_size > 1,
             f"{A}.actor.ulysses_sequence_parallel_size=1"),
     Feature("dynamic batch size (use_dynamic_bsz)", lambda c, w: c[A].actor.use_dynamic_bsz,

@@ -25,10 +25,12 @@ class _ActorWorker:
                  gradient_checkpointing: bool, fsdp):
         from torch.distributed.device_mesh import init_device_mesh
 
+        from ascend_rl.platform import select_worker_device
         from ascend_rl.workers.actor import Actor
 
+        own_device = select_worker_device(device)  # e.g. npu:3, made current before the mesh is built
         mesh = init_device_mesh(device, (world_size,))
-        self.actor = Actor(model_path, device, settings, optim, gradient_checkpointing, mesh=mesh, fsdp=fsdp)
+        self.actor = Actor(model_path, own_device, settings, optim, gradient_checkpointing, mesh=mesh, fsdp=fsdp)
         self.rank = rank
 
     def log_probs(self, rows: TensorDict):
@@ -41,15 +43,14 @@ class _ActorWorker:
         named = [(n, t.cpu()) for n, t in self.actor.named_weights()]  # every rank takes part in the gather
         return named if self.rank == 0 else None
 
-    def save_pretrained(self, path: Path) -> None:
-        self.actor.save_pretrained(path)
+    def save(self, path: Path) -> None:
+        self.actor.save(path)
 
     def state_dict(self):
-        state = self.actor.state_dict()
-        return state if self.rank == 0 else None
+        return self.actor.state_dict()
 
-    def load_state(self, model_dir: Path, state: dict) -> None:
-        self.actor.load_state(model_dir, state)
+    def load_state(self, path: Path, state: dict) -> None:
+        self.actor.load_state(path, state)
 
 
 class ActorGroup:
@@ -73,16 +74,14 @@ class ActorGroup:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.group.call_all("named_weights")[0]
 
-    def save_pretrained(self, path: Path, tokenizer=None) -> None:
-        self.group.call_all("save_pretrained", path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+    def save(self, path: Path) -> None:
+        self.group.call_all("save", path)
 
     def state_dict(self) -> dict:
         return self.group.call_all("state_dict")[0]
 
-    def load_state(self, model_dir: Path, state: dict) -> None:
-        self.group.call_all("load_state", model_dir, state)
+    def load_state(self, path: Path, state: dict) -> None:
+        self.group.call_all("load_state", path, state)
 
     def close(self) -> None:
         self.group.close()

@@ -24,23 +24,25 @@ def describe_workers(cfg: DictConfig, device: str) -> str:
     if world == 1:
         return "one process: actor, reference and rollout engine"
     held = "each an FSDP2 shard of the actor; the driver holds the rollout engine and the reference"
+    if device != "cpu":  # say it where people look before a run
+        held += f" (worker groups are tested with gloo on CPU; on {device} they have not run on hardware yet)"
     if uses_ray(cfg):
         resource = get_platform(device).ray_resource or "CPU"
         return (f"Ray: {t.nnodes} STRICT_PACK placement group(s) of {t.n_gpus_per_node} worker(s) ({resource} each), "
                 f"{held}")
-    return f"{world} worker processes on this machine ({get_platform(device).comm_backend}), {held}"
+    return f"{world} worker processes on this machine ({get_platform(device).process_group_backend}), {held}"
 
 
 def worker_group_factory(cfg: DictConfig, device: str):
     """A callable (factory, kwargs) → worker group for `trainer.nnodes × trainer.n_gpus_per_node` workers."""
     t, platform = cfg.trainer, get_platform(device)
     if not uses_ray(cfg):
-        return partial(ProcessWorkerGroup, t.n_gpus_per_node, backend=platform.comm_backend)
+        return partial(ProcessWorkerGroup, t.n_gpus_per_node, backend=platform.process_group_backend)
     from ascend_rl.distributed.ray_group import RayWorkerGroup
 
     env, defaulted = worker_env(device, os.environ)
     if defaulted:
         print(f"ascend-rl: workers get {' '.join(defaulted)} (not set in this environment)", file=sys.stderr)
-    return partial(RayWorkerGroup, t.nnodes, t.n_gpus_per_node, backend=platform.comm_backend,
+    return partial(RayWorkerGroup, t.nnodes, t.n_gpus_per_node, backend=platform.process_group_backend,
                    resource=platform.ray_resource, address=t.ray_address,
                    ray_init=OmegaConf.to_container(cfg.ray_kwargs.ray_init), env=env)

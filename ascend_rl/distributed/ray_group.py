@@ -19,11 +19,11 @@ from ascend_rl.errors import UserError
 class _RayWorker:
     """One worker process: joins the group, builds its object, answers calls."""
 
-    def __init__(self, rank: int, world_size: int, threads: int):
+    def __init__(self, rank: int, world_size: int, local_rank: int, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.rank, self.world_size, self.obj = rank, world_size, None
+        self.rank, self.world_size, self.local_rank, self.obj = rank, world_size, local_rank, None
 
     def rendezvous_address(self) -> tuple[str, int]:
         import ray
@@ -37,7 +37,7 @@ class _RayWorker:
         import torch.distributed as dist
 
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size))
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank))
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size)
         self.obj = build_worker_object(factory, self.rank, self.world_size, kwargs)
@@ -82,7 +82,7 @@ class RayWorkerGroup(WorkerGroup):
                            runtime_env={"env_vars": env or {}},
                            scheduling_strategy=PlacementGroupSchedulingStrategy(self.groups[r // per_node],
                                                                                 placement_group_bundle_index=r % per_node))
-            .remote(r, world, threads)
+            .remote(r, world, r % per_node, threads)
             for r in range(world)]
         self.nodes = ["?"] * world
         addr, port = self._get([self.workers[0].rendezvous_address.remote()], "start-up")[0]

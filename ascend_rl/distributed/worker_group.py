@@ -50,7 +50,8 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: i
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))  # one node: the rank is the device index
     torch.set_num_threads(threads)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:

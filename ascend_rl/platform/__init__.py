@@ -18,6 +18,12 @@ class Platform:
     noset_visible_devices_var: str | None = None  # makes Ray leave the visible-devices variable alone
     worker_env: tuple[tuple[str, str], ...] = ()  # what every worker needs on this device, unless set already
 
+    @property
+    def process_group_backend(self) -> str:
+        """The workers' group: the device backend for device tensors, gloo for the few CPU ones (metrics,
+        checkpoint metadata)."""
+        return "gloo" if self.name == "cpu" else f"cpu:gloo,{self.name}:{self.comm_backend}"
+
 
 PLATFORMS: dict[str, Platform] = {
     "cpu": Platform("cpu", "gloo", None, None),
@@ -77,3 +83,45 @@ def total_memory_bytes(device: str) -> int:
     if device == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return getattr(torch, device).mem_get_info()[1]  # torch.cuda and torch.npu (torch_npu) share the call
+
+
+def device_index(platform: Platform, local_rank: int, environ, assigned_ids: list[str]) -> int:
+    """Which of the visible devices a worker takes: the one Ray assigned it where Ray did (counted within the
+    visible-devices variable, which Ray narrows to that device unless RAY_EXPERIMENTAL_NOSET_* is set), else
+    its rank on the node."""
+    if not assigned_ids:
+        return local_rank
+    visible = [v.strip() for v in environ.get(platform.visible_devices_var or "", "").split(",") if v.strip()]
+    if not visible:
+        return int(assigned_ids[0])
+    if assigned_ids[0] not in visible:
+        raise UserError(f"{platform.visible_devices_var}={','.join(visible)} does not list device {assigned_ids[0]}, "
+                        f"which Ray gave this worker")
+    return visible.index(assigned_ids[0])
+
+
+def select_worker_device(device: str) -> str:
+    """In a worker process: take this worker's device (LOCAL_RANK, or Ray's assignment) and make it current;
+    returns the torch device to place tensors on."""
+    import os
+
+    import torch
+
+    platform = get_platform(device)
+    if platform.name == "cpu":
+        return "cpu"
+    index = device_index(platform, int(os.environ.get("LOCAL_RANK", "0")), os.environ,
+                         _ray_accelerator_ids(platform.ray_resource))
+    getattr(torch, platform.name).set_device(index)
+    return f"{platform.name}:{index}"
+
+
+def _ray_accelerator_ids(resource: str | None) -> list[str]:
+    """The accelerator ids Ray assigned to this process (none outside Ray)."""
+    if importlib.util.find_spec("ray") is None:
+        return []
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get(resource or "", [])]

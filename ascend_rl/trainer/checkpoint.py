@@ -1,6 +1,8 @@
-"""Checkpoints: `global_step_N/actor/` (an HF model directory, safetensors) and
-`global_step_N/trainer_state.pt` (optimizer, LR schedule, sampler position, RNG states, step, ...), with
-verl's tracker file `latest_checkpointed_iteration.txt` beside them.
+"""Checkpoints: `global_step_N/actor/` (an HF model directory, safetensors, gathered on rank 0),
+`global_step_N/actor/dcp/` (model and optimizer as torch.distributed.checkpoint shards, one file per rank:
+what a resume reads, with any number of ranks) and `global_step_N/trainer_state.pt` (LR schedule, sampler
+position, RNG states, step, ...), with verl's tracker file `latest_checkpointed_iteration.txt` beside them.
+Several nodes need a shared filesystem for `trainer.default_local_dir`, as DCP does.
 
 A checkpoint is written into a hidden directory and renamed into place, and the tracker is replaced
 atomically after it: a crash mid-save leaves the previous checkpoint and tracker intact.
@@ -86,4 +88,10 @@ def checkpoint_to_resume(mode: str, root: Path, resume_from_path: str | None) ->
 
 
 def load_state(path: Path) -> dict:
+    from ascend_rl.workers.actor import DCP_DIR
+
+    if not (path / "actor" / DCP_DIR / ".metadata").is_file():
+        raise UserError(f"{path}: no actor/{DCP_DIR}/ shards (model and optimizer state): the checkpoint is incomplete "
+                        f"or from an ascend-rl before sharded checkpoints; its actor/ weights can still be exported "
+                        f"or used as actor_rollout_ref.model.path")
     return torch.load(path / STATE_FILE, weights_only=False)

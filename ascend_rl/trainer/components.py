@@ -69,7 +69,8 @@ class Components:
             self.engine.release_memory_occupation(["kv_cache", "weights"])
 
     def save_model(self, path: Path) -> None:
-        self.actor.save_pretrained(path, self.tokenizer)  # writes generation_config.json too
+        self.actor.save(path)  # HF weights (and generation_config.json) + sharded model and optimizer state
+        self.tokenizer.save_pretrained(path)
 
     def validate(self) -> dict[str, float]:
         ro = self.cfg.actor_rollout_ref.rollout

@@ -3,6 +3,8 @@ log-probs, and the PPO-family update over mini- and micro-batches."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tensordict import TensorDict
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -61,6 +64,9 @@ class OptimSettings:
     num_cycles: float = 0.5
 
 
+DCP_DIR = "dcp"  # inside a checkpoint's actor/ directory
+
+
 def load_model(path: str, device: str, gradient_checkpointing: bool = False, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -84,6 +90,14 @@ def build_scheduler(optimizer, optim: OptimSettings):
                      f"expected constant or cosine")
 
 
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """DCP warns when it runs without a process group; one process is how the single-device path runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _micro_batches(batch: TensorDict, size: int | None) -> list[TensorDict]:
     return list(batch.split(size)) if size else [batch]
 
@@ -93,12 +107,12 @@ class ReferencePolicy:
 
     def __init__(self, model_path: str, device: str, temperature: float, micro_batch_size: int | None):
         self.model = load_model(model_path, device).eval().requires_grad_(False)
-        self.temperature, self.micro_batch_size = temperature, micro_batch_size
+        self.device, self.temperature, self.micro_batch_size = torch.device(device), temperature, micro_batch_size
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
-        return torch.cat([response_log_probs(self.model, mb, self.temperature)[0]
-                          for mb in _micro_batches(batch, self.micro_batch_size)])
+        return torch.cat([response_log_probs(self.model, mb.to(self.device), self.temperature)[0]
+                          for mb in _micro_batches(batch, self.micro_batch_size)]).cpu()
 
 
 class Actor:
@@ -110,29 +124,31 @@ class Actor:
                  gradient_checkpointing: bool = False, mesh=None, fsdp: FsdpSettings | None = None):
         self.settings = settings
         fsdp = fsdp or FsdpSettings()
+        self.device = torch.device(device)
         self.model = load_model(model_path, device, gradient_checkpointing, fsdp.model_dtype)
         self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
         if mesh is not None:
             shard_model(self.model, mesh, fsdp)
         # FSDP's mixed precision casts per layer; one process gets the same compute dtype from autocast.
-        self._compute = partial(compute_context, fsdp if mesh is None else FsdpSettings(), device)
+        self._compute = partial(compute_context, fsdp if mesh is None else FsdpSettings(), self.device.type)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim)
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Old log-probs and entropy of the sampled responses under the current weights."""
+        """Old log-probs and entropy of the sampled responses under the current weights (on the CPU)."""
         self.model.eval()
         with self._compute():
-            parts = [response_log_probs(self.model, mb, self.settings.temperature, with_entropy=True)
+            parts = [response_log_probs(self.model, mb.to(self.device), self.settings.temperature, with_entropy=True)
                      for mb in _micro_batches(batch, self.settings.log_prob_micro_batch_size)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         """`ppo_epochs` passes over mini-batches; one optimizer step per mini-batch; one LR step per call."""
         s = self.settings
         self.model.train()
+        batch = batch.to(self.device)
         metrics: dict[str, list[float]] = defaultdict(list)
         for epoch in range(s.ppo_epochs):
             order = torch.arange(batch.batch_size[0])
@@ -208,38 +224,39 @@ class Actor:
         for name, param in self.model.named_parameters():
             yield name, full_tensor(param.detach())
 
-    def save_pretrained(self, path: Path, tokenizer=None) -> None:
-        """An HF model directory; sharded, the ranks gather the weights and rank 0 writes."""
+    def save(self, path: Path) -> None:
+        """`path`: an HF model directory (rank 0 writes the weights gathered from every rank) and `path/dcp`, the
+        model and optimizer as torch.distributed.checkpoint shards (every rank writes its own, nothing is
+        gathered), which any number of ranks can resume from."""
+        import torch.distributed.checkpoint as dcp
+
         state = None
         if self.world_size > 1:
             state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(path)
+        with _one_process_is_intended():
+            dcp.save(self._sharded_state(), checkpoint_id=path / DCP_DIR, no_dist=not dist.is_initialized())
 
     def state_dict(self) -> dict:
-        """Optimizer state keyed by parameter name (whole tensors), so any number of ranks can resume it."""
-        optimizer = get_optimizer_state_dict(self.model, self.optimizer,
-                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        """What the trainer keeps beside the shards (the same on every rank)."""
+        return {"scheduler": self.scheduler.state_dict()}
 
-    def load_state(self, model_dir: Path, state: dict) -> None:
-        from safetensors.torch import load_file
+    def load_state(self, path: Path, state: dict) -> None:
+        """Resume from `save`'s shards, whatever the number of ranks that wrote them (DCP reshards on load)."""
+        import torch.distributed.checkpoint as dcp
 
-        weights = {}
-        for file in sorted(Path(model_dir).glob("*.safetensors")):
-            weights.update(load_file(file))
-        params = {n for n, _ in self.model.named_parameters()}
-        missing = sorted(params - set(weights) - self._tied_names())
-        unexpected = sorted(set(weights) - params - self._tied_names() - {n for n, _ in self.model.named_buffers()})
-        if missing or unexpected:
-            raise ValueError(f"{model_dir}: checkpoint does not match the model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-        full = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(self.model, weights, options=full)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
+        if not (path / DCP_DIR / ".metadata").is_file():
+            raise ValueError(f"{path}: no {DCP_DIR}/ shards (model and optimizer); the checkpoint is incomplete or "
+                             f"from an older ascend-rl")
+        sharded = self._sharded_state()
+        with _one_process_is_intended():
+            dcp.load(sharded, checkpoint_id=path / DCP_DIR, no_dist=not dist.is_initialized())
+        set_model_state_dict(self.model, sharded["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, sharded["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def _tied_names(self) -> set[str]:
-        return {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+    def _sharded_state(self) -> dict:
+        """Model and optimizer state keyed by parameter name; under FSDP each rank holds its shards (DTensors)."""
+        return {"model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
