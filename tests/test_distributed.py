@@ -50,6 +50,42 @@ def test_two_fsdp2_workers_make_the_update_of_one(tiny_model_dir, balance, tol):
         group.close()
 
 
+@pytest.mark.timeout(300)
+def test_workers_hold_the_reference_policy_beside_the_actor(tiny_model_dir):
+    from ascend_rl.workers.actor import ReferencePolicy, ReferenceSettings
+
+    settings, optim = ActorSettings(**SETTINGS), OptimSettings(lr=1e-2, total_steps=4)
+    ref = ReferenceSettings(temperature=0.7, micro_batch_size=3)
+    single = Actor(str(tiny_model_dir), "cpu", settings, optim)
+    batch = fixed_batch(single)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, ref=ref)
+    try:
+        expected = ReferencePolicy(str(tiny_model_dir), "cpu", ref).log_probs(batch)
+        before = group.reference.log_probs(batch)
+        assert before.shape == expected.shape and torch.allclose(before, expected, atol=1e-6)
+        group.update(batch)  # the actor moves; the reference does not
+        assert torch.equal(group.reference.log_probs(batch), before)
+        assert not torch.allclose(group.log_probs(batch)[0], single.log_probs(batch)[0], atol=1e-3)
+    finally:
+        group.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_trainer_takes_the_reference_from_the_workers(task, tmp_path):
+    from test_trainer import tiny_overrides
+
+    from ascend_rl.config import load_config
+    from ascend_rl.trainer.components import build_components
+
+    cfg = load_config(tiny_overrides(task, tmp_path, "trainer.n_gpus_per_node=2",
+                                     "actor_rollout_ref.actor.use_kl_loss=True"))
+    c = build_components(cfg, show_progress=False)
+    try:
+        assert c.ref is c.actor.reference  # no copy of the reference model in the driver
+    finally:
+        c.close()
+
+
 class Crasher:
     def __init__(self, rank, world_size):
         self.rank = rank

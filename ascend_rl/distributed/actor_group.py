@@ -16,25 +16,31 @@ from tensordict import TensorDict
 
 from ascend_rl.distributed.balance import balanced_partition
 from ascend_rl.distributed.fsdp import FsdpSettings
+from ascend_rl.workers.actor import ReferenceSettings
 
 
 class _ActorWorker:
-    """Runs in each worker process: one FSDP2 shard of the actor."""
+    """Runs in each worker process: one FSDP2 shard of the actor, and of the reference policy when there is
+    one (colocated on the same device, as in verl)."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, device: str, settings, optim,
-                 gradient_checkpointing: bool, fsdp):
+                 gradient_checkpointing: bool, fsdp, ref):
         from torch.distributed.device_mesh import init_device_mesh
 
         from ascend_rl.platform import select_worker_device
-        from ascend_rl.workers.actor import Actor
+        from ascend_rl.workers.actor import Actor, ReferencePolicy
 
         own_device = select_worker_device(device)  # e.g. npu:3, made current before the mesh is built
         mesh = init_device_mesh(device, (world_size,))
         self.actor = Actor(model_path, own_device, settings, optim, gradient_checkpointing, mesh=mesh, fsdp=fsdp)
+        self.ref = ReferencePolicy(model_path, own_device, ref, mesh=mesh) if ref is not None else None
         self.rank = rank
 
     def log_probs(self, rows: TensorDict):
         return self.actor.log_probs(rows)
+
+    def ref_log_probs(self, rows: TensorDict):
+        return self.ref.log_probs(rows)
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         return self.actor.update(batch)
@@ -55,18 +61,27 @@ class _ActorWorker:
 
 class ActorGroup:
     def __init__(self, make_group, model_path: str, device: str, settings, optim, gradient_checkpointing: bool = False,
-                 fsdp: FsdpSettings | None = None):
-        """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`)."""
+                 fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None):
+        """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`). With `ref`, every
+        worker also holds a shard of the reference policy (`reference`)."""
         self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
                                 dict(model_path=model_path, device=device, settings=settings, optim=optim,
-                                     gradient_checkpointing=gradient_checkpointing, fsdp=fsdp))
+                                     gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, ref=ref))
+        self.reference = _WorkerReference(self) if ref is not None else None
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, entropy = self._by_rows("log_probs", batch)
+        return log_probs, entropy
+
+    def _by_rows(self, method: str, batch: TensorDict) -> list:
+        """`method` on each rank's share of the rows (balanced by tokens: the slowest rank sets the pace); the
+        results (each a tensor or a tuple of them) come back as whole columns in the batch's row order."""
         tokens = batch["attention_mask"].sum(-1).tolist()
-        rows = balanced_partition(tokens, self.group.world_size)  # the slowest rank sets the pace
-        parts = self.group.call("log_probs", [(batch[torch.tensor(r)],) for r in rows])
-        order = torch.tensor([i for r in rows for i in r]).argsort()  # back to the batch's row order
-        return torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order]
+        rows = balanced_partition(tokens, self.group.world_size)
+        parts = self.group.call(method, [(batch[torch.tensor(r)],) for r in rows])
+        order = torch.tensor([i for r in rows for i in r]).argsort()
+        columns = zip(*parts) if isinstance(parts[0], tuple) else [parts]
+        return [torch.cat(list(column))[order] for column in columns]
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         return self.group.call_all("update", batch)[0]  # metrics are already reduced over the ranks
@@ -85,3 +100,14 @@ class ActorGroup:
 
     def close(self) -> None:
         self.group.close()
+
+
+class _WorkerReference:
+    """The reference policy's interface over the shards the actor's workers hold."""
+
+    def __init__(self, actors: ActorGroup):
+        self.actors = actors
+
+    def log_probs(self, batch: TensorDict) -> torch.Tensor:
+        (log_probs,) = self.actors._by_rows("ref_log_probs", batch)
+        return log_probs

@@ -27,7 +27,7 @@ from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.tracking import make_sinks
 from ascend_rl.trainer.validation import run_validation
-from ascend_rl.workers.actor import Actor, ActorSettings, OptimSettings, ReferencePolicy
+from ascend_rl.workers.actor import Actor, ActorSettings, OptimSettings, ReferencePolicy, ReferenceSettings
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Components:
     cfg: DictConfig
     tokenizer: object
     actor: Actor | ActorGroup
-    ref: ReferencePolicy | None
+    ref: ReferencePolicy | None  # or the shards in the actor's workers (same interface)
     rollout: Rollout
     rewards: RewardRunner
     kl_controller: object | None
@@ -148,10 +148,14 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     sampler = ResumableBatchSampler(len(train_records), data.train_batch_size, shuffle=data.shuffle,
                                     seed=data.seed if data.seed is not None else seed)
     total = total_training_steps(cfg, sampler.batches_per_epoch)
-    actor = _build_actor(cfg, device, total)
     needs_ref = arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
-    ref = ReferencePolicy(arr.model.path, device, arr.rollout.temperature,
-                          arr.ref.log_prob_micro_batch_size_per_gpu) if needs_ref else None
+    ref_settings = ReferenceSettings(arr.rollout.temperature, arr.ref.log_prob_micro_batch_size_per_gpu,
+                                     fsdp_settings(arr.ref.fsdp_config, device, "actor_rollout_ref.ref.fsdp_config"))
+    actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None)
+    if isinstance(actor, ActorGroup):  # the workers hold the reference policy beside the actor
+        ref = actor.reference
+    else:
+        ref = ReferencePolicy(arr.model.path, device, ref_settings) if needs_ref else None
     kl = cfg.algorithm.kl_ctrl
     kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
         if cfg.algorithm.use_kl_in_reward else None
@@ -167,13 +171,15 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     )
 
 
-def _build_actor(cfg: DictConfig, device: str, total_steps: int) -> Actor | ActorGroup:
-    """One process, or one FSDP2 worker process per device (`trainer.n_gpus_per_node`)."""
+def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceSettings | None
+                 ) -> Actor | ActorGroup:
+    """One process, or one FSDP2 worker process per device (`trainer.n_gpus_per_node`) holding the actor and,
+    with `ref`, the reference policy."""
     arr = cfg.actor_rollout_ref
     actor_cfg, optim = arr.actor, arr.actor.optim
     warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total_steps)
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    make = Actor if world == 1 else partial(ActorGroup, worker_group_factory(cfg, device))
+    make = Actor if world == 1 else partial(ActorGroup, worker_group_factory(cfg, device), ref=ref)
     return make(
         arr.model.path, device,
         ActorSettings(

@@ -102,17 +102,31 @@ def _micro_batches(batch: TensorDict, size: int | None) -> list[TensorDict]:
     return list(batch.split(size)) if size else [batch]
 
 
-class ReferencePolicy:
-    """A frozen copy of the initial policy, for the KL term."""
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """What the reference policy needs (`actor_rollout_ref.ref.*`)."""
 
-    def __init__(self, model_path: str, device: str, temperature: float, micro_batch_size: int | None):
-        self.model = load_model(model_path, device).eval().requires_grad_(False)
-        self.device, self.temperature, self.micro_batch_size = torch.device(device), temperature, micro_batch_size
+    temperature: float = 1.0
+    micro_batch_size: int | None = None
+    fsdp: FsdpSettings | None = None
+
+
+class ReferencePolicy:
+    """A frozen copy of the initial policy, for the KL term; FSDP2-sharded like the actor when given a mesh."""
+
+    def __init__(self, model_path: str, device: str, settings: ReferenceSettings, mesh=None):
+        fsdp = settings.fsdp or FsdpSettings()
+        self.model = load_model(model_path, device, dtype=fsdp.model_dtype).eval().requires_grad_(False)
+        if mesh is not None:
+            shard_model(self.model, mesh, fsdp)
+        self.device, self.settings = torch.device(device), settings
+        self._compute = partial(compute_context, fsdp if mesh is None else FsdpSettings(), self.device.type)
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
-        return torch.cat([response_log_probs(self.model, mb.to(self.device), self.temperature)[0]
-                          for mb in _micro_batches(batch, self.micro_batch_size)]).cpu()
+        with self._compute():
+            return torch.cat([response_log_probs(self.model, mb.to(self.device), self.settings.temperature)[0]
+                              for mb in _micro_batches(batch, self.settings.micro_batch_size)]).cpu()
 
 
 class Actor:
