@@ -71,7 +71,36 @@ def test_workers_hold_the_reference_policy_beside_the_actor(tiny_model_dir):
 
 
 @pytest.mark.timeout(300)
-def test_the_trainer_takes_the_reference_from_the_workers(task, tmp_path):
+def test_engines_in_the_workers_generate_what_one_engine_generates_and_follow_the_actor(tiny_model_dir):
+    from ascend_rl.distributed.actor_group import WorkerEngines
+    from ascend_rl.rollout.native import NativeEngine
+    from ascend_rl.rollout.protocol import SamplingParams
+
+    settings, optim = ActorSettings(**SETTINGS), OptimSettings(lr=1e-2, total_steps=4)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, rollout={})
+    prompts = [[1, 21, 15, 22], [1, 25, 26, 15, 27, 33], [1, 30, 31], [1, 40, 41, 42, 43]]
+    params = [SamplingParams(max_new_tokens=6, n=2, sampling_seed=10 * i, ignore_eos=True) for i in range(4)]
+    try:
+        engines, one = WorkerEngines(group.group), NativeEngine.from_pretrained(str(tiny_model_dir))
+        assert [o.output_ids for o in engines.generate(prompts, params)] == \
+               [o.output_ids for o in one.generate(prompts, params)]
+        batch = fixed_batch(Actor(str(tiny_model_dir), "cpu", settings, optim))
+        group.update(batch)
+        stats = group.sync_rollout_weights()
+        weights = dict(group.named_weights())
+        assert stats.tensors == len(weights) and stats.bytes == sum(t.numel() * 4 for t in weights.values())
+        one.update_weights_from_tensor(weights.items())  # a fresh engine given the updated weights ...
+        after = engines.generate(prompts, params, return_logprob=True)
+        expected = one.generate(prompts, params, return_logprob=True)
+        assert [o.output_ids for o in after] == [o.output_ids for o in expected]  # ... agrees with the workers'
+        assert torch.allclose(torch.tensor([o.output_logprobs for o in after]),
+                              torch.tensor([o.output_logprobs for o in expected]), atol=1e-5)
+    finally:
+        group.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_trainer_takes_the_reference_and_the_rollout_from_the_workers(task, tmp_path):
     from test_trainer import tiny_overrides
 
     from ascend_rl.config import load_config
@@ -82,6 +111,7 @@ def test_the_trainer_takes_the_reference_from_the_workers(task, tmp_path):
     c = build_components(cfg, show_progress=False)
     try:
         assert c.ref is c.actor.reference  # no copy of the reference model in the driver
+        assert c.rollout.description == "native engines in 2 actor workers (colocated)"
     finally:
         c.close()
 
@@ -183,6 +213,7 @@ def test_plan_places_cpu_and_npu_worker_groups():
             "algorithm.adv_estimator=grpo"]
     cpu = make_plan(load_config([*base, "trainer.device=cpu"]), environ={})
     assert cpu.unsupported == [] and cpu.workers.startswith("2 worker processes on this machine (gloo)")
+    assert "and a native engine generating its share of the prompts" in cpu.workers
     ray = make_plan(load_config([*base, "trainer.device=cpu", "trainer.nnodes=2"]), environ={})
     assert ray.workers.startswith("Ray: 2 STRICT_PACK placement group(s) of 2 worker(s)")
     npu = make_plan(load_config([*base, "trainer.device=npu"]), environ={})

@@ -8,14 +8,16 @@ loss normalisation are those of one process.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from tensordict import TensorDict
 
-from ascend_rl.distributed.balance import balanced_partition
+from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
 from ascend_rl.distributed.fsdp import FsdpSettings
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+from ascend_rl.rollout.weight_sync import PushStats
 from ascend_rl.workers.actor import ReferenceSettings
 
 
@@ -24,7 +26,7 @@ class _ActorWorker:
     one (colocated on the same device, as in verl)."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, device: str, settings, optim,
-                 gradient_checkpointing: bool, fsdp, ref):
+                 gradient_checkpointing: bool, fsdp, ref, rollout):
         from torch.distributed.device_mesh import init_device_mesh
 
         from ascend_rl.platform import select_worker_device
@@ -34,6 +36,11 @@ class _ActorWorker:
         mesh = init_device_mesh(device, (world_size,))
         self.actor = Actor(model_path, own_device, settings, optim, gradient_checkpointing, mesh=mesh, fsdp=fsdp)
         self.ref = ReferencePolicy(model_path, own_device, ref, mesh=mesh) if ref is not None else None
+        self.engine = None
+        if rollout is not None:  # a whole copy of the model for generation, loaded from the shards at each sync
+            from ascend_rl.rollout.native import NativeEngine
+
+            self.engine = NativeEngine.from_pretrained(model_path, own_device, **rollout)
         self.rank = rank
 
     def log_probs(self, rows: TensorDict):
@@ -41,6 +48,19 @@ class _ActorWorker:
 
     def ref_log_probs(self, rows: TensorDict):
         return self.ref.log_probs(rows)
+
+    def generate(self, prompts, params, return_logprob: bool):
+        return self.engine.generate(prompts, params, return_logprob=return_logprob)
+
+    def engine_call(self, method: str, *args):
+        return getattr(self.engine, method)(*args)
+
+    def sync_rollout_weights(self):
+        """Every rank gathers each tensor from the shards (in lockstep) into its own engine: nothing leaves
+        the worker, and one whole tensor at a time is held besides the engine's copy (buckets of 0 MB)."""
+        from ascend_rl.rollout.weight_sync import TensorPush
+
+        return TensorPush(self.engine, bucket_megabytes=0)(self.actor.named_weights())
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         return self.actor.update(batch)
@@ -61,12 +81,14 @@ class _ActorWorker:
 
 class ActorGroup:
     def __init__(self, make_group, model_path: str, device: str, settings, optim, gradient_checkpointing: bool = False,
-                 fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None):
+                 fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None, rollout: dict | None = None):
         """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`). With `ref`, every
-        worker also holds a shard of the reference policy (`reference`)."""
+        worker also holds a shard of the reference policy (`reference`); with `rollout` (NativeEngine settings),
+        a native engine (`rollout.factory.colocated_rollout`)."""
         self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
                                 dict(model_path=model_path, device=device, settings=settings, optim=optim,
-                                     gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, ref=ref))
+                                     gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, ref=ref,
+                                     rollout=rollout))
         self.reference = _WorkerReference(self) if ref is not None else None
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +111,9 @@ class ActorGroup:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.group.call_all("named_weights")[0]
 
+    def sync_rollout_weights(self) -> PushStats:
+        return self.group.call_all("sync_rollout_weights")[0]
+
     def save(self, path: Path) -> None:
         self.group.call_all("save", path)
 
@@ -100,6 +125,34 @@ class ActorGroup:
 
     def close(self) -> None:
         self.group.close()
+
+
+class WorkerEngines:
+    """The native engines in the actor's workers as one engine of the rollout protocol: each worker
+    generates a contiguous share of the prompts (a prompt's n samples stay on one worker, sharing its
+    prefill); outputs come back in the protocol's order. Sampling noise depends only on each sample's seed, so
+    the outputs are those one engine with the same weights gives."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def generate(self, input_ids: Sequence[Sequence[int]], sampling_params, return_logprob: bool = False,
+                 ) -> list[GenerateOutput]:
+        params = [sampling_params] * len(input_ids) if isinstance(sampling_params, SamplingParams) \
+            else list(sampling_params)
+        shares = contiguous_partition(len(input_ids), self.group.world_size)
+        parts = self.group.call("generate", [([list(input_ids[i]) for i in share], [params[i] for i in share],
+                                              return_logprob) for share in shares])
+        return [out for part in parts for out in part]
+
+    def release_memory_occupation(self, tags=None) -> None:
+        self.group.call_all("engine_call", "release_memory_occupation", tags)
+
+    def resume_memory_occupation(self, tags=None) -> None:
+        self.group.call_all("engine_call", "resume_memory_occupation", tags)
+
+    def flush_cache(self) -> None:
+        self.group.call_all("engine_call", "flush_cache")
 
 
 class _WorkerReference:

@@ -23,8 +23,11 @@ def describe_workers(cfg: DictConfig, device: str) -> str:
     world = t.nnodes * t.n_gpus_per_node
     if world == 1:
         return "one process: actor, reference and rollout engine"
-    held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one); the driver holds the " \
-           "rollout engine"
+    from ascend_rl.rollout.factory import colocated
+
+    held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
+    held += " and a native engine generating its share of the prompts" if colocated(cfg) else \
+        "; the driver holds the rollout engine"
     if device != "cpu":  # say it where people look before a run
         held += f" (worker groups are tested with gloo on CPU; on {device} they have not run on hardware yet)"
     if uses_ray(cfg):

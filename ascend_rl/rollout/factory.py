@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ascend_rl.errors import UserError
-from ascend_rl.rollout.weight_sync import DiskPush, DistributedPush, TensorPush
+from ascend_rl.rollout.weight_sync import DiskPush, DistributedPush, PushStats, TensorPush
 
 
 @dataclass
@@ -28,12 +28,46 @@ class Rollout:
     description: str
     server: object | None = None  # a ServerProcess the trainer started
 
+    def sync_from(self, actor) -> PushStats:
+        """The actor's current weights into the engine."""
+        return self.push_weights(actor.named_weights())
+
     def close(self) -> None:
         """The weight group first (it needs the server), then the engine, then the server process."""
         for part in (self.push_weights, self.engine, self.server):
             close = getattr(part, "close", None)
             if close is not None:
                 close()
+
+
+def colocated(cfg: DictConfig) -> bool:
+    """Several devices and the native engine in process: each actor worker runs an engine on its device
+    (verl's hybrid engine), generating its share of the prompts with weights loaded from its own shards."""
+    ro, t = cfg.actor_rollout_ref.rollout, cfg.trainer
+    return t.nnodes * t.n_gpus_per_node > 1 and ro.name == "native" and ro.launch.mode == "engine" \
+        and not ro.launch.url
+
+
+def native_engine_kwargs(cfg: DictConfig) -> dict:
+    """NativeEngine.from_pretrained's settings from the rollout config."""
+    ro = cfg.actor_rollout_ref.rollout
+    return dict(max_num_seqs=ro.max_num_seqs, max_num_batched_tokens=ro.max_num_batched_tokens,
+                memory_utilization=ro.gpu_memory_utilization, context_length=ro.max_model_len)
+
+
+@dataclass
+class ColocatedRollout(Rollout):
+    """The engines live in the actor's workers; a sync loads each worker's engine from its own shards."""
+
+    def sync_from(self, actor) -> PushStats:
+        return actor.sync_rollout_weights()
+
+
+def colocated_rollout(actors) -> Rollout:
+    from ascend_rl.distributed.actor_group import WorkerEngines
+
+    return ColocatedRollout(WorkerEngines(actors.group), None, f"native engines in {actors.group.world_size} "
+                                                              f"actor workers (colocated)")
 
 
 def build_rollout(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
@@ -54,11 +88,7 @@ def _bucket_mb(cfg: DictConfig) -> int:
 def _native_engine(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     from ascend_rl.rollout.native import NativeEngine
 
-    ro = cfg.actor_rollout_ref.rollout
-    engine = NativeEngine.from_pretrained(cfg.actor_rollout_ref.model.path, device, max_num_seqs=ro.max_num_seqs,
-                                          max_num_batched_tokens=ro.max_num_batched_tokens,
-                                          memory_utilization=ro.gpu_memory_utilization,
-                                          context_length=ro.max_model_len)
+    engine = NativeEngine.from_pretrained(cfg.actor_rollout_ref.model.path, device, **native_engine_kwargs(cfg))
     return Rollout(engine, TensorPush(engine, _bucket_mb(cfg)), f"native engine on {device}")
 
 

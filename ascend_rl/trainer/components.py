@@ -22,7 +22,7 @@ from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
-from ascend_rl.rollout.factory import Rollout, build_rollout
+from ascend_rl.rollout.factory import Rollout, build_rollout, colocated, colocated_rollout, native_engine_kwargs
 from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.tracking import make_sinks
@@ -151,7 +151,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     needs_ref = arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
     ref_settings = ReferenceSettings(arr.rollout.temperature, arr.ref.log_prob_micro_batch_size_per_gpu,
                                      fsdp_settings(arr.ref.fsdp_config, device, "actor_rollout_ref.ref.fsdp_config"))
-    actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None)
+    actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None,
+                         native_engine_kwargs(cfg) if colocated(cfg) else None)
     if isinstance(actor, ActorGroup):  # the workers hold the reference policy beside the actor
         ref = actor.reference
     else:
@@ -162,7 +163,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     out_dir = Path(t.default_local_dir)
     return Components(
         cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref,
-        rollout=build_rollout(cfg, device, out_dir),  # last: a launched server must not outlive a failed build
+        # last: a launched server must not outlive a failed build
+        rollout=colocated_rollout(actor) if colocated(cfg) else build_rollout(cfg, device, out_dir),
         # scoring is light: more processes than a few only add start-up time
         rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
         kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
@@ -171,15 +173,15 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     )
 
 
-def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceSettings | None
-                 ) -> Actor | ActorGroup:
+def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceSettings | None,
+                 rollout: dict | None) -> Actor | ActorGroup:
     """One process, or one FSDP2 worker process per device (`trainer.n_gpus_per_node`) holding the actor and,
-    with `ref`, the reference policy."""
+    with `ref`, the reference policy, and with `rollout`, a native engine."""
     arr = cfg.actor_rollout_ref
     actor_cfg, optim = arr.actor, arr.actor.optim
     warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total_steps)
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    make = Actor if world == 1 else partial(ActorGroup, worker_group_factory(cfg, device), ref=ref)
+    make = Actor if world == 1 else partial(ActorGroup, worker_group_factory(cfg, device), ref=ref, rollout=rollout)
     return make(
         arr.model.path, device,
         ActorSettings(

@@ -186,7 +186,7 @@ class RLTrainer:
         with timed(timings, "wake_weights"):
             engine.resume_memory_occupation(["weights"])
         with timed(timings, "push_weights"):
-            stats = self.c.rollout.push_weights(self.c.actor.named_weights())
+            stats = self.c.rollout.sync_from(self.c.actor)
         with timed(timings, "wake_kv_cache"):
             engine.resume_memory_occupation(["kv_cache"])
             engine.flush_cache()
