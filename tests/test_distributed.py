@@ -131,6 +131,23 @@ class Crasher:
         raise ValueError(f"bad input on rank {self.rank}")
 
 
+class DeterminismProbe:
+    def __init__(self, rank, world_size):
+        pass
+
+    def enabled(self):
+        return torch.are_deterministic_algorithms_enabled()
+
+
+def test_workers_turn_on_deterministic_mode_when_the_driver_asks(monkeypatch):
+    monkeypatch.setenv("ASCEND_RL_DETERMINISTIC", "1")  # what make_deterministic leaves for them
+    group = ProcessWorkerGroup(2, "test_distributed:DeterminismProbe", {})
+    try:
+        assert group.call_all("enabled") == [True, True]
+    finally:
+        group.close()
+
+
 def test_a_dying_worker_is_reported_not_waited_for():
     group = ProcessWorkerGroup(2, "test_distributed:Crasher", {})
     with pytest.raises(WorkerDied, match=r"worker 1 \(pid \d+, this node\) died with exit code 3 during work"):

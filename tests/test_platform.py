@@ -86,3 +86,20 @@ def test_a_worker_makes_its_device_current(monkeypatch):
     assert get_platform("npu").process_group_backend == "cpu:gloo,npu:hccl"
     assert get_platform("cuda").process_group_backend == "cpu:gloo,cuda:nccl"
     assert get_platform("cpu").process_group_backend == "gloo"
+
+
+def test_deterministic_mode_sets_the_platform_switches_where_unset():
+    from ascend_rl.platform import deterministic_requested, make_deterministic, worker_env
+
+    environ = {"HCCL_DETERMINISTIC": "false"}  # the user's own choice stays
+    try:
+        defaulted = make_deterministic("npu", environ)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert environ == {"HCCL_DETERMINISTIC": "false", "LCCL_DETERMINISTIC": "1", "CLOSE_MATMUL_K_SHIFT": "1",
+                       "ATB_MATMUL_SHUFFLE_K_ENABLE": "0", "ASCEND_RL_DETERMINISTIC": "1"}
+    assert "HCCL_DETERMINISTIC=true" not in defaulted and deterministic_requested(environ)
+    ray_env, _ = worker_env("cuda", {}, deterministic=True)  # what Ray workers get in their runtime environment
+    assert ray_env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "ASCEND_RL_DETERMINISTIC": "1"}
+    assert worker_env("cuda", {})[0] == {}

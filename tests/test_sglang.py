@@ -81,6 +81,9 @@ def test_verl_keys_map_to_server_args():
     assert (kw["tp_size"], kw["dp_size"], kw["ep_size"], kw["random_seed"]) == (8, 2, 8, 5)  # SGLang DP inside TP
     assert (kw["load_format"], kw["skip_tokenizer_init"], kw["skip_server_warmup"]) == ("dummy", True, True)
     assert plan.errors == [] and plan.warnings == []
+    assert "enable_deterministic_inference" not in kw
+    for fields in (V058, V0523):  # trainer.deterministic asks SGLang for the same
+        assert server_args("trainer.deterministic=True", fields=fields).kwargs["enable_deterministic_inference"]
 
 
 def test_unknown_engine_kwarg_names_key_version_and_closest_fields():

@@ -44,7 +44,7 @@ def worker_group_factory(cfg: DictConfig, device: str):
         return partial(ProcessWorkerGroup, t.n_gpus_per_node, backend=platform.process_group_backend)
     from ascend_rl.distributed.ray_group import RayWorkerGroup
 
-    env, defaulted = worker_env(device, os.environ)
+    env, defaulted = worker_env(device, os.environ, deterministic=bool(t.deterministic))
     if defaulted:
         print(f"ascend-rl: workers get {' '.join(defaulted)} (not set in this environment)", file=sys.stderr)
     return partial(RayWorkerGroup, t.nnodes, t.n_gpus_per_node, backend=platform.process_group_backend,

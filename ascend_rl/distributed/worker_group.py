@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch.multiprocessing as mp
 
 from ascend_rl.errors import UserError
+from ascend_rl.platform import deterministic_requested
 
 
 class WorkerDied(UserError):
@@ -53,6 +54,8 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: i
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))  # one node: the rank is the device index
     torch.set_num_threads(threads)
+    if deterministic_requested(os.environ):  # trainer.deterministic: the driver set it before starting us
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         obj = build_worker_object(factory, rank, world_size, kwargs)

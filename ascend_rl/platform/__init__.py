@@ -17,6 +17,7 @@ class Platform:
     ray_resource: str | None
     noset_visible_devices_var: str | None = None  # makes Ray leave the visible-devices variable alone
     worker_env: tuple[tuple[str, str], ...] = ()  # what every worker needs on this device, unless set already
+    deterministic_env: tuple[tuple[str, str], ...] = ()  # trainer.deterministic: what makes kernels repeatable
 
     @property
     def process_group_backend(self) -> str:
@@ -27,7 +28,8 @@ class Platform:
 
 PLATFORMS: dict[str, Platform] = {
     "cpu": Platform("cpu", "gloo", None, None),
-    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", "GPU", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"),
+    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", "GPU", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES",
+                     deterministic_env=(("CUBLAS_WORKSPACE_CONFIG", ":4096:8"),)),  # cuBLAS needs it for repeatability
     "npu": Platform("npu", "hccl", "ASCEND_RT_VISIBLE_DEVICES", "NPU",
                     "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES",
                     # the seed's mandatory variables: two processes per NPU (trainer + SGLang) need their own
@@ -35,7 +37,11 @@ PLATFORMS: dict[str, Platform] = {
                     worker_env=(("HCCL_HOST_SOCKET_PORT_RANGE", "60000-60050"),
                                 ("HCCL_NPU_SOCKET_PORT_RANGE", "61000-61050"),
                                 ("RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES", "1"),
-                                ("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True"))),
+                                ("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True")),
+                    # verl's and the Ascend consistency guide's switches: ordered reductions in HCCL/LCCL,
+                    # no K-shift or K-shuffle in matmuls
+                    deterministic_env=(("HCCL_DETERMINISTIC", "true"), ("LCCL_DETERMINISTIC", "1"),
+                                       ("CLOSE_MATMUL_K_SHIFT", "1"), ("ATB_MATMUL_SHUFFLE_K_ENABLE", "0"))),
 }
 
 
@@ -46,11 +52,24 @@ def get_platform(name: str) -> Platform:
         raise UserError(f"trainer.device={name!r}: expected one of {', '.join(sorted(PLATFORMS))}") from None
 
 
-def worker_env(device: str, environ) -> tuple[dict[str, str], list[str]]:
-    """The environment workers on `device` get: the driver's value where set, else the platform's default;
-    and the names that took the default (to say so in one log line)."""
+DETERMINISTIC_VAR = "ASCEND_RL_DETERMINISTIC"  # tells worker processes to turn on torch's deterministic mode
+
+
+def worker_env(device: str, environ, deterministic: bool = False) -> tuple[dict[str, str], list[str]]:
+    """The environment workers on `device` get: the driver's value where set, else the platform's default
+    (with `deterministic`, the platform's switches too); and the names that took the default (to say so in
+    one log line)."""
+    platform = get_platform(device)
+    return _with_defaults(platform.worker_env + (_deterministic_env(platform) if deterministic else ()), environ)
+
+
+def _deterministic_env(platform: Platform) -> tuple[tuple[str, str], ...]:
+    return platform.deterministic_env + ((DETERMINISTIC_VAR, "1"),)
+
+
+def _with_defaults(wanted, environ) -> tuple[dict[str, str], list[str]]:
     env, defaulted = {}, []
-    for name, default in get_platform(device).worker_env:
+    for name, default in wanted:
         env[name] = environ.get(name) or default
         if not environ.get(name):
             defaulted.append(f"{name}={default}")
@@ -125,3 +144,18 @@ def _ray_accelerator_ids(resource: str | None) -> list[str]:
     if not ray.is_initialized():
         return []
     return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get(resource or "", [])]
+
+
+def make_deterministic(device: str, environ) -> list[str]:
+    """trainer.deterministic in this process: torch's deterministic algorithms, and the platform's switches in
+    `environ` (where unset), which worker processes started later inherit. Returns the names set."""
+    import torch
+
+    env, defaulted = _with_defaults(_deterministic_env(get_platform(device)), environ)
+    environ.update(env)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, on an op without such a kernel
+    return defaulted
+
+
+def deterministic_requested(environ) -> bool:
+    return environ.get(DETERMINISTIC_VAR) == "1"

@@ -3,7 +3,9 @@ KL controller, metric sinks and the progress bar. The loop itself never reads de
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,7 +22,7 @@ from ascend_rl.distributed.actor_group import ActorGroup
 from ascend_rl.distributed.fsdp import fsdp_settings
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
-from ascend_rl.platform import resolve_device
+from ascend_rl.platform import make_deterministic, resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
 from ascend_rl.rollout.factory import Rollout, build_rollout, colocated, colocated_rollout, native_engine_kwargs
 from ascend_rl.trainer.plots import plot_curves
@@ -134,6 +136,9 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     np.random.seed(seed)
     torch.manual_seed(seed)
     device = resolve_device(t.device)
+    if t.deterministic:  # before any worker starts: they inherit the switches
+        defaulted = make_deterministic(device, os.environ)
+        print(f"ascend-rl: deterministic mode{': ' + ' '.join(defaulted) if defaulted else ''}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or arr.model.path)
     load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,
                 reward_fn_key=data.reward_fn_key, filter_overlong_prompts=data.filter_overlong_prompts,

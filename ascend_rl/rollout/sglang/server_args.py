@@ -78,6 +78,7 @@ def mapped_server_kwargs(cfg: DictConfig, rollout: RolloutLayout) -> dict:
         # Released weights are discarded unless backed up; a backup keeps anything the push leaves out.
         "enable_weights_cpu_backup": bool(ro.free_cache_engine),
         "skip_server_warmup": True, "log_level": "error", "gpu_id_step": 1,
+        **({"enable_deterministic_inference": True} if cfg.trainer.deterministic else {}),
     }
 
 
