@@ -73,15 +73,17 @@ def test_workers_hold_the_reference_policy_beside_the_actor(tiny_model_dir):
 @pytest.mark.timeout(300)
 def test_engines_in_the_workers_generate_what_one_engine_generates_and_follow_the_actor(tiny_model_dir):
     from ascend_rl.distributed.actor_group import WorkerEngines
+    from ascend_rl.rollout.factory import WorkerRolloutSpec
     from ascend_rl.rollout.native import NativeEngine
     from ascend_rl.rollout.protocol import SamplingParams
 
     settings, optim = ActorSettings(**SETTINGS), OptimSettings(lr=1e-2, total_steps=4)
-    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, rollout={})
+    spec = WorkerRolloutSpec("native", devices_per_replica=1, bucket_megabytes=0)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, rollout=spec)
     prompts = [[1, 21, 15, 22], [1, 25, 26, 15, 27, 33], [1, 30, 31], [1, 40, 41, 42, 43]]
     params = [SamplingParams(max_new_tokens=6, n=2, sampling_seed=10 * i, ignore_eos=True) for i in range(4)]
     try:
-        engines, one = WorkerEngines(group.group), NativeEngine.from_pretrained(str(tiny_model_dir))
+        engines, one = WorkerEngines(group.group, spec), NativeEngine.from_pretrained(str(tiny_model_dir))
         assert [o.output_ids for o in engines.generate(prompts, params)] == \
                [o.output_ids for o in one.generate(prompts, params)]
         batch = fixed_batch(Actor(str(tiny_model_dir), "cpu", settings, optim))
@@ -111,7 +113,7 @@ def test_the_trainer_takes_the_reference_and_the_rollout_from_the_workers(task, 
     c = build_components(cfg, show_progress=False)
     try:
         assert c.ref is c.actor.reference  # no copy of the reference model in the driver
-        assert c.rollout.description == "native engines in 2 actor workers (colocated)"
+        assert c.rollout.description == "2 native engine(s) in actor workers (colocated)"
     finally:
         c.close()
 

@@ -229,6 +229,35 @@ def test_sglang_engine_mode_in_process(task, tmp_path, fake_sglang):
     assert [c[1] for c in sglang.CALLS if c[0] == "generate"] == [8, 8]  # 4 prompts × n=2, one request each
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tp,engines", [(1, 2), (2, 1)])
+def test_sglang_engines_in_the_actor_workers(task, tmp_path, fake_sglang, tp, engines):
+    """Two workers: with TP 1 each holds a replica's Engine, with TP 2 the first holds the one replica's. The
+    engines generate the steps' rollouts and take the weights from the workers' own shards."""
+    trainer, steps = train(task, tmp_path / "run", f"{A}.rollout.name=sglang", f"{A}.rollout.load_format=auto",
+                           "trainer.n_gpus_per_node=2", f"{A}.rollout.tensor_model_parallel_size={tp}")
+    where = "the first of every 2 " if tp == 2 else ""
+    assert trainer.c.rollout.description == f"{engines} sglang engine(s) in {where}actor workers (colocated)"
+    assert_engine_has_the_trained_weights(steps)
+
+
+def test_colocated_sglang_plans_one_engine_per_replica_on_its_devices(fake_sglang):
+    from ascend_rl.rollout.factory import worker_rollout_spec
+
+    spec = worker_rollout_spec(load_config([*NPU, "trainer.n_gpus_per_node=16"]), "npu")
+    assert (spec.name, spec.devices_per_replica, len(spec.sglang)) == ("sglang", 4, 4)
+    assert [kw["base_gpu_id"] for kw in spec.sglang] == [0, 4, 8, 12]  # worker processes see every device
+    assert [spec.leads(rank) for rank in range(8)] == [True, False, False, False] * 2
+    on_ray = worker_rollout_spec(load_config([*NPU, "trainer.nnodes=2"]), "npu")  # NPU workers get NOSET=1
+    assert [kw["base_gpu_id"] for kw in on_ray.sglang] == [0, 4, 0, 4]
+    with pytest.raises(UserError, match="inside Ray workers need every worker to see its node's devices: set "
+                                        "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1"):
+        worker_rollout_spec(load_config([*NPU, "trainer.nnodes=2", "trainer.device=cuda"]), "cuda")
+    with pytest.raises(UserError, match="a rollout replica of 16 devices spans nodes"):
+        worker_rollout_spec(load_config([*NPU, "trainer.nnodes=2", f"{A}.rollout.tensor_model_parallel_size=16"]),
+                            "npu")
+
+
 def test_sglang_server_mode_launches_launch_server_with_flags(task, tmp_path, fake_sglang):
     trainer, steps = train(task, tmp_path / "run", f"{A}.rollout.name=sglang", f"{A}.rollout.launch.mode=server")
     assert "sglang.launch_server" in trainer.c.rollout.description

@@ -36,12 +36,9 @@ class _ActorWorker:
         mesh = init_device_mesh(device, (world_size,))
         self.actor = Actor(model_path, own_device, settings, optim, gradient_checkpointing, mesh=mesh, fsdp=fsdp)
         self.ref = ReferencePolicy(model_path, own_device, ref, mesh=mesh) if ref is not None else None
-        self.engine = None
-        if rollout is not None:  # a whole copy of the model for generation, loaded from the shards at each sync
-            from ascend_rl.rollout.native import NativeEngine
-
-            self.engine = NativeEngine.from_pretrained(model_path, own_device, **rollout)
-        self.rank = rank
+        # A whole model for generation on the first worker of each replica, loaded from the shards at each sync.
+        self.engine = rollout.engine_for(rank, model_path, own_device) if rollout is not None else None
+        self.rollout, self.device, self.rank = rollout, own_device, rank
 
     def log_probs(self, rows: TensorDict):
         return self.actor.log_probs(rows)
@@ -50,17 +47,26 @@ class _ActorWorker:
         return self.ref.log_probs(rows)
 
     def generate(self, prompts, params, return_logprob: bool):
+        if self.engine is None or not prompts:
+            return []
         return self.engine.generate(prompts, params, return_logprob=return_logprob)
 
     def engine_call(self, method: str, *args):
-        return getattr(self.engine, method)(*args)
+        """An engine method where this worker holds one (close: where the engine has it)."""
+        call = getattr(self.engine, method, None)
+        return call(*args) if call is not None else None
 
     def sync_rollout_weights(self):
-        """Every rank gathers each tensor from the shards (in lockstep) into its own engine: nothing leaves
-        the worker, and one whole tensor at a time is held besides the engine's copy (buckets of 0 MB)."""
+        """Every rank gathers each tensor from the shards (a collective, in lockstep); the replica's engine
+        takes them on its worker's device. Nothing leaves the workers."""
         from ascend_rl.rollout.weight_sync import TensorPush
 
-        return TensorPush(self.engine, bucket_megabytes=0)(self.actor.named_weights())
+        whole = ((name, tensor.to(self.device)) for name, tensor in self.actor.named_weights())
+        if self.engine is None:
+            for _ in whole:  # take part in every gather
+                pass
+            return None
+        return TensorPush(self.engine, self.rollout.bucket_megabytes)(whole)
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         return self.actor.update(batch)
@@ -81,10 +87,10 @@ class _ActorWorker:
 
 class ActorGroup:
     def __init__(self, make_group, model_path: str, device: str, settings, optim, gradient_checkpointing: bool = False,
-                 fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None, rollout: dict | None = None):
+                 fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None, rollout=None):
         """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`). With `ref`, every
-        worker also holds a shard of the reference policy (`reference`); with `rollout` (NativeEngine settings),
-        a native engine (`rollout.factory.colocated_rollout`)."""
+        worker also holds a shard of the reference policy (`reference`); with `rollout` (a
+        `rollout.factory.WorkerRolloutSpec`), the first worker of each replica its engine (`WorkerEngines`)."""
         self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
                                 dict(model_path=model_path, device=device, settings=settings, optim=optim,
                                      gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, ref=ref,
@@ -128,21 +134,23 @@ class ActorGroup:
 
 
 class WorkerEngines:
-    """The native engines in the actor's workers as one engine of the rollout protocol: each worker
-    generates a contiguous share of the prompts (a prompt's n samples stay on one worker, sharing its
+    """The engines in the actor's workers (one per replica) as one engine of the rollout protocol: each
+    replica generates a contiguous share of the prompts (a prompt's n samples stay together, sharing a
     prefill); outputs come back in the protocol's order. Sampling noise depends only on each sample's seed, so
-    the outputs are those one engine with the same weights gives."""
+    native engines give the outputs one engine with the same weights gives."""
 
-    def __init__(self, group):
+    def __init__(self, group, spec):
         self.group = group
+        self.leaders = [rank for rank in range(group.world_size) if spec.leads(rank)]
 
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params, return_logprob: bool = False,
                  ) -> list[GenerateOutput]:
         params = [sampling_params] * len(input_ids) if isinstance(sampling_params, SamplingParams) \
             else list(sampling_params)
-        shares = contiguous_partition(len(input_ids), self.group.world_size)
-        parts = self.group.call("generate", [([list(input_ids[i]) for i in share], [params[i] for i in share],
-                                              return_logprob) for share in shares])
+        shares = dict(zip(self.leaders, contiguous_partition(len(input_ids), len(self.leaders))))
+        parts = self.group.call("generate", [([list(input_ids[i]) for i in shares.get(rank, [])],
+                                              [params[i] for i in shares.get(rank, [])], return_logprob)
+                                             for rank in range(self.group.world_size)])
         return [out for part in parts for out in part]
 
     def release_memory_occupation(self, tags=None) -> None:
@@ -153,6 +161,10 @@ class WorkerEngines:
 
     def flush_cache(self) -> None:
         self.group.call_all("engine_call", "flush_cache")
+
+    def close(self) -> None:
+        """SGLang engines stop their scheduler processes; native ones have nothing to stop."""
+        self.group.call_all("engine_call", "close")
 
 
 class _WorkerReference:

@@ -26,8 +26,12 @@ def describe_workers(cfg: DictConfig, device: str) -> str:
     from ascend_rl.rollout.factory import colocated
 
     held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
-    held += " and a native engine generating its share of the prompts" if colocated(cfg) else \
-        "; the driver holds the rollout engine"
+    if not colocated(cfg):
+        held += "; the driver holds the rollout engine"
+    elif cfg.actor_rollout_ref.rollout.name == "native":
+        held += " and a native engine generating its share of the prompts"
+    else:
+        held += "; the first worker of each rollout replica holds its sglang.Engine"
     if device != "cpu":  # say it where people look before a run
         held += f" (worker groups are tested with gloo on CPU; on {device} they have not run on hardware yet)"
     if uses_ray(cfg):

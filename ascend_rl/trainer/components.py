@@ -24,7 +24,14 @@ from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
-from ascend_rl.rollout.factory import Rollout, build_rollout, colocated, colocated_rollout, native_engine_kwargs
+from ascend_rl.rollout.factory import (
+    Rollout,
+    WorkerRolloutSpec,
+    build_rollout,
+    colocated,
+    colocated_rollout,
+    worker_rollout_spec,
+)
 from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.tracking import make_sinks
@@ -156,8 +163,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     needs_ref = arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
     ref_settings = ReferenceSettings(arr.rollout.temperature, arr.ref.log_prob_micro_batch_size_per_gpu,
                                      fsdp_settings(arr.ref.fsdp_config, device, "actor_rollout_ref.ref.fsdp_config"))
-    actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None,
-                         native_engine_kwargs(cfg) if colocated(cfg) else None)
+    rollout_spec = worker_rollout_spec(cfg, device) if colocated(cfg) else None
+    actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None, rollout_spec)
     if isinstance(actor, ActorGroup):  # the workers hold the reference policy beside the actor
         ref = actor.reference
     else:
@@ -169,7 +176,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     return Components(
         cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref,
         # last: a launched server must not outlive a failed build
-        rollout=colocated_rollout(actor) if colocated(cfg) else build_rollout(cfg, device, out_dir),
+        rollout=colocated_rollout(actor, rollout_spec) if rollout_spec else build_rollout(cfg, device, out_dir),
         # scoring is light: more processes than a few only add start-up time
         rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
         kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
@@ -179,9 +186,9 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
 
 
 def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceSettings | None,
-                 rollout: dict | None) -> Actor | ActorGroup:
+                 rollout: WorkerRolloutSpec | None) -> Actor | ActorGroup:
     """One process, or one FSDP2 worker process per device (`trainer.n_gpus_per_node`) holding the actor and,
-    with `ref`, the reference policy, and with `rollout`, a native engine."""
+    with `ref`, the reference policy, and with `rollout`, the rollout engines."""
     arr = cfg.actor_rollout_ref
     actor_cfg, optim = arr.actor, arr.actor.optim
     warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total_steps)
