@@ -292,3 +292,11 @@ def test_resuming_a_checkpoint_without_its_shards_is_a_clear_error(task, tmp_pat
     shutil.rmtree(tmp_path / "run" / "global_step_1" / "actor" / "dcp")
     with pytest.raises(UserError, match=r"global_step_1: no actor/dcp/ shards \(model and optimizer state\)"):
         fit(task, tmp_path / "run", "trainer.total_training_steps=2", "trainer.test_freq=0")
+
+
+def test_prompt_and_response_longer_than_the_context_stop_at_start_up(task, tmp_path):
+    from ascend_rl.errors import UserError
+
+    with pytest.raises(UserError, match=r"data.max_prompt_length=500 \+ data.max_response_length=16 exceeds the "
+                                        r"rollout context of 512 tokens \(the model's max_position_embeddings\)"):
+        fit(task, tmp_path / "run", "data.max_prompt_length=500", "data.max_response_length=16")

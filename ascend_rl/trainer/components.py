@@ -147,6 +147,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
         defaulted = make_deterministic(device, os.environ)
         print(f"ascend-rl: deterministic mode{': ' + ' '.join(defaulted) if defaulted else ''}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or arr.model.path)
+    _check_context(cfg)
     load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,
                 reward_fn_key=data.reward_fn_key, filter_overlong_prompts=data.filter_overlong_prompts,
                 truncation=data.truncation, chat_template_kwargs=OmegaConf.to_container(data.apply_chat_template_kwargs))
@@ -213,6 +214,21 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceS
         gradient_checkpointing=arr.model.enable_gradient_checkpointing,
         fsdp=fsdp_settings(actor_cfg.fsdp_config, device),
     )
+
+
+def _check_context(cfg: DictConfig) -> None:
+    """A prompt and its response must fit the rollout's context (as verl checks max_model_len): say so at
+    start-up, not when the first long prompt reaches the engine."""
+    from transformers import AutoConfig
+
+    data, ro = cfg.data, cfg.actor_rollout_ref.rollout
+    context = ro.max_model_len or getattr(AutoConfig.from_pretrained(cfg.actor_rollout_ref.model.path),
+                                          "max_position_embeddings", None)
+    if context is not None and data.max_prompt_length + data.max_response_length > context:
+        source = "actor_rollout_ref.rollout.max_model_len" if ro.max_model_len else "the model's max_position_embeddings"
+        raise UserError(f"data.max_prompt_length={data.max_prompt_length} + data.max_response_length="
+                        f"{data.max_response_length} exceeds the rollout context of {context} tokens ({source}); "
+                        f"shorten them or raise actor_rollout_ref.rollout.max_model_len")
 
 
 def _check_scorers(sources: set[str]) -> None:
