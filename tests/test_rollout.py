@@ -92,6 +92,19 @@ def test_resumed_weights_must_be_pushed_before_generating(tiny_model_dir):
         engine.release_memory_occupation(["cuda_graph_x"])
 
 
+def test_a_dummy_load_waits_for_pushed_weights(tiny_model_dir, engine):
+    from ascend_rl.errors import UserError
+
+    dummy = NativeEngine.from_pretrained(str(tiny_model_dir), load_format="dummy")
+    with pytest.raises(RuntimeError, match=r"weights are not loaded \(load_format=dummy"):
+        dummy.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2))
+    dummy.update_weights_from_tensor(engine.model.named_parameters())
+    params = SamplingParams(max_new_tokens=6, sampling_seed=2, ignore_eos=True)
+    assert dummy.generate(PROMPTS, params) == engine.generate(PROMPTS, params)
+    with pytest.raises(UserError, match="load_format=safetensors: the native engine reads auto or dummy"):
+        NativeEngine.from_pretrained(str(tiny_model_dir), load_format="safetensors")
+
+
 def test_sampling_params_use_sglang_names():
     assert SamplingParams.from_dict({"max_new_tokens": 3, "stop_token_ids": [1, 2]}).stop_token_ids == (1, 2)
     with pytest.raises(ValueError, match=r"unknown sampling_params \['max_tokens'\]"):

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: no KV cache limit")
     parser.add_argument("--context-length", type=int, default=None,
                         help="longest prompt + max_new_tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                        help="dummy: build the model without reading its weights; they arrive by a weight update")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health stays open)")
     parser.set_defaults(run=run)
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                                           max_num_seqs=args.max_running_requests,
                                           max_num_batched_tokens=args.max_prefill_tokens,
                                           memory_utilization=args.mem_fraction_static,
-                                          context_length=args.context_length)
+                                          context_length=args.context_length, load_format=args.load_format)
     try:
         server = make_server(engine, args.model_path, args.host, args.port, args.api_key)
     except OSError as err:

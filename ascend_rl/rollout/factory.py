@@ -51,7 +51,8 @@ def native_engine_kwargs(cfg: DictConfig) -> dict:
     """NativeEngine.from_pretrained's settings from the rollout config."""
     ro = cfg.actor_rollout_ref.rollout
     return dict(max_num_seqs=ro.max_num_seqs, max_num_batched_tokens=ro.max_num_batched_tokens,
-                memory_utilization=ro.gpu_memory_utilization, context_length=ro.max_model_len)
+                memory_utilization=ro.gpu_memory_utilization, context_length=ro.max_model_len,
+                load_format=ro.load_format)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def _native_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     argv = [sys.executable, "-m", "ascend_rl", "serve", "--model-path", cfg.actor_rollout_ref.model.path,
             "--port", str(port), "--device", device, "--max-running-requests", str(ro.max_num_seqs),
             "--max-prefill-tokens", str(ro.max_num_batched_tokens),
-            "--mem-fraction-static", str(ro.gpu_memory_utilization)]
+            "--mem-fraction-static", str(ro.gpu_memory_utilization), "--load-format", ro.load_format]
     if ro.max_model_len:
         argv += ["--context-length", str(ro.max_model_len)]
     return _launched(cfg, argv, port, {}, device, out_dir, "native server")

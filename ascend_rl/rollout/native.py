@@ -17,6 +17,7 @@ from ascend_rl.rollout.scheduler import Budget, GenerationControl, Request, Sche
 from ascend_rl.rollout.steppers import stepper_for
 
 MEMORY_TAGS = ("weights", "kv_cache")
+LOAD_FORMATS = ("auto", "dummy")
 PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's; retract keeps the KV cache here (nothing to recompute)
 
 
@@ -41,18 +42,29 @@ class NativeEngine:
     def from_pretrained(cls, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         max_num_seqs: int = Budget.max_num_seqs,
                         max_num_batched_tokens: int = Budget.max_num_batched_tokens,
-                        memory_utilization: float | None = None, context_length: int | None = None) -> NativeEngine:
+                        memory_utilization: float | None = None, context_length: int | None = None,
+                        load_format: str = "auto") -> NativeEngine:
         """`memory_utilization` (verl's gpu_memory_utilization, SGLang's mem_fraction_static): the share of
-        the device's memory (RAM on CPU) for weights and KV cache; None: no cache limit."""
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        the device's memory (RAM on CPU) for weights and KV cache; None: no cache limit. `load_format`: auto
+        reads the weights; dummy (verl's default, as in SGLang) only builds the model, whose weights the trainer
+        pushes before the first generation."""
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        if load_format not in LOAD_FORMATS:
+            raise UserError(f"actor_rollout_ref.rollout.load_format={load_format}: the native engine reads "
+                            f"{' or '.join(LOAD_FORMATS)}")
+        if load_format == "dummy":
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype).to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         kv_tokens = None if memory_utilization is None else kv_cache_tokens(model, device, memory_utilization)
         budget = Budget(max_num_seqs, max_num_batched_tokens, kv_tokens)
-        return cls(model, eos_ids, model.config.pad_token_id or 0, budget, _tokenizer_decode(model_path),
-                   context_length)
+        engine = cls(model, eos_ids, model.config.pad_token_id or 0, budget, _tokenizer_decode(model_path),
+                     context_length)
+        engine._weights_stale = load_format == "dummy"
+        return engine
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -146,7 +158,8 @@ class NativeEngine:
             raise RuntimeError(f"engine memory released ({', '.join(sorted(self._released))}): "
                                f"call resume_memory_occupation first")
         if self._weights_stale:
-            raise RuntimeError("weights were resumed but not updated: call update_weights_from_tensor first")
+            raise RuntimeError("the weights are not loaded (load_format=dummy, or resumed after a release): call "
+                               "update_weights_from_tensor first")
 
 
 def _check_tags(tags: Sequence[str] | None) -> tuple[str, ...]:
