@@ -162,6 +162,12 @@ def test_a_failing_worker_raises_with_its_traceback():
         group.call_all("fail")
 
 
+# The untrained tiny model scores 0 on arithmetic, which makes every advantage and pg_loss 0; a score that
+# varies with the response gives the update something to agree on.
+VARIED_REWARD = "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n" \
+                "    return (sum(map(ord, solution_str)) % 7) / 6\n"
+
+
 def run_steps(task, out, *extra):
     from test_trainer import read_metrics, tiny_overrides
 
@@ -169,7 +175,10 @@ def run_steps(task, out, *extra):
     from ascend_rl.trainer.components import build_components
     from ascend_rl.trainer.loop import RLTrainer
 
-    cfg = load_config(tiny_overrides(task, out, "trainer.test_freq=0", *extra))
+    reward = out.parent / "varied_reward.py"
+    reward.write_text(VARIED_REWARD)
+    cfg = load_config(tiny_overrides(task, out, "trainer.test_freq=0", f"reward.custom_reward_function.path={reward}",
+                                     *extra))
     RLTrainer(build_components(cfg, show_progress=False)).fit()
     return [r for r in read_metrics(out) if "critic/score/mean" in r]
 
@@ -184,7 +193,8 @@ def test_trainer_with_two_cpu_workers_and_checkpoints_across_world_sizes(task, t
     two = run_steps(task, tmp_path / "two", "trainer.total_training_steps=2", "trainer.n_gpus_per_node=2",
                     "trainer.save_freq=2")
     for a, b in zip(one[:2], two):
-        assert a["actor/pg_loss"] == pytest.approx(b["actor/pg_loss"], abs=1e-5)
+        assert a["actor/pg_loss"] != 0 and a["actor/pg_loss"] == pytest.approx(b["actor/pg_loss"], abs=1e-5)
+        assert a["actor/grad_norm"] == pytest.approx(b["actor/grad_norm"], rel=1e-4)
         assert a["critic/score/mean"] == b["critic/score/mean"]
     assert two[0]["perf/throughput"] > 0
     # ... and the one-process checkpoint resumes with two workers, continuing as one process did.
