@@ -82,8 +82,9 @@ def test_error_answers_are_4xx_with_a_message(server, client):
         client.update_weights_from_disk("/nowhere")
     with pytest.raises(HttpEngineError, match="400 Requested token count exceeds the model's maximum context length"):
         client.generate([PROMPT], SamplingParams(max_new_tokens=40_000))
-    with pytest.raises(HttpEngineError, match="400 stream=true is not built"):
-        client.request("POST", "/generate", {"input_ids": PROMPT, "stream": True})
+    with pytest.raises(HttpEngineError, match="400 Requested token count exceeds"):  # before any chunk
+        client.request("POST", "/generate", {"input_ids": PROMPT, "stream": True,
+                                             "sampling_params": {"max_new_tokens": 40_000}})
     port = server[0].server_port
     malformed = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=b"{not json", method="POST")
     with pytest.raises(urllib.error.HTTPError) as bad:
@@ -265,3 +266,50 @@ def test_stop_string_over_http_reports_what_matched(server, tokenizer):
     answer = raw_post(port, "/generate", {"input_ids": PROMPT, "sampling_params": {
         "max_new_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop]}})
     assert answer["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+
+
+def read_stream(port, body) -> list:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        lines = [line.decode().strip() for line in resp if line.strip()]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def test_streaming_sends_each_token_as_it_comes_then_done(server, client):
+    port = server[0].server_port
+    params = {"max_new_tokens": 6, "sampling_seed": 5, "ignore_eos": True}
+    whole = client.generate([PROMPT], SamplingParams.from_dict(params), return_logprob=True)[0]
+    chunks = read_stream(port, {"input_ids": PROMPT, "sampling_params": params, "stream": True,
+                                "return_logprob": True})
+    assert [len(c["output_ids"]) for c in chunks] == [1, 2, 3, 4, 5, 6]  # each the output so far
+    assert [c["meta_info"]["finish_reason"] for c in chunks[:-1]] == [None] * 5
+    last = chunks[-1]
+    assert last["output_ids"] == whole.output_ids and last["meta_info"]["finish_reason"] == {"type": "length",
+                                                                                            "length": 6}
+    assert [e[0] for e in last["meta_info"]["output_token_logprobs"]] == pytest.approx(whole.output_logprobs)
+    # several samples: chunks carry the sample's index
+    many = read_stream(port, {"input_ids": [PROMPT, PROMPT[:4]], "stream": True,
+                              "sampling_params": {"max_new_tokens": 2, "n": 2, "ignore_eos": True}})
+    finals = {c["index"]: c for c in many if c["meta_info"]["finish_reason"]}
+    assert sorted(finals) == [0, 1, 2, 3] and all(len(c["output_ids"]) == 2 for c in finals.values())
+    assert not server[1].scheduler.busy
+
+
+def test_a_reader_that_leaves_a_stream_ends_its_request(server):
+    import http.client
+    import time
+
+    port = server[0].server_port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/generate", json.dumps({"input_ids": PROMPT, "stream": True, "sampling_params": {
+        "max_new_tokens": 20_000, "ignore_eos": True}}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")  # it is decoding ...
+    conn.close()  # ... and the reader goes away
+    deadline = time.monotonic() + 20
+    while server[1].scheduler.busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not server[1].scheduler.busy  # aborted, not decoding 20,000 tokens for nobody

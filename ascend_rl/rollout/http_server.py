@@ -9,13 +9,42 @@ while it decodes. Weight and memory calls run one at a time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
+import uuid
 from http import HTTPStatus
 from pathlib import Path
 
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, per_sample
+
+
+class EventStream:
+    """A streamed answer: the chunks (JSON-able dicts) of an SSE stream that ends with [DONE]. Each line is
+    read in a worker thread (it may drive a decode step); `drain` is for a reader that left: it ends the
+    stream's requests and lets the stream run out (a lock keeps it from racing a read in flight)."""
+
+    def __init__(self, chunks, abort):
+        self._lines = self._all_lines(chunks)
+        self._abort = abort
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _all_lines(chunks):
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def next_line(self) -> str | None:
+        with self._lock:
+            return next(self._lines, None)
+
+    def drain(self) -> None:
+        self._abort()
+        with self._lock:
+            for _ in self._lines:
+                pass
 
 
 class ApiError(Exception):
@@ -33,7 +62,9 @@ def output_json(out: GenerateOutput, rid: str, return_logprob: bool, weight_vers
     return {"output_ids": out.output_ids, "meta_info": meta}
 
 
-def finish_reason_json(out: GenerateOutput) -> dict:
+def finish_reason_json(out: GenerateOutput) -> dict | None:
+    if out.finish_reason is None:  # still streaming
+        return None
     if out.finish_reason == "stop":
         return {"type": "stop", "matched": out.matched}
     if out.finish_reason == "abort":
@@ -48,7 +79,7 @@ class EngineService:
         self.engine, self.model_path = engine, model_path
         self.weight_version = "default"
         self._lock = threading.Lock()  # weight and memory calls: one at a time
-        self._request_count = 0
+        self._request_ids = itertools.count(1)  # next() is atomic: requests arrive on several threads
         self._groups: dict[str, object] = {}  # weight-update process groups by name
 
     def routes(self) -> dict[tuple[str, str], tuple[object, bool]]:
@@ -122,8 +153,6 @@ class EngineService:
         raw_list = raw if isinstance(raw, list) else [raw] * len(prompts)
         if len(raw_list) != len(prompts):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts but {len(raw_list)} sampling_params")
-        if body.get("stream"):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "stream=true is not built in ascend-rl serve: send stream=false")
         try:
             params = [SamplingParams.from_dict(p) for p in raw_list]
         except (TypeError, ValueError) as err:
@@ -133,14 +162,40 @@ class EngineService:
         rids = None if rid is None else ([rid] * len(prompts) if isinstance(rid, str) else list(rid))
         if rids is not None and len(rids) != len(prompts):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts but {len(rids)} rids")
+        if body.get("stream"):
+            stream = getattr(self.engine, "generate_stream", None)
+            if stream is None:
+                raise ApiError(HTTPStatus.BAD_REQUEST, "stream=true: this engine does not stream")
+            rids = rids or [f"stream-{uuid.uuid4().hex}" for _ in prompts]  # so a reader that leaves can abort
+            updates = stream(prompts, params, rids=rids)  # a bad request raises here: a 400, not a broken stream
+            return EventStream(self._stream_chunks(updates, self._names(rids, params), return_logprob),
+                               abort=lambda: [self.engine.abort_request(rid) for rid in set(rids)])
         outputs = self.engine.generate(prompts, params, return_logprob=return_logprob, rids=rids)
-        names = per_sample(rids, params) if rids else None
-        results = []
-        for i, out in enumerate(outputs):
-            self._request_count += 1
-            name = names[i] if names else f"req-{self._request_count}"
-            results.append(output_json(out, name, return_logprob, self.weight_version))
+        names = self._names(rids, params)
+        results = [output_json(out, name, return_logprob, self.weight_version) for out, name in zip(outputs, names)]
         return results[0] if single and len(results) == 1 else results
+
+    def _names(self, rids, params) -> list[str]:
+        """Each sample's id: its request's rid, else a running number."""
+        if rids:
+            return per_sample(rids, params)
+        return [f"req-{next(self._request_ids)}" for p in params for _ in range(p.n)]
+
+    def _stream_chunks(self, updates, names: list[str], return_logprob: bool):
+        """SGLang's stream: a chunk whenever a sample has more tokens or ends, each the sample's output so far
+        (with "index" when there are several); an error becomes an error chunk."""
+        last: list[tuple | None] = [None] * len(names)
+        try:
+            for outputs in updates:
+                for i, out in enumerate(outputs):
+                    state = (len(out.output_ids), out.finish_reason)
+                    if state == last[i] or state == (0, None):
+                        continue
+                    last[i] = state
+                    chunk = output_json(out, names[i], return_logprob, self.weight_version)
+                    yield {**chunk, "index": i} if len(names) > 1 else chunk
+        except (ValueError, RuntimeError) as err:
+            yield {"error": {"message": str(err), "type": type(err).__name__, "code": 500, "retryable": False}}
 
     def release(self, body: dict) -> str:
         self.engine.release_memory_occupation(body.get("tags"))
@@ -217,13 +272,27 @@ class EngineService:
 def create_app(service: EngineService, api_key: str | None = None):
     """The FastAPI app: every route of the service, SGLang's error shape, and with `api_key`, SGLang's
     bearer check (health probes stay open, as in SGLang)."""
+    import anyio
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
+    async def event_lines(stream: EventStream):
+        finished = False
+        try:
+            while (line := await run_in_threadpool(stream.next_line)) is not None:
+                yield line
+            finished = True
+        finally:
+            if not finished:  # the reader left (the task is being cancelled): end its requests all the same
+                with anyio.CancelScope(shield=True):
+                    await run_in_threadpool(stream.drain)
+
     def answer(status: HTTPStatus, payload) -> Response:
+        if isinstance(payload, EventStream):
+            return StreamingResponse(event_lines(payload), media_type="text/event-stream")
         if isinstance(payload, str):
             return PlainTextResponse(payload, status_code=status)
         return JSONResponse(payload, status_code=status)

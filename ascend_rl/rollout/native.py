@@ -7,7 +7,8 @@ what else is in the batch, and samples of one prompt (seeds sampling_seed + j) d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -73,6 +74,34 @@ class NativeEngine:
                  return_logprob: bool = False, rids: Sequence[str] | None = None) -> list[GenerateOutput]:
         """`rids` (one per prompt) name requests for `abort_request`. Calls from several threads share the
         running batch (continuous batching)."""
+        tickets, rids = self._submit(input_ids, sampling_params, rids)
+        try:
+            return self.scheduler.run(tickets)
+        finally:
+            self.control.forget(rids)
+
+    def generate_stream(self, input_ids: Sequence[Sequence[int]],
+                        sampling_params: SamplingParams | Sequence[SamplingParams],
+                        rids: Sequence[str] | None = None) -> Iterator[list[GenerateOutput]]:
+        """As `generate`, but yields every sample's output so far after each decode step (finish reason None
+        until it ends). Bad requests raise here, before anything is yielded; closing the iterator early
+        aborts what is still running."""
+        rids = list(rids) if rids else [f"stream-{uuid.uuid4().hex}" for _ in input_ids]  # so closing can abort
+        tickets, sample_rids = self._submit(input_ids, sampling_params, rids)
+        return self._stream(tickets, sample_rids)
+
+    @torch.no_grad()
+    def _stream(self, tickets, rids) -> Iterator[list[GenerateOutput]]:
+        try:
+            yield from self.scheduler.progress(tickets)
+        finally:
+            if not all(t.done for t in tickets):  # the reader left: end its requests at the next step
+                for rid in set(rids):
+                    self.control.abort(rid, abort_all=False)
+                self.scheduler.run(tickets)
+            self.control.forget(rids)
+
+    def _submit(self, input_ids, sampling_params, rids):
         self._check_ready()
         prompts, params = expand_samples(input_ids, sampling_params)
         rids = per_sample(rids, sampling_params) if rids else [None] * len(prompts)
@@ -80,11 +109,7 @@ class NativeEngine:
             self._check_length(len(ids), p.max_new_tokens)
         epoch = self.control.epoch
         requests = [Request(ids, p, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]
-        tickets = self.scheduler.submit(requests, [_seed_of(p.sampling_seed) for p in params])
-        try:
-            return self.scheduler.run(tickets)
-        finally:
-            self.control.forget(rids)
+        return self.scheduler.submit(requests, [_seed_of(p.sampling_seed) for p in params]), rids
 
     def _check_length(self, prompt: int, max_new_tokens: int) -> None:
         """SGLang's rule: prompt + max_new_tokens must fit the context; and here, the KV cache budget."""

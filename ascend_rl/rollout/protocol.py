@@ -68,7 +68,7 @@ def per_sample(values: Sequence, sampling_params: SamplingParams | Sequence[Samp
 @dataclass
 class GenerateOutput:
     output_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort"; None while streaming
     prompt_tokens: int
     output_logprobs: list[float] = field(default_factory=list)
     matched: int | str | None = None  # what ended a "stop": the token id or the stop string

@@ -14,7 +14,7 @@ lone caller (the trainer) runs its rollout on its own thread.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -144,18 +144,39 @@ class Scheduler:
         return tickets
 
     def run(self, tickets: list[Ticket]) -> list[GenerateOutput]:
-        """Drive steps until these tickets are done; raises what ended a ticket with an error. While paused,
-        steps only end aborted requests, and nobody holds the step lock between them."""
-        while not all(t.done for t in tickets):
+        """Drive steps until these tickets are done; raises what ended a ticket with an error."""
+        for _ in self.progress(tickets, snapshots=False):
+            pass
+        return [t.output for t in tickets]
+
+    def progress(self, tickets: list[Ticket], snapshots: bool = True) -> Iterator[list[GenerateOutput]]:
+        """Drive steps until these tickets are done, yielding after each step what each has so far (finish
+        reason None while it runs; taken under the step lock, so never half-written). While paused, steps only
+        end aborted requests, and nobody holds the step lock between them."""
+        while True:
             with self.step_lock:
                 if not all(t.done for t in tickets):
                     self._step_or_fail_all()
+                outputs = [self._snapshot(t) for t in tickets] if snapshots else []
+            error = next((t.error for t in tickets if t.error is not None), None)
+            if error is not None:
+                raise error
+            yield outputs
+            if all(t.done for t in tickets):
+                return
             if self.control.paused:
                 self.control.wait_while_paused(PAUSE_POLL_S)
-        error = next((t.error for t in tickets if t.error is not None), None)
-        if error is not None:
-            raise error
-        return [t.output for t in tickets]
+
+    def _snapshot(self, ticket: Ticket) -> GenerateOutput:
+        if ticket.output is not None:
+            return ticket.output
+        prompt = len(ticket.request.input_ids)
+        batch = self._batch
+        row = next((r for r, t in enumerate(batch.tickets) if t is ticket), None) if batch else None
+        if row is None:  # still waiting
+            return GenerateOutput([], None, prompt)
+        count = int(batch.generated[row])
+        return GenerateOutput(batch.tokens[row, :count].tolist(), None, prompt, batch.logprobs[row, :count].tolist())
 
     # --- one step ---------------------------------------------------------------------------------------
 
