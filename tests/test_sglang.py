@@ -242,7 +242,7 @@ def test_sglang_engines_in_the_actor_workers(task, tmp_path, fake_sglang, tp, en
 
 
 def test_colocated_sglang_plans_one_engine_per_replica_on_its_devices(fake_sglang):
-    from ascend_rl.rollout.factory import worker_rollout_spec
+    from ascend_rl.rollout.colocated import worker_rollout_spec
 
     spec = worker_rollout_spec(load_config([*NPU, "trainer.n_gpus_per_node=16"]), "npu")
     assert (spec.name, spec.devices_per_replica, len(spec.sglang)) == ("sglang", 4, 4)

@@ -91,7 +91,7 @@ class ActorGroup:
                  fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None, rollout=None):
         """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`). With `ref`, every
         worker also holds a shard of the reference policy (`reference`); with `rollout` (a
-        `rollout.factory.WorkerRolloutSpec`), the first worker of each replica its engine (`WorkerEngines`)."""
+        `rollout.colocated.WorkerRolloutSpec`), the first worker of each replica its engine (`WorkerEngines`)."""
         self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
                                 dict(model_path=model_path, device=device, settings=settings, optim=optim,
                                      gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, ref=ref,

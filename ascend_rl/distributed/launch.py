@@ -23,7 +23,7 @@ def describe_workers(cfg: DictConfig, device: str) -> str:
     world = t.nnodes * t.n_gpus_per_node
     if world == 1:
         return "one process: actor, reference and rollout engine"
-    from ascend_rl.rollout.factory import colocated
+    from ascend_rl.rollout.colocated import colocated
 
     held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
     if not colocated(cfg):

@@ -4,7 +4,8 @@
 - server: an HTTP server the trainer starts (`ascend-rl serve`, or `python -m sglang.launch_server`) and stops;
 - launch.url: attach to a running SGLang-compatible server (either kind).
 
-Each comes with how the trainer's weights reach it (in buckets) and how to shut it down.
+Each comes with how the trainer's weights reach it (in buckets) and how to shut it down. With several devices
+and an engine in process, the engines live in the actor's workers instead (`rollout.colocated`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -40,95 +41,12 @@ class Rollout:
                 close()
 
 
-def colocated(cfg: DictConfig) -> bool:
-    """Several devices and an in-process engine: the engines live in the actor's workers (verl's hybrid
-    engine), each replica's on its first worker, and syncs load them from the workers' own shards."""
-    ro, t = cfg.actor_rollout_ref.rollout, cfg.trainer
-    return t.nnodes * t.n_gpus_per_node > 1 and ro.launch.mode == "engine" and not ro.launch.url
-
-
 def native_engine_kwargs(cfg: DictConfig) -> dict:
     """NativeEngine.from_pretrained's settings from the rollout config."""
     ro = cfg.actor_rollout_ref.rollout
     return dict(max_num_seqs=ro.max_num_seqs, max_num_batched_tokens=ro.max_num_batched_tokens,
                 memory_utilization=ro.gpu_memory_utilization, context_length=ro.max_model_len,
                 load_format=ro.load_format)
-
-
-@dataclass(frozen=True)
-class WorkerRolloutSpec:
-    """What the actor's workers build for a colocated rollout (it travels to them, so plain data)."""
-
-    name: str  # native | sglang
-    devices_per_replica: int  # the first worker of each replica holds its engine
-    bucket_megabytes: int  # weight sync from the shards into the engine
-    native: dict = field(default_factory=dict)  # NativeEngine.from_pretrained settings
-    sglang: tuple[dict, ...] = ()  # ServerArgs kwargs per replica
-    env: dict = field(default_factory=dict)  # the SGLang plan's environment
-
-    def leads(self, rank: int) -> bool:
-        return rank % self.devices_per_replica == 0
-
-    def engine_for(self, rank: int, model_path: str, device: str):
-        """In worker `rank`: its replica's engine, or None where another worker of the replica holds it."""
-        if not self.leads(rank):
-            return None
-        if self.name == "native":
-            from ascend_rl.rollout.native import NativeEngine
-
-            return NativeEngine.from_pretrained(model_path, device, **self.native)
-        from ascend_rl.rollout.sglang.engine import SGLangEngine
-
-        os.environ.update(self.env)  # SGLang's scheduler processes inherit this worker's environment
-        return SGLangEngine(self.sglang[rank // self.devices_per_replica])
-
-
-def worker_rollout_spec(cfg: DictConfig, device: str) -> WorkerRolloutSpec:
-    ro = cfg.actor_rollout_ref.rollout
-    if ro.name == "native":  # one engine per device: it has no tensor parallelism
-        return WorkerRolloutSpec("native", 1, 0, native=native_engine_kwargs(cfg))
-    from ascend_rl.config.layout import compute_layout
-    from ascend_rl.distributed.launch import uses_ray
-    from ascend_rl.platform import get_platform, worker_env
-    from ascend_rl.rollout.sglang.fields import current_fields
-    from ascend_rl.rollout.sglang.server_args import plan_server_args
-
-    layout = compute_layout(cfg, device).rollout
-    if layout.devices_per_replica > cfg.trainer.n_gpus_per_node:
-        raise UserError(f"a rollout replica of {layout.devices_per_replica} devices spans nodes: engines inside the "
-                        f"workers need replicas within a node for now; use "
-                        f"actor_rollout_ref.rollout.launch.mode=server")
-    environ = {**os.environ, **worker_env(device, os.environ)[0]}  # what the workers will see
-    noset = get_platform(device).noset_visible_devices_var
-    if noset and not uses_ray(cfg):  # worker processes on one node all see every device
-        environ[noset] = "1"
-    if noset and layout.devices_per_replica > 1 and environ.get(noset) != "1":
-        raise UserError(f"SGLang replicas of {layout.devices_per_replica} devices inside Ray workers need every worker "
-                        f"to see its node's devices: set {noset}=1")
-    plans = [plan_server_args(cfg, layout, device, current_fields(), environ, replica=r)
-             for r in range(layout.replicas)]
-    errors = [e for plan in plans for e in plan.errors]
-    if errors:
-        raise UserError(errors)
-    return WorkerRolloutSpec("sglang", layout.devices_per_replica, _bucket_mb(cfg),
-                             sglang=tuple(plan.kwargs for plan in plans), env=plans[0].env)
-
-
-@dataclass
-class ColocatedRollout(Rollout):
-    """The engines live in the actor's workers; a sync loads each from its workers' own shards."""
-
-    def sync_from(self, actor) -> PushStats:
-        return actor.sync_rollout_weights()
-
-
-def colocated_rollout(actors, spec: WorkerRolloutSpec) -> Rollout:
-    from ascend_rl.distributed.actor_group import WorkerEngines
-
-    engines = WorkerEngines(actors.group, spec)
-    where = f"the first of every {spec.devices_per_replica} " if spec.devices_per_replica > 1 else ""
-    return ColocatedRollout(engines, None, f"{len(engines.leaders)} {spec.name} engine(s) in {where}actor workers "
-                                           f"(colocated)")
 
 
 def build_rollout(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
@@ -142,7 +60,7 @@ def build_rollout(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     return builder(cfg, device, out_dir)
 
 
-def _bucket_mb(cfg: DictConfig) -> int:
+def bucket_megabytes(cfg: DictConfig) -> int:
     return cfg.actor_rollout_ref.rollout.checkpoint_engine.update_weights_bucket_megabytes
 
 
@@ -150,7 +68,7 @@ def _native_engine(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     from ascend_rl.rollout.native import NativeEngine
 
     engine = NativeEngine.from_pretrained(cfg.actor_rollout_ref.model.path, device, **native_engine_kwargs(cfg))
-    return Rollout(engine, TensorPush(engine, _bucket_mb(cfg)), f"native engine on {device}")
+    return Rollout(engine, TensorPush(engine, bucket_megabytes(cfg)), f"native engine on {device}")
 
 
 def _native_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
@@ -173,7 +91,7 @@ def _sglang_engine(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     plan = _server_args(cfg, device)
     os.environ.update(plan.env)  # the Engine's scheduler processes inherit the trainer's environment
     engine = SGLangEngine(plan.kwargs)
-    return Rollout(engine, TensorPush(engine, _bucket_mb(cfg)), f"sglang.Engine on {device}")
+    return Rollout(engine, TensorPush(engine, bucket_megabytes(cfg)), f"sglang.Engine on {device}")
 
 
 def _sglang_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
@@ -229,15 +147,15 @@ def _http_rollout(cfg: DictConfig, url: str, device: str, out_dir: Path, descrip
     if transport == "auto":  # device IPC handles need SGLang on both sides and a device to share
         transport = "tensor" if ro.name == "sglang" and device != "cpu" and installed_version() else "disk"
     if transport == "tensor":
-        push = TensorPush(engine, _bucket_mb(cfg))
+        push = TensorPush(engine, bucket_megabytes(cfg))
     elif transport == "distributed":
         from ascend_rl.platform import get_platform
         from ascend_rl.rollout.weight_group import address_towards
 
-        push = DistributedPush(engine, get_platform(device).comm_backend, address_towards(url), _bucket_mb(cfg),
+        push = DistributedPush(engine, get_platform(device).comm_backend, address_towards(url), bucket_megabytes(cfg),
                                server_ranks=engine.tp_size)
     else:
-        push = DiskPush(engine, out_dir / "rollout_weights", cfg.actor_rollout_ref.model.path, _bucket_mb(cfg))
+        push = DiskPush(engine, out_dir / "rollout_weights", cfg.actor_rollout_ref.model.path, bucket_megabytes(cfg))
     return Rollout(engine, push, f"{description} (weights by {transport})")
 
 

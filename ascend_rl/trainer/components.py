@@ -24,14 +24,8 @@ from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
-from ascend_rl.rollout.factory import (
-    Rollout,
-    WorkerRolloutSpec,
-    build_rollout,
-    colocated,
-    colocated_rollout,
-    worker_rollout_spec,
-)
+from ascend_rl.rollout.colocated import WorkerRolloutSpec, colocated, colocated_rollout, worker_rollout_spec
+from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.tracking import make_sinks
