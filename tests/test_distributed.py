@@ -385,3 +385,36 @@ def test_bf16_compute_keeps_fp32_master_weights_in_workers_and_in_one_process(ti
             assert mean_distance(weights, updated) < 0.25 * mean_distance(initial, updated)
     finally:
         group.close()
+
+
+def test_workers_may_start_processes_and_an_unclosed_group_does_not_hold_up_exit(tmp_path):
+    """SGLang's Engine starts scheduler processes inside a worker: workers must not be daemonic. And a driver
+    that never closes its group still exits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from ascend_rl.distributed.worker_group import ProcessWorkerGroup\n"
+        "if __name__ == '__main__':\n"
+        "    group = ProcessWorkerGroup(2, 'test_distributed:ChildStarter', {})\n"
+        "    print(group.call_all('start_child'))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0, 0]"  # each worker's own child process ran and exited cleanly
+
+
+class ChildStarter:
+    def __init__(self, rank, world_size):
+        pass
+
+    def start_child(self):
+        import multiprocessing
+
+        child = multiprocessing.get_context("spawn").Process(target=abs, args=(-1,))
+        child.start()
+        child.join(60)
+        return child.exitcode

@@ -7,6 +7,7 @@ with its traceback; a worker that dies stops it within a second, naming the rank
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import os
@@ -83,11 +84,16 @@ class ProcessWorkerGroup(WorkerGroup):
         self.conns, self.processes = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            process = ctx.Process(target=_worker_main, daemon=True, name=f"ascend-rl-worker-{rank}",
+            # Not daemonic: a worker may start processes of its own (SGLang's schedulers), which Python forbids
+            # daemonic processes. A worker whose driver is gone sees its pipe close and exits.
+            process = ctx.Process(target=_worker_main, daemon=False, name=f"ascend-rl-worker-{rank}",
                                   args=(rank, world_size, port, backend, threads, child, factory, kwargs))
             process.start()
             self.conns.append(parent)
             self.processes.append(process)
+        # Registered after multiprocessing's own exit handler, so it runs first: at exit the workers are told to
+        # stop before Python joins them (else a group nobody closed would keep the interpreter waiting).
+        atexit.register(self.close)
         self._collect("start-up")
 
     @property
@@ -134,6 +140,7 @@ class ProcessWorkerGroup(WorkerGroup):
                          f"during {what}")
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         for conn, process in zip(self.conns, self.processes):
             if process.is_alive():
                 with contextlib.suppress(BrokenPipeError, OSError):
