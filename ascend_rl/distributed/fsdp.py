@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -52,11 +53,15 @@ def shard_kwargs(mesh, settings: FsdpSettings) -> dict:
     return kwargs
 
 
-def compute_context(settings: FsdpSettings, device: str):
-    """One process (no FSDP): autocast gives the compute dtype that FSDP's mixed precision gives workers."""
+def place_for_compute(model: torch.nn.Module, mesh, settings: FsdpSettings, device_type: str):
+    """Shard `model` over `mesh` (FSDP2's mixed precision casts per layer) or, in one process, leave it whole;
+    returns the context every forward runs in: nothing under FSDP, autocast to the compute dtype without."""
+    if mesh is not None:
+        shard_model(model, mesh, settings)
+        return contextlib.nullcontext
     if settings.compute_dtype == settings.model_dtype:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=settings.compute_dtype)
+        return contextlib.nullcontext
+    return partial(torch.autocast, device_type=device_type, dtype=settings.compute_dtype)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -8,7 +8,6 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty
 from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
-from ascend_rl.distributed.fsdp import FsdpSettings, compute_context, full_tensor, reduce_over_ranks, shard_model
+from ascend_rl.distributed.fsdp import FsdpSettings, full_tensor, place_for_compute, reduce_over_ranks
 from ascend_rl.workers.model_io import logprob_metrics, response_log_probs
 
 
@@ -65,6 +64,13 @@ class OptimSettings:
 
 
 DCP_DIR = "dcp"  # inside a checkpoint's actor/ directory
+
+
+def load_policy(path: str, device: str, fsdp: FsdpSettings | None, mesh=None, gradient_checkpointing: bool = False):
+    """The model in `fsdp.model_dtype`, sharded over `mesh` when given, and the context its forwards run in."""
+    fsdp = fsdp or FsdpSettings()
+    model = load_model(path, device, gradient_checkpointing, fsdp.model_dtype)
+    return model, place_for_compute(model, mesh, fsdp, torch.device(device).type)
 
 
 def load_model(path: str, device: str, gradient_checkpointing: bool = False, dtype: torch.dtype = torch.float32):
@@ -115,12 +121,9 @@ class ReferencePolicy:
     """A frozen copy of the initial policy, for the KL term; FSDP2-sharded like the actor when given a mesh."""
 
     def __init__(self, model_path: str, device: str, settings: ReferenceSettings, mesh=None):
-        fsdp = settings.fsdp or FsdpSettings()
-        self.model = load_model(model_path, device, dtype=fsdp.model_dtype).eval().requires_grad_(False)
-        if mesh is not None:
-            shard_model(self.model, mesh, fsdp)
+        self.model, self._compute = load_policy(model_path, device, settings.fsdp, mesh)
+        self.model.eval().requires_grad_(False)
         self.device, self.settings = torch.device(device), settings
-        self._compute = partial(compute_context, fsdp if mesh is None else FsdpSettings(), self.device.type)
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
@@ -137,14 +140,9 @@ class Actor:
     def __init__(self, model_path: str, device: str, settings: ActorSettings, optim: OptimSettings,
                  gradient_checkpointing: bool = False, mesh=None, fsdp: FsdpSettings | None = None):
         self.settings = settings
-        fsdp = fsdp or FsdpSettings()
         self.device = torch.device(device)
-        self.model = load_model(model_path, device, gradient_checkpointing, fsdp.model_dtype)
+        self.model, self._compute = load_policy(model_path, device, fsdp, mesh, gradient_checkpointing)
         self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
-        if mesh is not None:
-            shard_model(self.model, mesh, fsdp)
-        # FSDP's mixed precision casts per layer; one process gets the same compute dtype from autocast.
-        self._compute = partial(compute_context, fsdp if mesh is None else FsdpSettings(), self.device.type)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim)
@@ -260,10 +258,7 @@ class Actor:
         """Resume from `save`'s shards, whatever the number of ranks that wrote them (DCP reshards on load)."""
         import torch.distributed.checkpoint as dcp
 
-        if not (path / DCP_DIR / ".metadata").is_file():
-            raise ValueError(f"{path}: no {DCP_DIR}/ shards (model and optimizer); the checkpoint is incomplete or "
-                             f"from an older ascend-rl")
-        sharded = self._sharded_state()
+        sharded = self._sharded_state()  # trainer/checkpoint.load_state checked the shards are there
         with _one_process_is_intended():
             dcp.load(sharded, checkpoint_id=path / DCP_DIR, no_dist=not dist.is_initialized())
         set_model_state_dict(self.model, sharded["model"])
