@@ -17,7 +17,7 @@ from tensordict import TensorDict
 
 from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
 from ascend_rl.distributed.fsdp import FsdpSettings
-from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
+from ascend_rl.rollout.protocol import GenerateOutput, per_prompt
 from ascend_rl.rollout.weight_sync import PushStats
 from ascend_rl.workers.actor import ReferenceSettings
 
@@ -146,8 +146,7 @@ class WorkerEngines:
 
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params, return_logprob: bool = False,
                  ) -> list[GenerateOutput]:
-        params = [sampling_params] * len(input_ids) if isinstance(sampling_params, SamplingParams) \
-            else list(sampling_params)
+        params = per_prompt(sampling_params, len(input_ids))
         shares = dict(zip(self.leaders, contiguous_partition(len(input_ids), len(self.leaders))))
         parts = self.group.call("generate", [([list(input_ids[i]) for i in shares.get(rank, [])],
                                               [params[i] for i in shares.get(rank, [])], return_logprob)

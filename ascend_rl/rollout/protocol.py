@@ -42,12 +42,18 @@ class SamplingParams:
         return cls(**values)
 
 
+def per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams], prompts: int) -> list[SamplingParams]:
+    """The protocol takes one SamplingParams for every prompt or a list with one per prompt: always the list."""
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * prompts
+    return list(sampling_params)
+
+
 def expand_samples(input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
                    ) -> tuple[list[list[int]], list[SamplingParams]]:
     """One n=1 request per sample, prompt i's samples at i·n … i·n + n − 1; sample j is seeded
     `sampling_seed + j`, so the samples of a group differ and the order is the protocol's."""
-    if isinstance(sampling_params, SamplingParams):
-        sampling_params = [sampling_params] * len(input_ids)
+    sampling_params = per_prompt(sampling_params, len(input_ids))
     if len(sampling_params) != len(input_ids):
         raise ValueError(f"{len(input_ids)} prompts but {len(sampling_params)} sampling_params")
     prompts, params = [], []
@@ -60,9 +66,7 @@ def expand_samples(input_ids: Sequence[Sequence[int]], sampling_params: Sampling
 
 def per_sample(values: Sequence, sampling_params: SamplingParams | Sequence[SamplingParams]) -> list:
     """One value per prompt (e.g. a request id) repeated for each of its n samples, in `expand_samples`' order."""
-    if isinstance(sampling_params, SamplingParams):
-        sampling_params = [sampling_params] * len(values)
-    return [value for value, p in zip(values, sampling_params) for _ in range(p.n)]
+    return [value for value, p in zip(values, per_prompt(sampling_params, len(values))) for _ in range(p.n)]
 
 
 @dataclass
