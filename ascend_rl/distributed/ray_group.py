@@ -22,11 +22,10 @@ class _RayWorker:
     def __init__(self, rank: int, world_size: int, local_rank: int, threads: int):
         import torch
 
-        from ascend_rl.platform import deterministic_requested
+        from ascend_rl.platform import follow_deterministic_mode
 
         torch.set_num_threads(threads)
-        if deterministic_requested(os.environ):  # trainer.deterministic, through the runtime environment
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        follow_deterministic_mode(os.environ)  # trainer.deterministic, through the runtime environment
         self.rank, self.world_size, self.local_rank, self.obj = rank, world_size, local_rank, None
 
     def rendezvous_address(self) -> tuple[str, int]:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch.multiprocessing as mp
 
 from ascend_rl.errors import UserError
-from ascend_rl.platform import deterministic_requested
+from ascend_rl.platform import follow_deterministic_mode
 
 
 class WorkerDied(UserError):
@@ -55,8 +55,7 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: i
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))  # one node: the rank is the device index
     torch.set_num_threads(threads)
-    if deterministic_requested(os.environ):  # trainer.deterministic: the driver set it before starting us
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    follow_deterministic_mode(os.environ)  # the driver set trainer.deterministic's variable before starting us
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         obj = build_worker_object(factory, rank, world_size, kwargs)

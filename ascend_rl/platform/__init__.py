@@ -147,15 +147,22 @@ def _ray_accelerator_ids(resource: str | None) -> list[str]:
 
 
 def make_deterministic(device: str, environ) -> list[str]:
-    """trainer.deterministic in this process: torch's deterministic algorithms, and the platform's switches in
-    `environ` (where unset), which worker processes started later inherit. Returns the names set."""
-    import torch
-
+    """trainer.deterministic in this process: the platform's switches in `environ` (where unset), which worker
+    processes started later inherit, and torch's deterministic algorithms. Returns the names set."""
     env, defaulted = _with_defaults(_deterministic_env(get_platform(device)), environ)
     environ.update(env)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, on an op without such a kernel
+    follow_deterministic_mode(environ)
     return defaulted
 
 
 def deterministic_requested(environ) -> bool:
     return environ.get(DETERMINISTIC_VAR) == "1"
+
+
+def follow_deterministic_mode(environ) -> None:
+    """In the driver and in every worker: torch's deterministic algorithms when trainer.deterministic asked
+    for them (warn, not fail, on an op without such a kernel)."""
+    import torch
+
+    if deterministic_requested(environ):
+        torch.use_deterministic_algorithms(True, warn_only=True)
