@@ -78,8 +78,8 @@ class RayWorkerGroup(WorkerGroup):
                             f"{timeout_s:.0f} s; the cluster has {dict(sorted(have.items()))} (are all nodes "
                             f"joined? `ray status`)")
         worker = ray.remote(_RayWorker)
-        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // (nnodes * per_node))
         world = nnodes * per_node
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // world)
         self.workers = [
             worker.options(num_cpus=1, **_device_request(resource),
                            runtime_env={"env_vars": env or {}},
