@@ -18,6 +18,7 @@ import torch
 
 from ascend_rl.data.collate import collate
 from ascend_rl.data.dataset import DataError, tokenize_prompt
+from ascend_rl.files import new_dir
 from ascend_rl.workers.model_io import response_log_probs
 
 
@@ -124,17 +125,11 @@ def run_sft(settings: SFTSettings, progress: bool = True) -> Path:
 
 
 def _save(model, tokenizer, source: str, out: Path) -> Path:
-    """Write next to `out` and rename into place, so an interrupted run leaves no half model."""
-    import shutil
-
+    """A new model directory, whole or not at all (an existing one is never replaced)."""
     from transformers import GenerationConfig
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    GenerationConfig.from_pretrained(source).save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    with new_dir(out, "ascend-rl sft") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig.from_pretrained(source).save_pretrained(tmp)
     return out

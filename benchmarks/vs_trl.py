@@ -45,7 +45,7 @@ def embedded_cfg(seed: int, steps: int, eval_every: int, out: Path):
 def worker_assets(seed: int, **_) -> dict:
     from ascend_rl.trainer.embedded import ensure_embedded_assets
 
-    ensure_embedded_assets(embedded_cfg(seed, 1, 0, Path("unused")), log=lambda m: None)
+    ensure_embedded_assets(seed)
     return {}
 
 

@@ -112,6 +112,18 @@ def test_load_prompts_applies_the_chat_template(tmp_path, tokenizer):
     assert records[0].ground_truth == "15" and records[0].data_source == "openai/gsm8k"
 
 
+def test_prompts_with_characters_the_tokenizer_cannot_represent_are_counted(tmp_path, tokenizer, caplog):
+    from ascend_rl.data.tasks import make_row, write_rows
+
+    rows = [make_row("arithmetic", q, "1", "1", "train", i) for i, q in enumerate(["1+0=", "½+½=", "1+0=", "π≈"])]
+    path = write_rows(rows, tmp_path / "odd.parquet")
+    with caplog.at_level("WARNING", logger="ascend_rl"):
+        records = load_prompts([path], tokenizer, max_prompt_length=64)
+    assert len(records) == 4
+    assert f"{path}: 2 of 4 prompts contain characters the tokenizer maps to its unknown token '<unk>' " \
+           "(first: prompt 1)" in caplog.text
+
+
 def test_chat_template_kwargs_pass_through(tmp_path, tokenizer):
     paths = convert_gsm8k([SAMPLE], tmp_path)
     tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)

@@ -5,36 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import A, fit, read_metrics, tiny_overrides
 from safetensors.torch import load_file
 
 from ascend_rl.cli.main import main
 from ascend_rl.config import load_config
 from ascend_rl.data.tasks import write_arithmetic
+from ascend_rl.errors import UserError
 from ascend_rl.trainer.components import build_components
 from ascend_rl.trainer.loop import RLTrainer
-
-A = "actor_rollout_ref"
-
-
-def tiny_overrides(task, out: Path, *extra):
-    model, data = task
-    return [f"{A}.model.path={model}", f"data.train_files={data}/train.parquet", f"data.val_files={data}/test.parquet",
-            "data.train_batch_size=4", "data.max_prompt_length=32", "data.max_response_length=4",
-            f"{A}.rollout.n=2", f"{A}.rollout.tensor_model_parallel_size=1", f"{A}.actor.ppo_mini_batch_size=2",
-            f"{A}.actor.ppo_micro_batch_size_per_gpu=2", f"{A}.actor.optim.lr=1e-3", "algorithm.adv_estimator=grpo",
-            "trainer.n_gpus_per_node=1", "trainer.device=cpu", "trainer.logger=[console]", "trainer.total_epochs=1",
-            "trainer.total_training_steps=4", "trainer.val_before_train=False", "trainer.test_freq=2",
-            f"trainer.default_local_dir={out}", "reward.num_workers=1", *extra]
-
-
-def fit(task, out, *extra):
-    cfg = load_config(tiny_overrides(task, out, *extra))
-    trainer = RLTrainer(build_components(cfg, show_progress=False))
-    return trainer, trainer.fit()
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loop_runs_and_logs_verl_metrics(task, tmp_path):
@@ -117,12 +96,16 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(task, tmp_path, monkeypa
 
     def crash(path):
         path.mkdir(parents=True)
-        raise OSError("disk full")
+        (path / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="checkpoint of step 6 could not be written .*No space left on device.*"
+                                        "earlier checkpoints are kept"):
         checkpoint.save_checkpoint(tmp_path / "run", 6, crash, {})
     assert checkpoint.latest_checkpoint(tmp_path / "run").name == "global_step_4"
     assert (tmp_path / "run" / "global_step_4" / "trainer_state.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "global_step" in p.name) == \
+        ["global_step_2", "global_step_4"]  # the partial checkpoint is gone
 
 
 CUSTOM = """
@@ -290,8 +273,12 @@ def test_resuming_a_checkpoint_without_its_shards_is_a_clear_error(task, tmp_pat
 
     fit(task, tmp_path / "run", "trainer.save_freq=1", "trainer.total_training_steps=1", "trainer.test_freq=0")
     shutil.rmtree(tmp_path / "run" / "global_step_1" / "actor" / "dcp")
-    with pytest.raises(UserError, match=r"global_step_1: no actor/dcp/ shards \(model and optimizer state\)"):
+    with pytest.raises(UserError, match=r"holds an earlier run \(global_step_1, metrics.jsonl, .*none of its "
+                                        r"checkpoints is complete"):
         fit(task, tmp_path / "run", "trainer.total_training_steps=2", "trainer.test_freq=0")
+    with pytest.raises(UserError, match=r"global_step_1/actor/dcp/.metadata: missing"):
+        fit(task, tmp_path / "run", "trainer.total_training_steps=2", "trainer.test_freq=0",
+            "trainer.resume_mode=resume_path", f"trainer.resume_from_path={tmp_path / 'run' / 'global_step_1'}")
 
 
 def test_prompt_and_response_longer_than_the_context_stop_at_start_up(task, tmp_path):

@@ -39,6 +39,14 @@ def test_requirements_files_use_the_pins():
     assert cuda["sglang"] == f"sglang=={CUDA['sglang']}"
 
 
+def test_the_npu_requirements_hold_every_core_dependency():
+    """The NPU install is `pip install --no-deps -e .` and then this file: a dependency missing here is missing
+    on the NPU machine."""
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!\[ ]", dep, maxsplit=1)[0] for dep in core} - {"torch"}
+    assert names <= set(requirements("requirements-npu.txt")), names - set(requirements("requirements-npu.txt"))
+
+
 @pytest.mark.parametrize("device", ["a2", "a3"])
 def test_npu_dockerfiles_use_the_base_image_and_the_install_script(device):
     text = (ROOT / "docker" / f"Dockerfile.npu-{device}").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ascend_rl.cli import data_cmd, doctor_cmd, export_cmd, plan_cmd, serve_cmd, sft_cmd, train_cmd
@@ -28,7 +29,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LevelPrefix(logging.Formatter):
+    """`warning: ...` like the CLI's own messages; info lines plain."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test's capture, a redirect made after start-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def show_logs() -> None:
+    """ascend-rl's own log lines on stderr (INFO and up); other libraries keep their own settings."""
+    logger = logging.getLogger("ascend_rl")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(_LevelPrefix())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    show_logs()
     parser = build_parser()
     # parse_known_args: overrides may come after options (`train --no-progress a.b=1 c.d=2`), which a
     # plain nargs='*' positional does not allow.

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if choose_config_name(args.overrides, args.config_name) == EMBEDDED_CONFIG_NAME:
         from ascend_rl.trainer.embedded import ensure_embedded_assets
 
-        ensure_embedded_assets(cfg)
+        ensure_embedded_assets(cfg.trainer.seed)
     plan = make_plan(cfg)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary_line(result) -> str:
+    if result.resumed_step >= result.steps:
+        return (f"the run in {result.out_dir} had already trained its {result.steps} steps: nothing to do (raise "
+                f"trainer.total_training_steps to continue it, or set trainer.default_local_dir for a new run)")
     keys = sorted(set(result.val_before) | set(result.val_after))
     accs = [k for k in keys if k.startswith("val-core/")]
     parts = [f"{k.removeprefix('val-core/')}: {result.val_before.get(k, float('nan')):.3f} → "

@@ -79,6 +79,8 @@ UNSUPPORTED = (
             "algorithm.adv_estimator=grpo"),
     Feature("ReMax in the trainer (it needs a greedy baseline rollout)",
             lambda c, w: c.algorithm.adv_estimator == "remax", "algorithm.adv_estimator=grpo"),
+    Feature("greedy training rollouts (rollout.do_sample=false: a group's samples would all be the same)",
+            lambda c, w: not c[A].rollout.do_sample, f"{A}.rollout.do_sample=true with rollout.temperature > 0"),
     Feature("reward models (reward.reward_model.enable)", lambda c, w: c.reward.reward_model.enable,
             "rule rewards or reward.custom_reward_function.path"),
 )

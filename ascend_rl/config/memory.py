@@ -47,9 +47,12 @@ def count_parameters(model_path: str | None) -> tuple[int | None, str]:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        try:
+            config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except Exception as err:  # a broken config.json: `train` names it at start-up; the plan only can't count
+            return None, f"unknown (config.json unreadable: {type(err).__name__})"
         return sum(p.numel() for p in model.parameters()), "config.json"
     match = _SIZE_IN_NAME.search(Path(model_path).name)
     if match:

@@ -6,6 +6,7 @@ is an error for `train` and a note for `plan`, which needs neither.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -24,7 +25,25 @@ WEIGHT_TRANSPORTS = ("auto", "tensor", "disk", "distributed")
 
 
 def validate(cfg: DictConfig, layout: Layout) -> list[str]:
-    return [*_check_choices(cfg), *_check_ranges(cfg), *_check_batches(cfg, layout), *_check_rollout(cfg, layout)]
+    return [*_check_choices(cfg), *_check_numbers(cfg), *_check_ranges(cfg), *_check_batches(cfg, layout),
+            *_check_rollout(cfg, layout)]
+
+
+def _check_numbers(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """NaN is never a setting (and passes every `<`/`>` range check silently, as comparisons with NaN are False)."""
+    errors = []
+    for key in cfg:
+        value = cfg._get_node(key)
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            errors += _check_numbers(value, path + ".")
+        elif isinstance(raw := value._value(), float) and math.isnan(raw):
+            errors.append(f"{path}=nan: not a number")
+    return errors
+
+
+def _finite(v) -> bool:
+    return v is None or math.isfinite(v)
 
 
 def _choice(key: str, value, valid) -> list[str]:
@@ -72,11 +91,14 @@ def _check_ranges(cfg: DictConfig) -> list[str]:
         (f"{A}.actor.clip_ratio_low", actor.clip_ratio_low, lambda v: 0 <= v < 1, "in [0, 1)"),
         (f"{A}.actor.clip_ratio_high", actor.clip_ratio_high, lambda v: v >= 0, ">= 0"),
         (f"{A}.actor.clip_ratio_c", actor.clip_ratio_c, lambda v: v > 1, "> 1 (dual clip)"),
-        (f"{A}.actor.optim.lr", actor.optim.lr, lambda v: v >= 0, ">= 0"),
+        (f"{A}.actor.optim.lr", actor.optim.lr, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
         (f"{A}.actor.ppo_epochs", actor.ppo_epochs, lambda v: v >= 1, ">= 1"),
         (f"{A}.rollout.n", ro.n, lambda v: v >= 1, ">= 1"),
-        (f"{A}.rollout.temperature", ro.temperature, lambda v: v >= 0, ">= 0"),
-        (f"{A}.rollout.val_kwargs.temperature", ro.val_kwargs.temperature, lambda v: v >= 0, ">= 0"),
+        # training computes log-probs of logits / temperature: 0 divides by zero (greedy is for validation)
+        (f"{A}.rollout.temperature", ro.temperature, lambda v: 0 < v < math.inf, "> 0 and finite (greedy decoding, "
+         "temperature 0, is for validation: rollout.val_kwargs.temperature)"),
+        (f"{A}.rollout.val_kwargs.temperature", ro.val_kwargs.temperature, lambda v: 0 <= v < math.inf,
+         ">= 0 and finite"),
         (f"{A}.rollout.top_p", ro.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
         (f"{A}.rollout.val_kwargs.top_p", ro.val_kwargs.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
         (f"{A}.rollout.top_k", ro.top_k, lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
@@ -89,11 +111,27 @@ def _check_ranges(cfg: DictConfig) -> list[str]:
         ("data.train_batch_size", cfg.data.train_batch_size, lambda v: v >= 1, ">= 1"),
         (f"{A}.actor.ppo_mini_batch_size", actor.ppo_mini_batch_size, lambda v: v >= 1, ">= 1"),
         ("trainer.nnodes", cfg.trainer.nnodes, lambda v: v >= 1, ">= 1"),
+        ("trainer.total_training_steps", cfg.trainer.total_training_steps, lambda v: v is None or v >= 1,
+         "null (from trainer.total_epochs) or >= 1"),
+        ("trainer.total_epochs", cfg.trainer.total_epochs, lambda v: v >= 1, ">= 1"),
+        (f"{A}.actor.clip_ratio_c", actor.clip_ratio_c, _finite, "finite"),
+        (f"{A}.actor.entropy_coeff", actor.entropy_coeff, _finite, "finite"),
+        (f"{A}.actor.kl_loss_coef", actor.kl_loss_coef, _finite, "finite"),
+        ("algorithm.kl_ctrl.kl_coef", cfg.algorithm.kl_ctrl.kl_coef, _finite, "finite"),
         ("trainer.n_gpus_per_node", cfg.trainer.n_gpus_per_node, lambda v: v >= 1, ">= 1"),
         ("algorithm.gamma", cfg.algorithm.gamma, lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("algorithm.lam", cfg.algorithm.lam, lambda v: 0 <= v <= 1, "in [0, 1]"),
     ]
-    return [f"{key}={value} must be {what}" for key, value, ok, what in rules if not ok(value)]
+    return [f"{key}={value} must be {what}" for key, value, ok, what in rules if not _holds(ok, value)]
+
+
+def _holds(rule, value) -> bool:
+    if isinstance(value, float) and math.isnan(value):
+        return True  # _check_numbers reports it
+    try:
+        return bool(rule(value))
+    except TypeError:  # a string where a number belongs (keys whose default is null have no type to check)
+        return False
 
 
 def _check_batches(cfg: DictConfig, layout: Layout) -> list[str]:

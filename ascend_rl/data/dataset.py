@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ascend_rl.errors import UserError
 
+log = logging.getLogger(__name__)
 TRUNCATIONS = ("error", "left", "right", "middle")
 
 
@@ -118,7 +120,21 @@ def load_prompts(
     if not records:
         raise DataError(f"{', '.join(map(str, files))}: no prompts left after filtering prompts longer than "
                         f"data.max_prompt_length={max_prompt_length}")
+    _warn_unknown_tokens(records, tokenizer, files)
     return records
+
+
+def _warn_unknown_tokens(records: list[PromptRecord], tokenizer, files: Sequence[str | Path]) -> None:
+    """Characters the tokenizer cannot represent become its unknown token: the model sees a different prompt
+    than the data holds. Not an error (a few odd characters are common), but worth a count."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    hit = [i for i, r in enumerate(records) if unk in r.input_ids]
+    if hit:
+        log.warning("%s: %d of %d prompts contain characters the tokenizer maps to its unknown token %r "
+                    "(first: prompt %d)", ", ".join(map(str, files)), len(hit), len(records),
+                    tokenizer.unk_token, hit[0])
 
 
 def _row_origin(files: Sequence[str | Path], index: int) -> str:

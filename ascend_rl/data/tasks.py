@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ascend_rl.errors import UserError
+from ascend_rl.files import new_file, refuse_existing
 
 ARITHMETIC_SOURCE = "arithmetic"
 GSM8K_SOURCE = "openai/gsm8k"
@@ -34,11 +35,9 @@ def make_row(data_source: str, question: str, answer: str, ground_truth: str, sp
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:
-    """Write atomically: a crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(path)
+    """A new parquet file, whole or not at all; an existing file is never replaced."""
+    with new_file(path, "ascend-rl data") as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
     return path
 
 
@@ -62,6 +61,8 @@ def write_arithmetic(out_dir: str | Path, n_train: int = 2300, n_test: int = 200
     """train.parquet and test.parquet (RL schema) and sft.parquet (the train prompts with their answers, for
     `ascend-rl sft`)."""
     out = Path(out_dir)
+    for name in ("train", "test", "sft"):  # before writing any: all three or none
+        refuse_existing(out / f"{name}.parquet", "ascend-rl data arithmetic")
     splits = arithmetic_rows(n_train, n_test, max_operand, seed)
     written = {split: write_rows(rows, out / f"{split}.parquet") for split, rows in splits.items()}
     sft = [{"prompt": r["prompt"], "response": r["reward_model"]["ground_truth"]} for r in splits["train"]]

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ascend_rl.algorithms import make_kl_controller
 from ascend_rl.config.validate import data_files
 from ascend_rl.data.dataset import PromptRecord, load_prompts
+from ascend_rl.data.model_dir import check_model_dir, load_tokenizer
 from ascend_rl.data.sampler import ResumableBatchSampler
 from ascend_rl.distributed.actor_group import ActorGroup
 from ascend_rl.distributed.fsdp import fsdp_settings
@@ -26,6 +27,7 @@ from ascend_rl.platform import make_deterministic, resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
 from ascend_rl.rollout.colocated import WorkerRolloutSpec, colocated, colocated_rollout, worker_rollout_spec
 from ascend_rl.rollout.factory import Rollout, build_rollout
+from ascend_rl.trainer.checkpoint import check_run_dir
 from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.tracking import make_sinks
@@ -101,6 +103,8 @@ class Components:
     def postfix(self, metrics: dict[str, float], val_metrics: dict[str, float]) -> dict[str, str]:
         shown = {"score": f"{metrics['critic/score/mean']:.3f}"}
         shown.update({k.split("/")[1] + "_acc": f"{v:.3f}" for k, v in val_metrics.items() if k.startswith("val-core/")})
+        if metrics.get("reward/failures"):
+            shown["fail"] = f"{metrics['reward/failures']:.0f}"  # failed rewards scored 0; the log says why
         return shown
 
     def write(self, message: str) -> None:
@@ -129,10 +133,9 @@ def total_training_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
 
 
 def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
-    from transformers import AutoTokenizer
-
     arr, data, t = cfg.actor_rollout_ref, cfg.data, cfg.trainer
-    seed = t.seed
+    seed, out_dir = t.seed, Path(t.default_local_dir)
+    check_run_dir(out_dir)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -140,7 +143,9 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     if t.deterministic:  # before any worker starts: they inherit the switches
         defaulted = make_deterministic(device, os.environ)
         print(f"ascend-rl: deterministic mode{': ' + ' '.join(defaulted) if defaulted else ''}", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer or arr.model.path)
+    check_model_dir(arr.model.path, "actor_rollout_ref.model.path")
+    tokenizer = load_tokenizer(*((data.tokenizer, "data.tokenizer") if data.tokenizer
+                                 else (arr.model.path, "actor_rollout_ref.model.path")))
     _check_context(cfg)
     load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,
                 reward_fn_key=data.reward_fn_key, filter_overlong_prompts=data.filter_overlong_prompts,
@@ -167,7 +172,6 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     kl = cfg.algorithm.kl_ctrl
     kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
         if cfg.algorithm.use_kl_in_reward else None
-    out_dir = Path(t.default_local_dir)
     return Components(
         cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref,
         # last: a launched server must not outlive a failed build

@@ -14,6 +14,8 @@ import torch
 from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages
 from ascend_rl.data.collate import collate
 from ascend_rl.distributed.worker_group import WorkerDied
+from ascend_rl.errors import UserError
+from ascend_rl.reward import log_failures
 from ascend_rl.rollout.protocol import SamplingParams
 from ascend_rl.trainer import checkpoint
 from ascend_rl.trainer.batch import RolloutBatch
@@ -28,6 +30,7 @@ class FitResult:
     val_before: dict[str, float]
     val_after: dict[str, float]
     out_dir: Path
+    resumed_step: int = 0
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:
@@ -57,7 +60,9 @@ class RLTrainer:
     def fit(self) -> FitResult:
         c, trainer_cfg = self.c, self.cfg.trainer
         try:
-            self.global_step = self.resume()
+            resumed_step = self.global_step = self.resume()
+            if resumed_step >= c.total_steps:
+                return FitResult(resumed_step, {}, {}, c.out_dir, resumed_step)
             c.open_sinks(self.global_step)
             self.sync_weights()
             val_before = {}
@@ -89,7 +94,7 @@ class RLTrainer:
         finally:
             c.close()  # scorer processes, worker processes and metric files, also when a step fails
         c.plot()
-        return FitResult(self.global_step, val_before, val_metrics, c.out_dir)
+        return FitResult(self.global_step, val_before, val_metrics, c.out_dir, resumed_step)
 
     def train_step(self, step: int) -> dict[str, float]:
         timings: dict[str, float] = {}
@@ -150,13 +155,13 @@ class RLTrainer:
         )
 
     def compute_rewards(self, batch: RolloutBatch) -> dict[str, float]:
-        """Rule/custom scores placed on each response's last token."""
+        """Rule/custom scores placed on each response's last token; why any failed is logged once a step."""
         scored = self.c.rewards.score(batch.data_source, batch.response_text, batch.ground_truth, batch.extra_info)
         scores = torch.zeros_like(batch["response_mask"])
         last = batch["response_mask"].sum(-1).long() - 1
         scores[torch.arange(len(batch)), last.clamp(min=0)] = torch.tensor([s.score for s in scored], dtype=scores.dtype)
         batch["token_level_scores"] = scores * batch["response_mask"]
-        return {"reward/failures": float(sum(s.error is not None for s in scored))}
+        return {"reward/failures": float(log_failures(scored))}
 
     def compute_old_log_probs(self, batch: RolloutBatch) -> dict[str, float]:
         old, entropy = self.c.actor.log_probs(batch.tensors)
@@ -211,8 +216,11 @@ class RLTrainer:
         if path is None:
             return 0
         state = checkpoint.load_state(path)
+        try:
+            c.sampler.load_state_dict(state["sampler"])
+        except ValueError as err:  # another dataset or data.seed than the checkpoint's run
+            raise UserError(f"cannot resume from {path}: {err}") from None
         c.actor.load_state(path / "actor", state["actor"])
-        c.sampler.load_state_dict(state["sampler"])
         checkpoint.restore_rng_state(state["rng"])
         if c.kl_controller is not None and state.get("kl_coef") is not None:
             c.kl_controller.value = state["kl_coef"]
