@@ -126,3 +126,17 @@ def test_the_embedded_default_never_writes_a_users_data(task, tmp_path, monkeypa
                  "trainer.val_before_train=False", "trainer.test_freq=0"])
     assert code == 0, capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ("import sys\nsys.exit(3)\n", "importing it failed: SystemExit: 3"),
+    ("raise ImportError('no module named sympy2')\n", "importing it failed: ImportError: no module named sympy2"),
+    ("x = 1\n", "defines no function 'compute_score'"),
+])
+def test_a_reward_file_that_fails_at_import_is_named(task, tmp_path, capsys, body, fragment):
+    reward = tmp_path / "my_reward.py"
+    reward.write_text(body)
+    code, err = run_cli(["train", "--no-progress", *tiny_overrides(task, tmp_path / "run",
+                                                                  f"reward.custom_reward_function.path={reward}")],
+                        capsys)
+    assert_one_line_error(code, err, fragment)

@@ -25,9 +25,10 @@ def long_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(long_model_dir):
+def server(long_model_dir, tmp_path_factory):
     engine = NativeEngine.from_pretrained(str(long_model_dir))
-    srv = make_server(engine, str(long_model_dir), port=0)
+    # weights may come from any of the tests' temporary directories
+    srv = make_server(engine, str(long_model_dir), port=0, weights_roots=[str(tmp_path_factory.getbasetemp())])
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv, engine
@@ -78,7 +79,7 @@ def test_error_answers_are_4xx_with_a_message(server, client):
         client.request("POST", "/generate", {"text": "hello"})
     with pytest.raises(HttpEngineError, match="404 no endpoint GET /nope"):
         client.request("GET", "/nope")
-    with pytest.raises(HttpEngineError, match="400 model_path '/nowhere': no"):
+    with pytest.raises(HttpEngineError, match="403 model_path '/nowhere' is outside this server's weights roots"):
         client.update_weights_from_disk("/nowhere")
     with pytest.raises(HttpEngineError, match="400 Requested token count exceeds the model's maximum context length"):
         client.generate([PROMPT], SamplingParams(max_new_tokens=40_000))

@@ -201,7 +201,8 @@ def test_attach_to_a_running_server_by_url(task, tmp_path):
     model, _ = task
     port = free_port()
     server = ServerProcess([sys.executable, "-m", "ascend_rl", "serve", "--model-path", str(model), "--port",
-                            str(port)], f"http://127.0.0.1:{port}", tmp_path / "serve.log")
+                            str(port), "--weights-root", str(tmp_path)], f"http://127.0.0.1:{port}",
+                           tmp_path / "serve.log")
     try:
         server.wait_until_healthy(120)
         # rollout.name=sglang needs no SGLang here: the server is SGLang-compatible and weights go by disk

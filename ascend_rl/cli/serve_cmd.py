@@ -1,26 +1,76 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+from ascend_rl.cli.argtypes import float_in, int_at_least
+
+API_KEY_ENV = "ASCEND_RL_API_KEY"
+
+
+def port_number(text: str) -> int:
+    port = int_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {port}")
+    return port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    positive = int_at_least(1)
     parser.add_argument("--model-path", required=True, help="HF model directory")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--port", type=port_number, default=30000, help="0: any free port")
     parser.add_argument("--device", default=None, help="cpu | cuda | npu (default: what this machine has)")
     # SGLang's flag names, so a launch_server command line carries over
-    parser.add_argument("--max-running-requests", type=int, default=256, help="rows decoded together (max_num_seqs)")
-    parser.add_argument("--max-prefill-tokens", type=int, default=8192,
+    parser.add_argument("--max-running-requests", type=positive, default=256,
+                        help="rows decoded together (max_num_seqs)")
+    parser.add_argument("--max-prefill-tokens", type=positive, default=8192,
                         help="prompt tokens prefilled per join (max_num_batched_tokens)")
-    parser.add_argument("--mem-fraction-static", type=float, default=None,
+    parser.add_argument("--mem-fraction-static", type=float_in(0, 1, low_open=True), default=None,
                         help="share of device memory (RAM on CPU) for weights and KV cache (gpu_memory_utilization); "
                              "default: no KV cache limit")
-    parser.add_argument("--context-length", type=int, default=None,
+    parser.add_argument("--context-length", type=positive, default=None,
                         help="longest prompt + max_new_tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                         help="dummy: build the model without reading its weights; they arrive by a weight update")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health stays open)")
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None,
+                     help=f"require 'Authorization: Bearer KEY' (health stays open); visible in ps: prefer "
+                          f"--api-key-file or the environment variable {API_KEY_ENV}")
+    key.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    # ours: the bounds of what a client can make this server do
+    parser.add_argument("--weights-root", action="append", default=None, metavar="DIR",
+                        help="/update_weights_from_disk reads only under this directory (repeatable; default: the "
+                             "model path's parent)")
+    parser.add_argument("--weights-group-timeout", type=float_in(0, 3600, low_open=True), default=30.0,
+                        metavar="SECONDS",
+                        help="how long /init_weights_update_group waits for its rendezvous (default: 30)")
+    # defaults None: request_checks.Limits' (importing it here would load torch for every command)
+    parser.add_argument("--max-request-bytes", type=positive, default=None,
+                        help="largest request body (default: 64 MiB; beyond: 413)")
+    parser.add_argument("--max-request-samples", type=positive, default=None,
+                        help="most samples (prompts × n) in one /generate request (default: 65536)")
+    parser.add_argument("--max-request-tokens", type=positive, default=None,
+                        help="most tokens (prompt + max_new_tokens, summed over the samples) in one /generate "
+                             "request (default: 2^27)")
     parser.set_defaults(run=run)
+
+
+def api_key(args: argparse.Namespace, environ=os.environ) -> str | None:
+    """--api-key or the first line of --api-key-file (argparse allows one), else $ASCEND_RL_API_KEY; None: no key."""
+    from pathlib import Path
+
+    from ascend_rl.errors import UserError
+
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--api-key-file {args.api_key_file}: cannot read it ({err})") from None
+        if not lines or not lines[0].strip():
+            raise UserError(f"--api-key-file {args.api_key_file}: the first line is empty")
+        return lines[0].strip()
+    return args.api_key or environ.get(API_KEY_ENV) or None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,17 +81,23 @@ def run(args: argparse.Namespace) -> int:
     from ascend_rl.platform import resolve_device
     from ascend_rl.rollout.http_server import make_server
     from ascend_rl.rollout.native import NativeEngine
+    from ascend_rl.rollout.request_checks import Limits
 
     if not (Path(args.model_path) / "config.json").is_file():
         raise UserError(f"--model-path {args.model_path}: not a Hugging Face model directory (no config.json)")
+    key = api_key(args)
     quiet_transformers()
     engine = NativeEngine.from_pretrained(args.model_path, resolve_device(args.device),
                                           max_num_seqs=args.max_running_requests,
                                           max_num_batched_tokens=args.max_prefill_tokens,
                                           memory_utilization=args.mem_fraction_static,
                                           context_length=args.context_length, load_format=args.load_format)
+    given = {"max_body_bytes": args.max_request_bytes, "max_samples": args.max_request_samples,
+             "max_tokens": args.max_request_tokens}
+    limits = Limits(**{name: value for name, value in given.items() if value is not None})
     try:
-        server = make_server(engine, args.model_path, args.host, args.port, args.api_key)
+        server = make_server(engine, args.model_path, args.host, args.port, key, weights_roots=args.weights_root,
+                             limits=limits, group_timeout_s=args.weights_group_timeout)
     except OSError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     print(f"serving {args.model_path} on http://{args.host}:{server.server_port} (SGLang endpoints, token in/out)",

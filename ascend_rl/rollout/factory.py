@@ -79,7 +79,9 @@ def _native_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     argv = [sys.executable, "-m", "ascend_rl", "serve", "--model-path", cfg.actor_rollout_ref.model.path,
             "--port", str(port), "--device", device, "--max-running-requests", str(ro.max_num_seqs),
             "--max-prefill-tokens", str(ro.max_num_batched_tokens),
-            "--mem-fraction-static", str(ro.gpu_memory_utilization), "--load-format", ro.load_format]
+            "--mem-fraction-static", str(ro.gpu_memory_utilization), "--load-format", ro.load_format,
+            # the server loads pushed weights only from where the trainer writes them (DiskPush)
+            "--weights-root", str((out_dir / "rollout_weights").resolve())]
     if ro.max_model_len:
         argv += ["--context-length", str(ro.max_model_len)]
     return _launched(cfg, argv, port, {}, device, out_dir, "native server")

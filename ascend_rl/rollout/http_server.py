@@ -4,20 +4,29 @@ Endpoint names and JSON shapes are SGLang's (token in, token out: the `skip_toke
 uses), so one client (`http_client.HttpEngine`) talks to a real SGLang server and to this one. Served by
 FastAPI on uvicorn, as SGLang is: each request runs the engine call in a worker thread, so concurrent
 /generate requests join one running batch (the engine's continuous batching), and abort/pause reach it
-while it decodes. Weight and memory calls run one at a time.
+while it decodes. Weight and memory calls run one at a time; a weight-group join waits for its rendezvous
+outside that lock, for a bounded time. Every body is checked (`request_checks`) before the engine sees it: a
+bad one is a 4xx that names the field, never a 500.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
+import logging
+import signal
 import socket
 import threading
 import uuid
 from http import HTTPStatus
 from pathlib import Path
 
-from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, per_sample
+from ascend_rl.rollout import request_checks as checks
+from ascend_rl.rollout.protocol import GenerateOutput, per_sample
+from ascend_rl.rollout.request_checks import ApiError, Limits
+
+logger = logging.getLogger(__name__)
 
 
 class EventStream:
@@ -47,12 +56,6 @@ class EventStream:
                 pass
 
 
-class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 def output_json(out: GenerateOutput, rid: str, return_logprob: bool, weight_version: str) -> dict:
     """One generation in SGLang's /generate output shape."""
     meta = {"id": rid, "finish_reason": finish_reason_json(out), "prompt_tokens": out.prompt_tokens,
@@ -73,18 +76,30 @@ def finish_reason_json(out: GenerateOutput) -> dict | None:
 
 
 class EngineService:
-    """The endpoints, independent of HTTP plumbing: name → handler(body) → JSON-able result."""
+    """The endpoints, independent of HTTP plumbing: name → handler(body) → JSON-able result.
 
-    def __init__(self, engine, model_path: str):
+    `weights_roots`: the directories /update_weights_from_disk may read under (default: the model path's
+    parent); `group_timeout_s`: how long /init_weights_update_group waits for its rendezvous."""
+
+    def __init__(self, engine, model_path: str, weights_roots: list[str] | None = None, limits: Limits | None = None,
+                 group_timeout_s: float = 30.0):
         self.engine, self.model_path = engine, model_path
+        self.weights_roots = [Path(r).resolve() for r in weights_roots or [Path(model_path).resolve().parent]]
+        self.limits, self.group_timeout_s = limits or Limits(), group_timeout_s
         self.weight_version = "default"
+        model = getattr(engine, "model", None)
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.shapes = {name: list(p.shape) for name, p in model.named_parameters()} if model is not None else {}
         self._lock = threading.Lock()  # weight and memory calls: one at a time
         self._request_ids = itertools.count(1)  # next() is atomic: requests arrive on several threads
         self._groups: dict[str, object] = {}  # weight-update process groups by name
+        self._joining: set[str] = set()  # group names a join is waiting for
+        self._closing = threading.Event()
 
     def routes(self) -> dict[tuple[str, str], tuple[object, bool]]:
         """(method, path) → (handler(body), whether it takes the lock). Generation and the calls that act on
-        a generation in progress (abort, pause) must not wait for the lock."""
+        a generation in progress (abort, pause) must not wait for the lock; nor must a group join, whose
+        rendezvous may take long (it locks for its bookkeeping only)."""
         unlocked = {
             ("GET", "/health"): lambda b: "",
             ("GET", "/model_info"): self.model_info,
@@ -94,6 +109,7 @@ class EngineService:
             ("POST", "/abort_request"): self.abort_request,
             ("POST", "/pause_generation"): self.pause_generation,
             ("POST", "/continue_generation"): self.continue_generation,
+            ("POST", "/init_weights_update_group"): self.init_weights_update_group,
         }
         locked = {
             ("POST", "/release_memory_occupation"): self.release,
@@ -101,35 +117,41 @@ class EngineService:
             ("GET", "/flush_cache"): self.flush_cache,
             ("POST", "/flush_cache"): self.flush_cache,
             ("POST", "/update_weights_from_disk"): self.update_weights_from_disk,
-            ("POST", "/init_weights_update_group"): self.init_weights_update_group,
             ("POST", "/update_weights_from_distributed"): self.update_weights_from_distributed,
             ("POST", "/destroy_weights_update_group"): self.destroy_weights_update_group,
         }
         return {**{k: (h, False) for k, h in unlocked.items()}, **{k: (h, True) for k, h in locked.items()}}
 
-    def handle(self, method: str, path: str, body: dict):
+    def handle(self, method: str, path: str, raw: bytes):
+        """Answer one request whose body is `raw` (JSON bytes)."""
         handler, locked = self.routes().get((method, path), (None, False))
         if handler is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}")
         try:
+            body = checks.json_object(raw)
             if not locked:
                 return handler(body)
             with self._lock:
                 return handler(body)
-        except ValueError as err:  # the request's fault: bad sampling keys, too long, unknown tags
+        except ValueError as err:  # the request's fault: a field's type or value, too long, unknown tags
             raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
         except RuntimeError as err:  # the engine's state: memory released, requests running
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(err)) from None
 
+    def close(self) -> None:
+        """The server is stopping: running generations end (finish reason abort) and waits give up, so that
+        every answer goes out within seconds."""
+        self._closing.set()
+        self.engine.abort_request(None, abort_all=True)
+
     def abort_request(self, body: dict) -> str:
-        self.engine.abort_request(body.get("rid") or None, bool(body.get("abort_all", False)))
+        rid, abort_all = checks.request_ids(body), checks.flag(body, "abort_all")
+        for one in [rid] if isinstance(rid, str) else rid or [None]:
+            self.engine.abort_request(one or None, abort_all)  # "" is no rid, as in SGLang
         return ""
 
     def pause_generation(self, body: dict) -> dict:
-        try:
-            self.engine.pause_generation(body.get("mode", "abort"))
-        except ValueError as err:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+        self.engine.pause_generation(checks.text(body, "mode", "abort"))  # an unknown mode: ValueError, 400
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     def continue_generation(self, body: dict) -> dict:
@@ -141,39 +163,20 @@ class EngineService:
                 "weight_version": self.weight_version}
 
     def generate(self, body: dict):
-        if "text" in body:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "this server runs token-in/token-out (skip_tokenizer_init): "
-                                                   "send input_ids, not text")
-        ids = body.get("input_ids")
-        single = bool(ids) and isinstance(ids[0], int)
-        prompts = [ids] if single else ids
-        if not prompts or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "input_ids must be a non-empty list of token ids or of such lists")
-        raw = body.get("sampling_params") or {}
-        raw_list = raw if isinstance(raw, list) else [raw] * len(prompts)
-        if len(raw_list) != len(prompts):
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts but {len(raw_list)} sampling_params")
-        try:
-            params = [SamplingParams.from_dict(p) for p in raw_list]
-        except (TypeError, ValueError) as err:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
-        return_logprob = bool(body.get("return_logprob", False))
-        rid = body.get("rid")
-        rids = None if rid is None else ([rid] * len(prompts) if isinstance(rid, str) else list(rid))
-        if rids is not None and len(rids) != len(prompts):
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts but {len(rids)} rids")
-        if body.get("stream"):
+        req = checks.generate_request(body, self.vocab_size, self.limits)
+        rids = req.rids
+        if req.stream:
             stream = getattr(self.engine, "generate_stream", None)
             if stream is None:
                 raise ApiError(HTTPStatus.BAD_REQUEST, "stream=true: this engine does not stream")
-            rids = rids or [f"stream-{uuid.uuid4().hex}" for _ in prompts]  # so a reader that leaves can abort
-            updates = stream(prompts, params, rids=rids)  # a bad request raises here: a 400, not a broken stream
-            return EventStream(self._stream_chunks(updates, self._names(rids, params), return_logprob),
+            rids = rids or [f"stream-{uuid.uuid4().hex}" for _ in req.prompts]  # so a reader that leaves can abort
+            updates = stream(req.prompts, req.params, rids=rids)  # a bad request raises here: 400, not a broken stream
+            return EventStream(self._stream_chunks(updates, self._names(rids, req.params), req.return_logprob),
                                abort=lambda: [self.engine.abort_request(rid) for rid in set(rids)])
-        outputs = self.engine.generate(prompts, params, return_logprob=return_logprob, rids=rids)
-        names = self._names(rids, params)
-        results = [output_json(out, name, return_logprob, self.weight_version) for out, name in zip(outputs, names)]
-        return results[0] if single and len(results) == 1 else results
+        outputs = self.engine.generate(req.prompts, req.params, return_logprob=req.return_logprob, rids=rids)
+        names = self._names(rids, req.params)
+        results = [output_json(out, name, req.return_logprob, self.weight_version) for out, name in zip(outputs, names)]
+        return results[0] if req.single and len(results) == 1 else results
 
     def _names(self, rids, params) -> list[str]:
         """Each sample's id: its request's rid, else a running number."""
@@ -198,11 +201,11 @@ class EngineService:
             yield {"error": {"message": str(err), "type": type(err).__name__, "code": 500, "retryable": False}}
 
     def release(self, body: dict) -> str:
-        self.engine.release_memory_occupation(body.get("tags"))
+        self.engine.release_memory_occupation(checks.memory_tags(body))
         return ""
 
     def resume(self, body: dict) -> str:
-        self.engine.resume_memory_occupation(body.get("tags"))
+        self.engine.resume_memory_occupation(checks.memory_tags(body))
         return ""
 
     def flush_cache(self, body: dict) -> str:
@@ -210,60 +213,76 @@ class EngineService:
         return "Cache flushed."
 
     def update_weights_from_disk(self, body: dict) -> dict:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = Path(body.get("model_path") or "")
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-        if not files:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"model_path {str(path)!r}: no *.safetensors files")
-        tensors = {}
-        for file in files:
-            tensors.update(load_file(str(file)))
-        known = dict(self.engine.model.named_parameters())
-        try:
-            self.engine.update_weights_from_tensor((k, v) for k, v in tensors.items() if k in known)
-        except (KeyError, RuntimeError) as err:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
-        self._weights_updated(body)
+        path = checks.weights_dir(body, self.weights_roots)
+        version, flush = checks.after_update(body)
+        try:  # a link inside the directory may point out of the roots: such a file is not read
+            files = sorted(f for f in path.glob("*.safetensors") if checks.within(f.resolve(), self.weights_roots))
+            if not files:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"model_path {str(path)!r}: no *.safetensors files")
+            tensors = {}
+            for file in files:
+                tensors.update(load_file(str(file)))
+        except (OSError, SafetensorError) as err:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"model_path {str(path)!r}: {err}") from None
+        known = {name: tensor for name, tensor in tensors.items() if name in self.shapes}
+        checks.check_shapes(known, self.shapes)
+        self.engine.update_weights_from_tensor(known.items())
+        self._weights_updated(version, flush)
         return {"success": True, "message": f"Succeeded to update model weights from {path}.", "num_paused_requests": 0}
 
-    def _weights_updated(self, body: dict) -> None:
+    def _weights_updated(self, version: str | None, flush: bool) -> None:
         """What every weight update ends with: the new version label, and the cache flushed unless asked not to."""
-        self.weight_version = body.get("weight_version") or self.weight_version
-        if body.get("flush_cache", True):
+        self.weight_version = version or self.weight_version
+        if flush:
             self.engine.flush_cache()
 
     def init_weights_update_group(self, body: dict) -> dict:
-        from ascend_rl.rollout.weight_group import join_weight_group
+        from ascend_rl.rollout.weight_group import join_weight_group_within
 
-        try:
-            name = body.get("group_name", "weight_update_group")
-            self._groups[name] = join_weight_group(body.get("backend", "gloo"), body["master_address"],
-                                                   int(body["master_port"]), int(body["rank_offset"]),
-                                                   int(body["world_size"]), name)
-        except KeyError as err:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"init_weights_update_group: missing {err}") from None
+        join = checks.group_join(body)
+        name = join.group_name
+        with self._lock:
+            if name in self._groups or name in self._joining:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"weight update group {name!r} exists or is being joined")
+            self._joining.add(name)
+        try:  # without the lock: other weight and memory calls go on while this waits
+            group = join_weight_group_within(self.group_timeout_s, self._closing, join.backend, join.master_address,
+                                             join.master_port, join.rank_offset, join.world_size, name)
+        except Exception as err:  # torch's errors for an address that does not answer: the request's
+            with self._lock:
+                self._joining.discard(name)
+            if self._closing.is_set():
+                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down") from None
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"init_weights_update_group: {message}") from None
+        with self._lock:
+            self._joining.discard(name)
+            self._groups[name] = group
         return {"success": True, "message": f"joined weight update group {name}"}
 
     def update_weights_from_distributed(self, body: dict) -> dict:
         import torch
         import torch.distributed as dist
 
-        group = self._groups.get(body.get("group_name", "weight_update_group"))
+        group = self._groups.get(checks.group_name(body))
         if group is None:
             raise ApiError(HTTPStatus.BAD_REQUEST, "no weight update group: call /init_weights_update_group first")
-        tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=self.engine.device)
-                   for dtype, shape in zip(body["dtypes"], body["shapes"])]
+        bucket = checks.weight_bucket(body, self.shapes)
+        version, flush = checks.after_update(body)
+        tensors = [torch.empty(shape, dtype=dtype, device=self.engine.device) for _, dtype, shape in bucket]
         for tensor in tensors:  # in the order rank 0 broadcasts them
             dist.broadcast(tensor, src=0, group=group)
-        self.engine.update_weights_from_tensor(zip(body["names"], tensors))
-        self._weights_updated(body)
+        self.engine.update_weights_from_tensor((name, t) for (name, _, _), t in zip(bucket, tensors))
+        self._weights_updated(version, flush)
         return {"success": True, "message": f"received {len(tensors)} tensors"}
 
     def destroy_weights_update_group(self, body: dict) -> dict:
         import torch.distributed as dist
 
-        group = self._groups.pop(body.get("group_name", "weight_update_group"), None)
+        group = self._groups.pop(checks.group_name(body), None)
         if group is not None:
             dist.destroy_process_group(group)
         return {"success": True, "message": ""}
@@ -271,13 +290,17 @@ class EngineService:
 
 def create_app(service: EngineService, api_key: str | None = None):
     """The FastAPI app: every route of the service, SGLang's error shape, and with `api_key`, SGLang's
-    bearer check (health probes stay open, as in SGLang)."""
+    bearer check (the health probe stays open, as in SGLang)."""
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    class NanJSONResponse(JSONResponse):
+        def render(self, content) -> bytes:  # a NaN log-prob (a degenerate temperature) as in the stream: no 500
+            return json.dumps(content, separators=(",", ":")).encode()
 
     async def event_lines(stream: EventStream):
         finished = False
@@ -295,27 +318,42 @@ def create_app(service: EngineService, api_key: str | None = None):
             return StreamingResponse(event_lines(payload), media_type="text/event-stream")
         if isinstance(payload, str):
             return PlainTextResponse(payload, status_code=status)
-        return JSONResponse(payload, status_code=status)
+        return NanJSONResponse(payload, status_code=status)
 
     if api_key:
+        expected = f"Bearer {api_key}".encode()
+
         @app.middleware("http")
         async def check_api_key(request: Request, call_next):
-            if not request.url.path.startswith("/health") and \
-                    request.headers.get("Authorization") != f"Bearer {api_key}":
+            given = request.headers.get("Authorization", "").encode("latin-1")  # the header's own bytes
+            if request.url.path != "/health" and not hmac.compare_digest(given, expected):  # constant time
                 return JSONResponse({"error": "Unauthorized"}, status_code=HTTPStatus.UNAUTHORIZED)
             return await call_next(request)
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413) once it passes the limit: by its Content-Length before reading, else while
+        reading."""
+        limit = service.limits.max_body_bytes
+        too_large = ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"request body over {limit} bytes (--max-request-bytes)")
+        declared = request.headers.get("Content-Length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
     def endpoint(method: str, path: str):
         async def serve(request: Request) -> Response:
-            raw = await request.body()
             try:
-                body = json.loads(raw) if raw else {}
-                if not isinstance(body, dict):
-                    raise ApiError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
-                # The engine call blocks (decoding); a worker thread keeps the event loop serving.
-                return answer(HTTPStatus.OK, await run_in_threadpool(service.handle, method, path, body))
-            except json.JSONDecodeError as err:
-                return answer(HTTPStatus.BAD_REQUEST, {"error": {"message": f"request body is not JSON: {err}"}})
+                raw = await read_body(request)
+                # The engine call blocks (decoding): a worker thread keeps the event loop serving. A call
+                # cancelled at shutdown is left to its thread rather than waited for.
+                result = await anyio.to_thread.run_sync(service.handle, method, path, raw, abandon_on_cancel=True)
+                return answer(HTTPStatus.OK, result)
             except ApiError as err:
                 return answer(err.status, {"error": {"message": str(err)}})
         return serve
@@ -332,14 +370,27 @@ def create_app(service: EngineService, api_key: str | None = None):
 
 
 class HttpServer:
-    """uvicorn on a socket bound at construction (port 0 picks a free one; an address in use fails here)."""
+    """uvicorn on a socket bound at construction (port 0 picks a free one; an address in use fails here).
 
-    def __init__(self, app, host: str, port: int):
+    Stopping (SIGTERM, SIGINT, `shutdown`) calls `on_exit` first, so running requests end, then gives requests
+    still open `grace_s` before it cancels them: a stop takes seconds, whatever the requests wait for."""
+
+    def __init__(self, app, host: str, port: int, on_exit=lambda: None, grace_s: float = 5.0):
         import uvicorn
 
         self.socket = socket.create_server((host, port))
         self.server_port = self.socket.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self._on_exit = on_exit
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                     timeout_graceful_shutdown=grace_s))
+        uvicorn_exit = self._server.handle_exit
+
+        def handle_exit(sig, frame) -> None:  # uvicorn's signal handler (main thread only), ours first
+            logger.warning("%s: shutting down", signal.Signals(sig).name)
+            on_exit()
+            uvicorn_exit(sig, frame)
+
+        self._server.handle_exit = handle_exit
         self._stopped = threading.Event()
         self._stopped.set()
 
@@ -352,6 +403,7 @@ class HttpServer:
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop serving (from another thread) and wait until the server has let go of the socket."""
+        self._on_exit()
         self._server.should_exit = True
         self._stopped.wait(timeout_s)
 
@@ -359,6 +411,8 @@ class HttpServer:
         self.socket.close()
 
 
-def make_server(engine, model_path: str, host: str = "127.0.0.1", port: int = 30000,
-                api_key: str | None = None) -> HttpServer:
-    return HttpServer(create_app(EngineService(engine, model_path), api_key), host, port)
+def make_server(engine, model_path: str, host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None,
+                weights_roots: list[str] | None = None, limits: Limits | None = None, group_timeout_s: float = 30.0,
+                grace_s: float = 5.0) -> HttpServer:
+    service = EngineService(engine, model_path, weights_roots, limits, group_timeout_s)
+    return HttpServer(create_app(service, api_key), host, port, on_exit=service.close, grace_s=grace_s)

@@ -105,7 +105,9 @@ class NativeEngine:
         self._check_ready()
         prompts, params = expand_samples(input_ids, sampling_params)
         rids = per_sample(rids, sampling_params) if rids else [None] * len(prompts)
+        vocab = getattr(self.model.config, "vocab_size", None)
         for ids, p in zip(prompts, params):
+            p.verify(vocab)
             self._check_length(len(ids), p.max_new_tokens)
         epoch = self.control.epoch
         requests = [Request(ids, p, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]

@@ -16,4 +16,5 @@ if __name__ == "__main__":
     from ascend_rl.rollout.native import NativeEngine
 
     engine = NativeEngine.from_pretrained(args["model_path"], "cpu")
-    make_server(engine, args["model_path"], args["host"], int(args["port"])).serve_forever()
+    # real SGLang loads weights from any path a client names
+    make_server(engine, args["model_path"], args["host"], int(args["port"]), weights_roots=["/"]).serve_forever()
