@@ -197,7 +197,7 @@ def test_serve_command(tiny_model_dir):
         proc.wait(timeout=30)
     bad = subprocess.run([sys.executable, "-m", "ascend_rl", "serve", "--model-path", "/nowhere"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--model-path /nowhere: not a Hugging Face model directory" in bad.stderr
+    assert bad.returncode == 2 and "--model-path=/nowhere: no such directory" in bad.stderr
 
 
 def _generate_in_background(port, body):

@@ -74,17 +74,15 @@ def api_key(args: argparse.Namespace, environ=os.environ) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ascend_rl.cli.quiet import quiet_transformers
+    from ascend_rl.data.model_dir import check_model_dir
     from ascend_rl.errors import UserError
     from ascend_rl.platform import resolve_device
     from ascend_rl.rollout.http_server import make_server
     from ascend_rl.rollout.native import NativeEngine
     from ascend_rl.rollout.request_checks import Limits
 
-    if not (Path(args.model_path) / "config.json").is_file():
-        raise UserError(f"--model-path {args.model_path}: not a Hugging Face model directory (no config.json)")
+    check_model_dir(args.model_path, "--model-path", weights=args.load_format != "dummy")
     key = api_key(args)
     quiet_transformers()
     engine = NativeEngine.from_pretrained(args.model_path, resolve_device(args.device),
