@@ -13,11 +13,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from ascend_rl.data.collate import collate
-from ascend_rl.data.dataset import DataError, tokenize_prompt
+from ascend_rl.data.dataset import DataError, is_messages, tokenize_prompt
+from ascend_rl.data.model_dir import check_model_dir, load_tokenizer
 from ascend_rl.files import new_dir
 from ascend_rl.workers.model_io import response_log_probs
 
@@ -44,7 +46,10 @@ def read_sft_pairs(files, tokenizer) -> list[tuple[list[int], list[int]]]:
     for path in files:
         if not Path(path).is_file():
             raise DataError(f"{path}: no such file")
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: not a readable parquet file ({err})") from None
         for column in ("prompt", "response"):
             if column not in table.column_names:
                 raise DataError(f"{path}: missing column {column!r} (columns: {', '.join(table.column_names)})")
@@ -52,7 +57,7 @@ def read_sft_pairs(files, tokenizer) -> list[tuple[list[int], list[int]]]:
             prompt, response = row["prompt"], row["response"]
             if isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}]
-            if not isinstance(response, str) or not isinstance(prompt, list):
+            if not isinstance(response, str) or not is_messages(prompt):
                 raise DataError(f"{path}: row {i}: 'prompt' must be messages or a string and 'response' a string")
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             pairs.append((tokenize_prompt(tokenizer, prompt), response_ids))
@@ -75,12 +80,13 @@ def exact_match(model, tokenizer, pairs, engine=None) -> float:
 
 def run_sft(settings: SFTSettings, progress: bool = True) -> Path:
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    check_model_dir(settings.model_path, "--model")
+    tokenizer = load_tokenizer(settings.model_path, "--model")
     model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=torch.float32)
     pairs = read_sft_pairs(settings.train_files, tokenizer)
     rng = random.Random(settings.seed)

@@ -158,3 +158,13 @@ def test_export_verifies_what_it_ships(run, tmp_path, capsys):
     assert "skipping checkpoint global_step_2" in capsys.readouterr().err
     assert main(["export", str(run), str(tmp_path / "good")]) == 2  # never over an existing directory
     assert "exists; ascend-rl export writes a new one" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(task, run, tmp_path):
+    from ascend_rl.data.tiny_model import TinyModelSpec, build_tiny_model
+
+    other = build_tiny_model(tmp_path / "wider", TinyModelSpec(hidden_size=64, intermediate_size=128))
+    with pytest.raises(UserError, match=r"cannot resume from .*global_step_2: its model or optimizer state does "
+                                        r"not fit this run's model"):
+        fit((other, task[1]), tmp_path / "new", "trainer.resume_mode=resume_path",
+            f"trainer.resume_from_path={run / 'global_step_2'}")

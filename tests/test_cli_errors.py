@@ -64,6 +64,11 @@ def test_a_broken_model_directory_is_named(task, tmp_path, capsys, damage):
     model = damaged_model(task[0], tmp_path, damage)
     code, err = run_cli(["train", "--no-progress", *tiny_overrides((model, task[1]), tmp_path / "run")], capsys)
     assert_one_line_error(code, err, MODEL_DAMAGE[damage])
+    code, err = run_cli(["sft", "--model", model, "--data", task[1] / "sft.parquet", "--out", tmp_path / "sft"], capsys)
+    assert_one_line_error(code, err, MODEL_DAMAGE[damage])
+    if damage != "no tokenizer":  # serve is token in, token out
+        code, err = run_cli(["serve", "--model-path", model, "--port", "0"], capsys)
+        assert_one_line_error(code, err, MODEL_DAMAGE[damage])
 
 
 BAD_TRAIN = {

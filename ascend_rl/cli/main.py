@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         for message in err.messages:
             print(f"error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine refused (disk full, permissions, a path that vanished): not a bug
+        print(f"error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+from ascend_rl.config import schema
 from ascend_rl.config.layout import Layout
 from ascend_rl.rollout.sglang.fields import installed_version
 
@@ -37,9 +38,15 @@ def _check_numbers(cfg: DictConfig, prefix: str = "") -> list[str]:
         path = f"{prefix}{key}"
         if isinstance(value, DictConfig):
             errors += _check_numbers(value, path + ".")
-        elif isinstance(raw := value._value(), float) and math.isnan(raw):
+        elif isinstance(raw := value._value(), float) and math.isnan(raw) and not _derived(path):
             errors.append(f"{path}=nan: not a number")
     return errors
+
+
+def _derived(path: str) -> bool:
+    """A key whose default interpolates another (`${...}`): a NaN there is the other key's, reported once."""
+    default = schema.known_keys().get(path)
+    return isinstance(default, str) and "${" in default
 
 
 def _finite(v) -> bool:

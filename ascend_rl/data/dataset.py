@@ -54,12 +54,15 @@ def read_prompt_rows(files: Sequence[str | Path], prompt_key: str = "prompt", re
     return rows
 
 
+def is_messages(value) -> bool:
+    """A non-empty list of {role, content} chat messages with string fields."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
 def _check_row(row: dict, path: Path, i: int, prompt_key: str, reward_fn_key: str) -> None:
     where = f"{path}: row {i}"
-    messages = row[prompt_key]
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    ):
+    if not is_messages(row[prompt_key]):
         raise DataError(f"{where}: column {prompt_key!r} must be a non-empty list of {{role, content}} messages")
     if not isinstance(row[reward_fn_key], str):
         raise DataError(f"{where}: column {reward_fn_key!r} must be a string, got {row[reward_fn_key]!r}")

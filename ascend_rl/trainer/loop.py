@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages
 from ascend_rl.data.collate import collate
@@ -220,7 +221,11 @@ class RLTrainer:
             c.sampler.load_state_dict(state["sampler"])
         except ValueError as err:  # another dataset or data.seed than the checkpoint's run
             raise UserError(f"cannot resume from {path}: {err}") from None
-        c.actor.load_state(path / "actor", state["actor"])
+        try:
+            c.actor.load_state(path / "actor", state["actor"])
+        except (RuntimeError, ValueError, KeyError, CheckpointException) as err:  # shards of another model
+            raise UserError(f"cannot resume from {path}: its model or optimizer state does not fit this run's "
+                            f"model ({_last_line(err)})") from None
         checkpoint.restore_rng_state(state["rng"])
         if c.kl_controller is not None and state.get("kl_coef") is not None:
             c.kl_controller.value = state["kl_coef"]
@@ -229,3 +234,9 @@ class RLTrainer:
 
     def _due(self, freq: int) -> bool:
         return freq is not None and freq > 0 and self.global_step % freq == 0
+
+
+def _last_line(err: BaseException) -> str:
+    """A worker's error arrives with its traceback; the last line says what went wrong."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
