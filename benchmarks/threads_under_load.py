@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 SETTINGS = {  # name → environment; "defaults" is what `ascend-rl train` chooses when the user sets nothing
     "defaults": {},
-    "2 threads, active wait": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
+    "2 threads, spinning wait (OpenMP's default)": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
     "2 threads, passive wait": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
 }
@@ -43,7 +43,8 @@ def prepare(work: Path) -> tuple[Path, Path]:
 
 
 def step_time(env_extra: dict, model: Path, data: Path, out: Path, busy: bool) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")}
     env.update(env_extra)
     cmd = [sys.executable, "-m", "ascend_rl", "train", "--no-progress", "--config-name", "embedded",
            f"actor_rollout_ref.model.path={model}", f"data.train_files={data}/train.parquet",
@@ -102,7 +103,7 @@ def main() -> None:
         work = Path(tmp)
         model, data = prepare(work)
         runs = [(r, name, busy) for r in range(args.repeats) for busy in (False, True) for name in SETTINGS]
-        for i, (r, name, busy) in enumerate(tqdm(runs, desc="runs", unit="run")):
+        for i, (_, name, busy) in enumerate(tqdm(runs, desc="runs", unit="run")):
             seconds = step_time(SETTINGS[name], model, data, work / f"run{i}", busy)
             times[name][int(busy)].append(seconds)
     write_report(times, args.out)

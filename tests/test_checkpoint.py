@@ -6,11 +6,11 @@ import pickle
 import shutil
 
 import pytest
+from helpers import fit, read_metrics
 
 from ascend_rl.cli.main import main
 from ascend_rl.errors import UserError
 from ascend_rl.trainer import checkpoint
-from helpers import fit, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,20 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(task, run, tmp_path):
                                         r"not fit this run's model"):
         fit((other, task[1]), tmp_path / "new", "trainer.resume_mode=resume_path",
             f"trainer.resume_from_path={run / 'global_step_2'}")
+
+
+def test_a_read_only_output_directory_stops_at_start_up(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() != 0:  # a real read-only directory (root writes anywhere, so it gets the kernel's answer below)
+        locked.chmod(0o500)
+    else:
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(UserError, match=r"trainer.default_local_dir=.*locked: cannot write there \(Permission denied\)"):
+        checkpoint.check_run_dir(locked)

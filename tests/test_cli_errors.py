@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
+from helpers import A, tiny_overrides
 
 from ascend_rl.cli.main import main
-from helpers import A, tiny_overrides
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:

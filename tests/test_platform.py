@@ -103,3 +103,24 @@ def test_deterministic_mode_sets_the_platform_switches_where_unset():
     ray_env, _ = worker_env("cuda", {}, deterministic=True)  # what Ray workers get in their runtime environment
     assert ray_env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "ASCEND_RL_DETERMINISTIC": "1"}
     assert worker_env("cuda", {})[0] == {}
+
+
+def test_openmp_waits_passively_unless_the_user_chose():
+    from ascend_rl.platform import apply_cpu_thread_defaults
+
+    env = {}
+    assert apply_cpu_thread_defaults(env) == ["OMP_WAIT_POLICY=PASSIVE"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert apply_cpu_thread_defaults(env) == [] and env["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_the_cli_sets_the_wait_policy_before_torch_starts(tmp_path):
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the CLI must set it first."""
+    import subprocess
+
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); from ascend_rl.cli.main import main; "
+            "assert 'torch' not in sys.modules; "
+            f"main(['data', 'arithmetic', {str(tmp_path / 'd')!r}, '--train-size', '4', '--test-size', '1']); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "PASSIVE"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ascend_rl.cli import data_cmd, doctor_cmd, export_cmd, plan_cmd, serve_cmd, sft_cmd, train_cmd
 from ascend_rl.errors import UserError
+from ascend_rl.platform import apply_cpu_thread_defaults
 
 COMMANDS = {
     "train": (train_cmd, "run RL training (no arguments: the embedded tiny model and task on this machine)"),
@@ -60,6 +62,7 @@ def show_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_cpu_thread_defaults(os.environ)  # before any command imports torch
     show_logs()
     parser = build_parser()
     # parse_known_args: overrides may come after options (`train --no-progress a.b=1 c.d=2`), which a

@@ -45,6 +45,21 @@ PLATFORMS: dict[str, Platform] = {
 }
 
 
+# OpenMP's worker threads wait for work by spinning. On a machine where any other process is busy, a spinning
+# thread takes the core the working one needs, and a step of the main job ran 20-30× slower; waiting passively
+# keeps a busy neighbour to its fair share (benchmarks/threads_under_load.py; the numbers in
+# docs/performance.md). It has to be in the environment before torch starts its OpenMP runtime.
+CPU_THREAD_DEFAULTS = (("OMP_WAIT_POLICY", "PASSIVE"),)
+
+
+def apply_cpu_thread_defaults(environ) -> list[str]:
+    """Set the defaults the user has not (this process, its workers and the servers it starts inherit them);
+    returns what was set."""
+    env, defaulted = _with_defaults(CPU_THREAD_DEFAULTS, environ)
+    environ.update(env)
+    return defaulted
+
+
 def get_platform(name: str) -> Platform:
     try:
         return PLATFORMS[name]
