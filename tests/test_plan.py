@@ -246,3 +246,16 @@ def test_plan_of_the_embedded_default_explains_unbuilt_assets(capsys):
     assert "input: embedded default: the tiny model, its SFT warm-up and the arithmetic data are built" in out
     assert "per step       64 prompts × n = 512 samples" in out
     assert "not built" not in out
+
+
+def test_data_paths_expand_the_home_directory(tmp_path, monkeypatch):
+    """verl's default data paths start with `~`: they name the user's home, as in verl."""
+    from ascend_rl.config.validate import data_files, missing_inputs
+    from ascend_rl.data.tasks import write_arithmetic
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_arithmetic(tmp_path / "data", n_train=10, n_test=2, max_operand=9)
+    assert data_files("~/data/train.parquet") == [str(tmp_path / "data" / "train.parquet")]
+    cfg = load_config([f"{A}.model.path={tmp_path}", "data.train_files='~/data/train.parquet'",
+                       "data.val_files=['~/data/test.parquet']"])
+    assert not [m for m in missing_inputs(cfg) if "data." in m]

@@ -188,9 +188,11 @@ def _check_rollout(cfg: DictConfig, layout: Layout) -> list[str]:
 
 
 def data_files(value) -> list[str]:
+    """One path or a list of them, `~` expanded (verl's default paths start with it)."""
     if value is None:
         return []
-    return [str(v) for v in value] if isinstance(value, (list, ListConfig)) else [str(value)]
+    values = value if isinstance(value, (list, ListConfig)) else [value]
+    return [str(Path(str(v)).expanduser()) for v in values]
 
 
 def missing_inputs(cfg: DictConfig) -> list[str]:
