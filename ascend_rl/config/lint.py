@@ -12,7 +12,9 @@ from functools import lru_cache
 
 from omegaconf import DictConfig, OmegaConf
 
-from ascend_rl.config import schema
+from ascend_rl.algorithms.registry import ADV_ESTIMATORS, POLICY_LOSSES
+from ascend_rl.config import schema, verl_names
+from ascend_rl.config.validate import LOGGERS, PROFILER_TOOLS
 
 A = "actor_rollout_ref"
 SGLANG_KW = f"+{A}.rollout.engine_kwargs.sglang"
@@ -58,7 +60,7 @@ LINT_RULES = (
 
 @dataclass(frozen=True)
 class Feature:
-    name: str
+    name: str | Callable[[DictConfig], str]
     requested: Callable[[DictConfig, int], bool]
     instead: str
 
@@ -81,6 +83,18 @@ UNSUPPORTED = (
             lambda c, w: c.algorithm.adv_estimator == "remax", "algorithm.adv_estimator=grpo"),
     Feature("greedy training rollouts (rollout.do_sample=false: a group's samples would all be the same)",
             lambda c, w: not c[A].rollout.do_sample, f"{A}.rollout.do_sample=true with rollout.temperature > 0"),
+    Feature(lambda c: f"verl's advantage estimator {c.algorithm.adv_estimator!r}",
+            lambda c, w: c.algorithm.adv_estimator in _verl_only(verl_names.ADV_ESTIMATORS, ADV_ESTIMATORS.names()),
+            f"one of {', '.join(ADV_ESTIMATORS.names())} (algorithm.adv_estimator)"),
+    Feature(lambda c: f"verl's policy loss {c[A].actor.policy_loss.loss_mode!r}",
+            lambda c, w: c[A].actor.policy_loss.loss_mode in _verl_only(verl_names.POLICY_LOSSES, POLICY_LOSSES.names()),
+            f"one of {', '.join(POLICY_LOSSES.names())} ({A}.actor.policy_loss.loss_mode)"),
+    Feature(lambda c: "verl's loggers " + ", ".join(sorted(set(_loggers(c)) - set(LOGGERS))),
+            lambda c, w: bool(set(_loggers(c)) - set(LOGGERS)),
+            f"trainer.logger from {', '.join(LOGGERS)} (metrics.jsonl in trainer.default_local_dir is always written)"),
+    Feature(lambda c: f"verl's profiler tool {c.global_profiler.tool!r}",
+            lambda c, w: c.global_profiler.tool in _verl_only(verl_names.PROFILER_TOOLS, PROFILER_TOOLS),
+            "global_profiler.tool=torch (or npu on Ascend)"),
     Feature("reward models (reward.reward_model.enable)", lambda c, w: c.reward.reward_model.enable,
             "rule rewards or reward.custom_reward_function.path"),
 )
@@ -109,4 +123,15 @@ def lint(cfg: DictConfig) -> list[str]:
 
 
 def unsupported_features(cfg: DictConfig, world_size: int) -> list[str]:
-    return [f"{f.name} is not built yet; for now use {f.instead}" for f in UNSUPPORTED if f.requested(cfg, world_size)]
+    return [f"{f.name(cfg) if callable(f.name) else f.name} is not built yet; for now use {f.instead}"
+            for f in UNSUPPORTED if f.requested(cfg, world_size)]
+
+
+def _loggers(cfg: DictConfig) -> list[str]:
+    logger = cfg.trainer.logger
+    return [logger] if isinstance(logger, str) else list(logger)
+
+
+def _verl_only(names, ours):
+    """Values verl registers and ascend-rl does not build."""
+    return set(names) - set(ours)

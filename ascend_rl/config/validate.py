@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
-from ascend_rl.config import schema
+from ascend_rl.config import schema, verl_names
 from ascend_rl.config.layout import Layout
 from ascend_rl.rollout.sglang.fields import installed_version
 
@@ -53,8 +53,11 @@ def _finite(v) -> bool:
     return v is None or math.isfinite(v)
 
 
-def _choice(key: str, value, valid) -> list[str]:
-    return [] if value in valid else [f"{key}={value!r}: expected one of {', '.join(map(str, valid))}"]
+def _choice(key: str, value, valid, verl_knows=()) -> list[str]:
+    """An error for a value neither we nor verl know; one verl knows and we lack is lint.unsupported_features'."""
+    if value in valid or value in verl_knows:
+        return []
+    return [f"{key}={value!r}: expected one of {', '.join(map(str, valid))}"]
 
 
 def _kl_kind_ok(kind: str) -> bool:
@@ -64,14 +67,15 @@ def _kl_kind_ok(kind: str) -> bool:
 def _check_choices(cfg: DictConfig) -> list[str]:
     actor, alg = cfg[A].actor, cfg.algorithm
     errors = [
-        *_choice("algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS.names()),
-        *_choice(f"{A}.actor.policy_loss.loss_mode", actor.policy_loss.loss_mode, POLICY_LOSSES.names()),
+        *_choice("algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS.names(), verl_names.ADV_ESTIMATORS),
+        *_choice(f"{A}.actor.policy_loss.loss_mode", actor.policy_loss.loss_mode, POLICY_LOSSES.names(),
+                 verl_names.POLICY_LOSSES),
         *_choice(f"{A}.actor.loss_agg_mode", actor.loss_agg_mode, LOSS_AGG_MODES),
         *_choice("algorithm.kl_ctrl.type", alg.kl_ctrl.type, KL_CONTROLLERS.names()),
         *_choice("data.truncation", cfg.data.truncation, TRUNCATION_MODES),
         *_choice("trainer.resume_mode", cfg.trainer.resume_mode, RESUME_MODES),
         *_choice(f"{A}.actor.strategy", actor.strategy, ("fsdp", "fsdp2", "megatron")),
-        *_choice("global_profiler.tool", cfg.global_profiler.tool, PROFILER_TOOLS),
+        *_choice("global_profiler.tool", cfg.global_profiler.tool, PROFILER_TOOLS, verl_names.PROFILER_TOOLS),
         *_choice(f"{A}.rollout.launch.mode", cfg[A].rollout.launch.mode, LAUNCH_MODES),
         *_choice(f"{A}.rollout.launch.weight_transport", cfg[A].rollout.launch.weight_transport, WEIGHT_TRANSPORTS),
     ]
@@ -86,7 +90,7 @@ def _check_choices(cfg: DictConfig) -> list[str]:
         errors.append("trainer.resume_mode=resume_path needs trainer.resume_from_path")
     loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
     errors += [f"trainer.logger: unknown logger {name!r}; expected some of {', '.join(LOGGERS)}"
-               for name in loggers if name not in LOGGERS]
+               for name in loggers if name not in LOGGERS + verl_names.LOGGERS]
     if cfg[A].model.path in (None, ""):
         errors.append(f"{A}.model.path is not set: give a local Hugging Face model directory")
     return errors
