@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from ascend_rl.config.loader import cache_dir
+from ascend_rl.files import new_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def ensure_embedded_assets(seed: int) -> Path:
     data_dir, base_model, sft_model = root / "arithmetic", root / "tiny-qwen3", root / "tiny-qwen3-sft"
     if not data_dir.exists():
         log.info("embedded default: writing the arithmetic task to %s", data_dir)
-        write_arithmetic(data_dir, seed=0)
+        with new_dir(data_dir, "the embedded default") as tmp:  # all three files or none
+            write_arithmetic(tmp, seed=0)
     if not sft_model.exists():
         if not base_model.exists():
             log.info("embedded default: building the tiny model in %s", base_model)
