@@ -10,3 +10,9 @@ class UserError(Exception):
     def __init__(self, messages: str | Sequence[str]):
         self.messages = [messages] if isinstance(messages, str) else list(messages)
         super().__init__("\n".join(self.messages))
+
+
+def first_line(err: BaseException) -> str:
+    """What a foreign exception says, on one line (its type name when it says nothing)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -79,6 +79,12 @@ def test_interpolations_follow_overrides():
     (f"{A}.actor.ppo_mini_batch=16", f"'{A}.actor.ppo_mini_batch_size'"),
     ("trainer.n_gpu_per_node=4", "'trainer.n_gpus_per_node'"),
     (f"+{A}.rollout.engine_kwargs.sglnag.attention_backend=ascend", f"'{A}.rollout.engine_kwargs.sglang'"),
+    # keys that only verl's whole tree has, and its open maps
+    (f"{A}.rollout.layerd_summon=True", f"'{A}.rollout.layered_summon'"),
+    ("reward_model.reward_manger=dapo", "'reward_model.reward_manager'"),
+    (f"+{A}.actor.optim.overide_optimizer_config.x=1", f"'{A}.actor.optim.override_optimizer_config'"),
+    ("data.imag_key=images", "'data.image_key'"),
+    (f"+{A}.modle.override_config.x=1", f"'{A}.model.override_config'"),
 ])
 def test_unknown_key_names_it_and_suggests(override, suggestion):
     with pytest.raises(ConfigError) as err:

@@ -20,12 +20,15 @@ def run(args: argparse.Namespace) -> int:
 
     source, out = Path(args.checkpoint), Path(args.out)
     refuse_existing(out, "ascend-rl export")
-    step_dir = source if (source / "actor").is_dir() else latest_checkpoint(source)
-    if step_dir is None:
-        raise UserError(f"{source}: neither a global_step_N checkpoint nor a run directory with a complete one")
-    # What is shipped must be what training saved: every file of actor/ against the checkpoint's manifest.
-    if problem := verify(step_dir, only="actor/"):
-        raise UserError(f"cannot export {step_dir}: {problem}")
+    if (source / "actor").is_dir():
+        # What is shipped must be what training saved: every file of actor/ against the checkpoint's manifest.
+        if problem := verify(source, only="actor/"):
+            raise UserError(f"cannot export {source}: {problem}")
+        step_dir = source
+    else:  # latest_checkpoint verifies what it returns
+        step_dir = latest_checkpoint(source)
+        if step_dir is None:
+            raise UserError(f"{source}: neither a global_step_N checkpoint nor a run directory with a complete one")
     model = step_dir / "actor"
     if not (model / "config.json").is_file() or not list(model.glob("*.safetensors")):
         raise UserError(f"{model}: no config.json and safetensors weights; the checkpoint is incomplete")

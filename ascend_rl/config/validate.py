@@ -30,17 +30,10 @@ def validate(cfg: DictConfig, layout: Layout) -> list[str]:
             *_check_rollout(cfg, layout)]
 
 
-def _check_numbers(cfg: DictConfig, prefix: str = "") -> list[str]:
+def _check_numbers(cfg: DictConfig) -> list[str]:
     """NaN is never a setting (and passes every `<`/`>` range check silently, as comparisons with NaN are False)."""
-    errors = []
-    for key in cfg:
-        value = cfg._get_node(key)
-        path = f"{prefix}{key}"
-        if isinstance(value, DictConfig):
-            errors += _check_numbers(value, path + ".")
-        elif isinstance(raw := value._value(), float) and math.isnan(raw) and not _derived(path):
-            errors.append(f"{path}=nan: not a number")
-    return errors
+    return [f"{path}=nan: not a number" for path in schema.leaf_paths(cfg)
+            if isinstance(value := OmegaConf.select(cfg, path), float) and math.isnan(value) and not _derived(path)]
 
 
 def _derived(path: str) -> bool:

@@ -8,7 +8,7 @@ import json
 import struct
 from pathlib import Path
 
-from ascend_rl.errors import UserError
+from ascend_rl.errors import UserError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 PROBE_TEXT = "Hello, world! 12+7=19"
@@ -39,7 +39,7 @@ def load_tokenizer(path: str | Path, key: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises many kinds for a broken tokenizer: all are the files' fault
         raise UserError(f"{key}={path}: cannot load the tokenizer: {type(err).__name__}: "
-                        f"{_first_line(err)}") from None
+                        f"{first_line(err)}") from None
     check_tokenizer(tokenizer, path, key)
     return tokenizer
 
@@ -59,7 +59,7 @@ def _check_config(where: Path, key: str) -> None:
     try:
         AutoConfig.from_pretrained(where)
     except Exception as err:  # an unknown model_type, wrong value types, ...
-        raise UserError(f"{config}: transformers cannot read it: {_first_line(err)}") from None
+        raise UserError(f"{config}: transformers cannot read it: {first_line(err)}") from None
 
 
 def _check_weights(where: Path, key: str) -> None:
@@ -101,7 +101,3 @@ def safetensors_problem(path: Path) -> str | None:
         return f"{size} bytes, but its header describes {8 + length + end}: truncated or damaged"
     return None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

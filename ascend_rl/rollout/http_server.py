@@ -22,6 +22,7 @@ import uuid
 from http import HTTPStatus
 from pathlib import Path
 
+from ascend_rl.errors import first_line
 from ascend_rl.rollout import request_checks as checks
 from ascend_rl.rollout.protocol import GenerateOutput, per_sample
 from ascend_rl.rollout.request_checks import ApiError, Limits
@@ -256,8 +257,7 @@ class EngineService:
                 self._joining.discard(name)
             if self._closing.is_set():
                 raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down") from None
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"init_weights_update_group: {message}") from None
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"init_weights_update_group: {first_line(err)}") from None
         with self._lock:
             self._joining.discard(name)
             self._groups[name] = group

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ascend_rl.errors import UserError
+from ascend_rl.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -240,4 +240,4 @@ def load_state(path: Path) -> dict:
     try:
         return torch.load(path / STATE_FILE, weights_only=True)
     except Exception as err:  # unpickling refuses anything but plain types: the file is not one we wrote
-        raise UserError(f"{path / STATE_FILE}: cannot load ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise UserError(f"{path / STATE_FILE}: cannot load ({type(err).__name__}: {first_line(err)})") from None
