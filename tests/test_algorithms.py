@@ -107,13 +107,13 @@ def test_remax():
     assert a.tolist() == [[0.5, 0.5, 0.0]]
 
 
-def test_reinforce_plus_plus_returns_reset_after_the_response():
+def test_reinforce_plus_plus_returns_ignore_padding():
     rewards = torch.tensor([[1.0, 0.0, 2.0, 5.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     _, returns = compute_advantages("reinforce_plus_plus", token_level_rewards=rewards, response_mask=mask,
                                     index=[0], gamma=0.5)
-    # G_3 = 5 (padding), then reset: G_2 = 2, G_1 = 0 + 0.5·2 = 1, G_0 = 1 + 0.5·1 = 1.5
-    assert returns.tolist() == [[1.5, 1.0, 2.0, 5.0]]
+    # verl: the padding's reward never enters and its return is 0: G_2 = 2, G_1 = 0 + 0.5·2 = 1, G_0 = 1.5
+    assert returns.tolist() == [[1.5, 1.0, 2.0, 0.0]]
 
 
 def test_reinforce_plus_plus_baseline_whitens_group_centred_scores():
@@ -190,12 +190,14 @@ def test_agg_modes_hand_worked():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     assert agg_loss(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
-    assert agg_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4 + 0) / 3)
-    assert agg_loss(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx((6 + 4 + 0) / 3 / 3)
-    assert agg_loss(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=10).item() == pytest.approx(10 / 3 / 10)
+    # verl: the sequence modes count the rows with a token (2 here, the third row is fully masked)
+    assert agg_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert agg_loss(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx((6 + 4) / 2 / 3)
+    assert agg_loss(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=10).item() == pytest.approx(10 / 2 / 10)
     assert agg_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
-    with pytest.raises(ValueError, match="valid: token-mean, seq-mean-token-sum"):
-        agg_loss(loss, mask, "token-sum")
+    assert agg_loss(loss, mask, "token-sum").item() == pytest.approx(10)
+    with pytest.raises(ValueError, match="valid: token-mean, token-sum, seq-mean-token-sum"):
+        agg_loss(loss, mask, "token-average")
 
 
 def test_kl_estimators_and_straight_through():
@@ -251,9 +253,9 @@ def test_dapo_pieces():
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo' \(algorithm.adv_estimator\); valid: gae, grpo"):
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo' \(algorithm.adv_estimator\); valid: gae, gdpo, gpg"):
         compute_advantages("ppo")
-    with pytest.raises(ValueError, match="valid: cispo, gpg, gspo, sapo, vanilla"):
+    with pytest.raises(ValueError, match="valid: bypass_mode, cispo, clip_cov, dppo_kl, dppo_tv, dro, geo_mean"):
         compute_policy_loss("clip")
 
 

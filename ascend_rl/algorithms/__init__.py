@@ -12,8 +12,9 @@ Extend from user code with the decorators:
 then set `algorithm.adv_estimator=my_estimator`.
 """
 
+from ascend_rl.algorithms import advantages_otb, policy_losses_cov, rollout_correction  # noqa: F401  (register)
 from ascend_rl.algorithms.advantages import compute_advantages, register_adv_estimator
-from ascend_rl.algorithms.aggregation import agg_denominator, agg_loss
+from ascend_rl.algorithms.aggregation import agg_denominator, agg_loss, global_counts
 from ascend_rl.algorithms.dapo import groups_with_signal, overlong_penalty
 from ascend_rl.algorithms.kl import (
     AdaptiveKLController,
@@ -23,6 +24,7 @@ from ascend_rl.algorithms.kl import (
     make_kl_controller,
 )
 from ascend_rl.algorithms.logits import entropy_from_logits, log_probs_from_logits
+from ascend_rl.algorithms.loss_settings import policy_loss_kwargs
 from ascend_rl.algorithms.masked import masked_mean, masked_var, masked_whiten
 from ascend_rl.algorithms.policy_losses import compute_policy_loss, register_policy_loss
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
@@ -31,7 +33,7 @@ from ascend_rl.algorithms.value_loss import value_loss
 __all__ = [
     "ADV_ESTIMATORS", "KL_ESTIMATORS", "LOSS_AGG_MODES", "POLICY_LOSSES",
     "AdaptiveKLController", "FixedKLController", "agg_denominator", "agg_loss", "apply_kl_in_reward",
-    "compute_advantages", "compute_policy_loss", "entropy_from_logits", "groups_with_signal", "kl_penalty",
-    "log_probs_from_logits", "make_kl_controller", "masked_mean", "masked_var", "masked_whiten",
-    "overlong_penalty", "register_adv_estimator", "register_policy_loss", "value_loss",
+    "compute_advantages", "compute_policy_loss", "entropy_from_logits", "global_counts", "groups_with_signal",
+    "kl_penalty", "log_probs_from_logits", "make_kl_controller", "masked_mean", "masked_var", "masked_whiten",
+    "overlong_penalty", "policy_loss_kwargs", "register_adv_estimator", "register_policy_loss", "value_loss",
 ]

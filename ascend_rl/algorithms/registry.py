@@ -43,4 +43,4 @@ ADV_ESTIMATORS: Registry = Registry("advantage estimator", "algorithm.adv_estima
 POLICY_LOSSES: Registry = Registry("policy loss", "actor_rollout_ref.actor.policy_loss.loss_mode")
 KL_ESTIMATORS: Registry = Registry("KL estimator", "actor_rollout_ref.actor.kl_loss_type / algorithm.kl_penalty")
 KL_CONTROLLERS: Registry = Registry("KL controller", "algorithm.kl_ctrl.type")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
