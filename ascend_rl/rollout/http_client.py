@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples
 
@@ -29,13 +28,6 @@ def parse_output(item: dict) -> GenerateOutput:
     logprobs = [entry[0] for entry in meta.get("output_token_logprobs") or []]
     return GenerateOutput(list(item["output_ids"]), finish.get("type", "abort"), meta.get("prompt_tokens", 0), logprobs,
                           finish.get("matched"))
-
-
-def sampling_json(params: SamplingParams) -> dict:
-    out = {k: v for k, v in asdict(params).items() if v is not None}
-    out["stop_token_ids"] = list(params.stop_token_ids)
-    out["stop"] = list(params.stop)
-    return out
 
 
 class HttpEngine:
@@ -89,7 +81,7 @@ class HttpEngine:
                  return_logprob: bool = False) -> list[GenerateOutput]:
         # One request per sample with its own seed: SGLang's n > 1 would give a group one seed.
         prompts, params = expand_samples(input_ids, sampling_params)
-        body = {"input_ids": prompts, "sampling_params": [sampling_json(p) for p in params],
+        body = {"input_ids": prompts, "sampling_params": [p.to_dict() for p in params],
                 "return_logprob": return_logprob}
         answer = self.request("POST", "/generate", body)
         return [parse_output(item) for item in (answer if isinstance(answer, list) else [answer])]

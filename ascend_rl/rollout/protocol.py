@@ -1,100 +1,21 @@
 """The rollout engine protocol, shaped like SGLang's Engine (token in, token out).
 
-Sampling keys are SGLang's: `max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, ignore_eos,
-sampling_seed`. Memory tags are SGLang's: `weights`, `kv_cache`.
+Sampling keys are SGLang 0.5.8's, every one of them (`sampling_params.SamplingParams`, re-exported here).
+Memory tags are SGLang's: `weights`, `kv_cache`.
 """
 
 from __future__ import annotations
 
-import math
-import reprlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "stop_token_ids",
-                 "ignore_eos", "sampling_seed")
+from ascend_rl.rollout.sampling_params import SAMPLING_KEYS, SamplingParams
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1: off
-    min_p: float = 0.0  # drop tokens below min_p × the most likely token's probability
-    n: int = 1
-    stop: tuple[str, ...] = ()  # strings that end a sample (needs the engine's tokenizer)
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    sampling_seed: int | None = None
-
-    @classmethod
-    def from_dict(cls, params: dict, vocab_size: int | None = None) -> SamplingParams:
-        """SGLang's `sampling_params` JSON object, checked (`verify`); null means the default. A wrong type or
-        value is a ValueError naming the key."""
-        if not isinstance(params, dict):
-            raise ValueError(f"sampling_params must be an object, got {type(params).__name__}")
-        unknown = sorted(set(params) - set(SAMPLING_KEYS))
-        if unknown:
-            raise ValueError(f"unknown sampling_params {unknown}; expected some of {', '.join(SAMPLING_KEYS)}")
-        values = {k: v for k, v in params.items() if v is not None}
-        if "stop_token_ids" in values:
-            if not isinstance(values["stop_token_ids"], list):
-                raise ValueError("stop_token_ids must be a list of token ids")
-            values["stop_token_ids"] = tuple(values["stop_token_ids"])
-        if "stop" in values:  # SGLang takes one string or a list
-            stop = values["stop"]
-            if not isinstance(stop, (str, list)):
-                raise ValueError("stop must be a string or a list of strings")
-            values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-        for key in ("temperature", "top_p", "min_p"):  # as floats: a huge int would overflow in torch
-            if type(values.get(key)) is int:
-                try:
-                    values[key] = float(values[key])
-                except OverflowError:
-                    raise ValueError(f"{key} must be a finite number, got {reprlib.repr(values[key])}") from None
-        return cls(**values).verify(vocab_size)
-
-    def verify(self, vocab_size: int | None = None) -> SamplingParams:
-        """Raise ValueError (SGLang's messages where it has them) for a value of the wrong type or out of range;
-        with `vocab_size`, stop_token_ids must be in the vocabulary too. Returns self."""
-        for key in ("max_new_tokens", "top_k", "n", "sampling_seed"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ValueError(f"{key} must be an integer, got {reprlib.repr(value)}")
-        for key in ("temperature", "top_p", "min_p"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{key} must be a number, got {reprlib.repr(value)}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be true or false, got {reprlib.repr(self.ignore_eos)}")
-        if not all(isinstance(s, str) for s in self.stop):
-            raise ValueError("stop must be a string or a list of strings")
-        for token in self.stop_token_ids:
-            if not isinstance(token, int) or isinstance(token, bool):
-                raise ValueError(f"stop_token_ids must be integers, got {reprlib.repr(token)}")
-            if token < 0 or (vocab_size is not None and token >= vocab_size):
-                raise ValueError(f"Token id {token} is out of vocabulary (vocab size: {vocab_size or 'unknown'}).")
-        if self.temperature < 0 or isinstance(self.temperature, float) and not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a non-negative finite number, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:  # NaN fails these comparisons too
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.top_k != -1 and self.top_k < 1:
-            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}.")
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
-        # samples are seeded sampling_seed + j, j < n, as int64
-        if self.sampling_seed is not None and not -2**63 <= self.sampling_seed <= 2**63 - self.n:
-            raise ValueError(f"sampling_seed must fit in 64 bits (seeds sampling_seed … sampling_seed + n - 1), "
-                             f"got {self.sampling_seed}.")
-        return self
+__all__ = ["SAMPLING_KEYS", "GenerateOutput", "RolloutEngine", "SamplingParams", "expand_samples", "per_prompt",
+           "per_sample"]
 
 
 def per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams], prompts: int) -> list[SamplingParams]:

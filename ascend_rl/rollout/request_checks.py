@@ -143,6 +143,7 @@ class GenerateRequest:
 def generate_request(body: dict, vocab_size: int | None, limits: Limits) -> GenerateRequest:
     if body.get("text") is not None:
         raise ValueError("this server runs token-in/token-out (skip_tokenizer_init): send input_ids, not text")
+    _no_custom_logit_processor(body.get("custom_logit_processor"))
     prompts, single = _prompts(body.get("input_ids"), vocab_size)
     raw = body.get("sampling_params")
     raw_list = raw if isinstance(raw, list) else [raw] * len(prompts)
@@ -162,6 +163,15 @@ def generate_request(body: dict, vocab_size: int | None, limits: Limits) -> Gene
         raise ValueError(f"{tokens} tokens (prompt + max_new_tokens, every sample) in one request: this server takes "
                          f"at most {limits.max_tokens} (--max-request-tokens)")
     return GenerateRequest(prompts, params, single, rids, flag(body, "return_logprob"), flag(body, "stream"))
+
+
+def _no_custom_logit_processor(processor) -> None:
+    """SGLang runs a request's serialized logit processor (one, or one per prompt) only when started with
+    --enable-custom-logit-processor; this server has none to run. custom_params alone is fine (carried)."""
+    given = processor if isinstance(processor, list) else [processor]
+    if any(given):
+        raise ValueError("custom_logit_processor: this server runs no custom logit processors (SGLang's "
+                         "--enable-custom-logit-processor); send sampling_params.custom_params without one")
 
 
 def _prompts(ids, vocab_size: int | None) -> tuple[list[list[int]], bool]:

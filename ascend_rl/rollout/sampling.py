@@ -1,6 +1,7 @@
-"""Choosing the next token: temperature, top-k, top-p, min-p, and seeded noise that is a pure function of
-(sample seed, step, token), so a sample does not depend on what else is in the batch and a whole batch draws
-its noise in a few tensor ops (one generator per sample cost a call per sample per token)."""
+"""Choosing the next token: temperature, top-k, top-p, min-p (shared by a batch's rows), and seeded noise
+that is a pure function of (sample seed, step, token), so a sample does not depend on what else is in the
+batch and a whole batch draws its noise in a few tensor ops (one generator per sample cost a call per sample
+per token). Per-row penalties and logit bias come before, in `penalties`."""
 
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, st
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens and their log-probs under softmax(logits / temperature) (unfiltered, as the trainer
     recomputes them); greedy at temperature 0, where log-probs are under temperature 1. `steps`: each row's
-    token index (its noise depends on it and its seed only)."""
+    token index (its noise depends on it and its seed only).
+
+    `logits` come with the rows' penalties and logit bias applied (`penalties.adjust`), so the log-probs are
+    those of the penalized distribution before top-k/top-p/min-p: what SGLang's sampler returns (it applies
+    them to the logits in place before its log-softmax). Without penalties they are the model's, which the
+    trainer recomputes; with them, the trainer's recomputation differs, as it would against SGLang."""
     scaled = logits / params.temperature if params.temperature > 0 else logits
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     if params.temperature == 0:

@@ -3,8 +3,9 @@
 Requests (one per sample) wait in a queue. Every step: aborted requests end, waiting requests join the
 running batch as far as the budget allows (`max_num_seqs` rows, `max_num_batched_tokens` prefill tokens, the
 KV cache's token budget), every running row samples one token, finished rows hand their result to whoever
-waits for it, and the model runs one decode step. Rows of one batch share their sampling settings
-(`max_new_tokens` and the seed aside); requests with other settings wait until the batch drains.
+waits for it, and the model runs one decode step. Rows of one batch share their sampler and stop settings
+(`_batch_key`); requests with other such settings wait until the batch drains. Penalties, min_new_tokens and
+logit_bias are per row (`penalties.RowPenalties`), as are max_new_tokens and the seed.
 
 No thread of our own: every caller of `run` drives steps in turn (one at a time, under `step_lock`) until
 its own requests are done, so requests sent from several threads (the HTTP server's) share one batch, and a
@@ -20,8 +21,11 @@ from typing import NamedTuple
 
 import torch
 
+from ascend_rl.rollout import penalties
+from ascend_rl.rollout.penalties import RowPenalties
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
 from ascend_rl.rollout.sampling import sample
+from ascend_rl.rollout.stop_text import first_hit, tail_tokens
 
 # Joining copies the running cache; with rows waiting, join once a quarter of the batch is free.
 JOIN_FRACTION = 0.25
@@ -101,7 +105,7 @@ class _Batch:
     """The running rows, in the stepper's row order."""
 
     tickets: list[Ticket]
-    params: SamplingParams  # the shared settings
+    params: SamplingParams  # the shared settings (`_batch_key`); the per-row ones are in the tensors
     seeds: torch.Tensor  # [R] int64
     limits: torch.Tensor  # [R] max_new_tokens
     tokens: torch.Tensor  # [R, max limit]
@@ -109,6 +113,7 @@ class _Batch:
     generated: torch.Tensor  # [R] tokens so far
     finished: torch.Tensor  # [R] bool
     logits: torch.Tensor  # [R, V] next-token logits
+    penalties: RowPenalties | None  # per-row penalties and bias; None: no row uses any
 
     def alive(self) -> torch.Tensor:
         return (~self.finished).nonzero().squeeze(-1)
@@ -133,8 +138,12 @@ class Scheduler:
         return self._batch is not None or bool(self._waiting)
 
     def submit(self, requests: list[Request], seeds: list[int]) -> list[Ticket]:
-        if self.decode is None and any(r.params.stop for r in requests):
-            raise ValueError("stop strings need the engine's tokenizer; give stop_token_ids instead")
+        if self.decode is None and any(r.params.stop or r.params.stop_regex for r in requests):
+            raise ValueError("stop strings need the engine's tokenizer (stop, stop_regex); give stop_token_ids instead")
+        grammar = next((r.params.grammar_keys() for r in requests if r.params.grammar_keys()), None)
+        if grammar:
+            raise ValueError(f"{', '.join(grammar)}: structured output is not available in this build (the native "
+                             f"engine has no grammar backend)")
         tickets = [Ticket(r, s) for r, s in zip(requests, seeds)]
         for ticket in tickets:
             if ticket.request.params.max_new_tokens <= 0:
@@ -219,8 +228,12 @@ class Scheduler:
     def _sample(self, batch: _Batch) -> torch.Tensor:
         """Every live row draws its next token; finished rows get a placeholder (0) for the decode step."""
         params, rows = batch.params, batch.alive()
-        ids, logprobs = sample(batch.logits[rows.to(batch.logits.device)].float(), params, batch.seeds[rows],
-                               batch.generated[rows])
+        logits = batch.logits[rows.to(batch.logits.device)].float()
+        if batch.penalties is not None:  # log-probs are then under the penalized logits, as SGLang's
+            logits = penalties.adjust(logits, batch.penalties, rows, batch.generated[rows],
+                                      set(params.stop_token_ids) | self.eos_ids)
+        ids, logprobs = sample(logits, params, batch.seeds[rows], batch.generated[rows])
+        penalties.record(batch.penalties, rows, ids)
         columns = batch.generated[rows]
         batch.tokens[rows, columns], batch.logprobs[rows, columns] = ids, logprobs
         batch.generated[rows] += 1
@@ -228,7 +241,7 @@ class Scheduler:
         stopped = torch.isin(ids, torch.tensor(sorted(stop_ids), dtype=torch.long))
         for row, token in zip(rows[stopped].tolist(), ids[stopped].tolist()):
             self._finish(batch, row, "stop", token)
-        if params.stop:
+        if params.stop or params.stop_regex:
             for row in rows[~stopped].tolist():
                 text = self._stop_string_hit(batch, row)
                 if text is not None:
@@ -241,10 +254,11 @@ class Scheduler:
         return next_ids
 
     def _stop_string_hit(self, batch: _Batch, row: int) -> str | None:
-        window = max(len(text.encode()) for text in batch.params.stop) + 1  # tokens are ≥ 1 byte
-        end = int(batch.generated[row])
-        tail = self.decode(batch.tokens[row, max(0, end - window):end].tolist())
-        return next((text for text in batch.params.stop if text in tail), None)
+        """The stop string or stop regex the row's text now contains (decoding only its tail)."""
+        stop, patterns = batch.params.stop, batch.params.stop_regex
+        window, end = tail_tokens(stop, patterns), int(batch.generated[row])
+        tail = self.decode(batch.tokens[row, 0 if window is None else max(0, end - window):end].tolist())
+        return first_hit(tail, stop, patterns)
 
     def _finish(self, batch: _Batch, row: int, reason: str, matched: int | str | None = None) -> None:
         """The row's result goes to its ticket now (its caller may return while the batch runs on)."""
@@ -311,23 +325,26 @@ class Scheduler:
 
 
 def _batch_key(p: SamplingParams) -> tuple:
-    """What the rows of one batch must share."""
-    return p.temperature, p.top_p, p.top_k, p.min_p, p.stop, p.stop_token_ids, p.ignore_eos
+    """What the rows of one batch must share: the sampler's settings and the stop checks."""
+    return p.temperature, p.top_p, p.top_k, p.min_p, p.stop, p.stop_regex, p.stop_token_ids, p.ignore_eos
 
 
 def _select(batch: _Batch, rows: torch.Tensor) -> _Batch:
     return _Batch([batch.tickets[r] for r in rows.tolist()], batch.params, batch.seeds[rows], batch.limits[rows],
                   batch.tokens[rows], batch.logprobs[rows], batch.generated[rows], batch.finished[rows],
-                  batch.logits[rows.to(batch.logits.device)])
+                  batch.logits[rows.to(batch.logits.device)], penalties.select(batch.penalties, rows))
 
 
 def _joined(kept: _Batch | None, joining: list[Ticket], logits: torch.Tensor) -> _Batch:
     """The kept rows followed by the joining ones (the stepper's row order)."""
     count, width = len(joining), max(t.request.params.max_new_tokens for t in joining)
+    row_penalties = penalties.joined(kept.penalties if kept else None, len(kept.tickets) if kept else 0,
+                                     [t.request.params for t in joining], logits.shape[-1], logits.device)
     new = _Batch(joining, joining[0].request.params, torch.tensor([t.seed for t in joining], dtype=torch.int64),
                  torch.tensor([t.request.params.max_new_tokens for t in joining], dtype=torch.long),
                  torch.zeros((count, width), dtype=torch.long), torch.zeros((count, width)),
-                 torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.bool), logits)
+                 torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.bool), logits,
+                 row_penalties if kept is None else None)
     if kept is None:
         return new
     width = max(width, kept.tokens.shape[1])
@@ -340,4 +357,5 @@ def _joined(kept: _Batch | None, joining: list[Ticket], logits: torch.Tensor) ->
 
     return _Batch(kept.tickets + joining, kept.params, cat(kept.seeds, new.seeds), cat(kept.limits, new.limits),
                   cat_tables(kept.tokens, new.tokens), cat_tables(kept.logprobs, new.logprobs),
-                  cat(kept.generated, new.generated), cat(kept.finished, new.finished), cat(kept.logits, new.logits))
+                  cat(kept.generated, new.generated), cat(kept.finished, new.finished), cat(kept.logits, new.logits),
+                  row_penalties)

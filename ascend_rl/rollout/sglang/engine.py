@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ascend_rl.rollout.http_client import parse_output, sampling_json
+from ascend_rl.rollout.http_client import parse_output
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples
 
 
@@ -18,9 +18,10 @@ class SGLangEngine:
 
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
                  return_logprob: bool = False) -> list[GenerateOutput]:
-        # One request per sample with its own seed: SGLang's n > 1 would give a group one seed.
+        # One request per sample with its own seed: SGLang's n > 1 would give a group one seed. Every sampling
+        # key goes through under SGLang's name (to_dict: the newer ones when set).
         prompts, params = expand_samples(input_ids, sampling_params)
-        answer = self.engine.generate(input_ids=prompts, sampling_params=[sampling_json(p) for p in params],
+        answer = self.engine.generate(input_ids=prompts, sampling_params=[p.to_dict() for p in params],
                                       return_logprob=return_logprob)
         return [parse_output(item) for item in (answer if isinstance(answer, list) else [answer])]
 
