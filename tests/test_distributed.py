@@ -5,11 +5,15 @@ from functools import partial
 import pytest
 import torch
 
+from ascend_rl.config import load_config
 from ascend_rl.data.collate import collate
 from ascend_rl.distributed.actor_group import ActorGroup
+from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.distributed.worker_group import ProcessWorkerGroup, WorkerDied
-from ascend_rl.workers.actor import Actor, ActorSettings, OptimSettings
+from ascend_rl.workers.actor import Actor, ActorSettings
+from ascend_rl.workers.optimizer import OptimSettings
 
+A = "actor_rollout_ref"
 SETTINGS = dict(ppo_mini_batch_size=8, ppo_micro_batch_size_per_gpu=2, ppo_epochs=2, shuffle=True,
                 loss_agg_mode="token-mean", use_kl_loss=False, entropy_coeff=0.01, grad_clip=1.0)
 
@@ -27,10 +31,11 @@ def fixed_batch(actor, n=16, seed=0) -> "TensorDict":  # noqa: F821
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("balance,tol", [(False, 1e-5), (True, 1e-3)])
+@pytest.mark.parametrize("balance,tol", [(False, 3e-5), (True, 1e-3)])
 def test_two_fsdp2_workers_make_the_update_of_one(tiny_model_dir, balance, tol):
     # Without balancing each rank's micro-batches hold the rows one process groups together, so only the
-    # cross-rank sum differs: equal to 1e-5. Balancing regroups rows (same update, another summation order),
+    # cross-rank sum differs: equal to float noise (the second update's grad norm, after one lr=1e-2 step on
+    # each side, differs by ~1e-5 relative). Balancing regroups rows (same update, another summation order),
     # and where per-sample gradients cancel, float noise shows at ~1e-4.
     settings, optim = ActorSettings(**SETTINGS, balance_batch=balance), OptimSettings(lr=1e-2, total_steps=4)
     single = Actor(str(tiny_model_dir), "cpu", settings, optim)
@@ -418,3 +423,29 @@ class ChildStarter:
         child.start()
         child.join(60)
         return child.exitcode
+
+
+def test_workers_import_the_users_external_lib(tmp_path, monkeypatch):
+    """A loss registered in `actor_rollout_ref.model.external_lib` must be known in every worker, not only in
+    the driver that validated the config (issue: `unknown policy loss 'my_loss'` with n_gpus_per_node=2)."""
+    (tmp_path / "user_losses.py").write_text(
+        "from ascend_rl.algorithms import register_policy_loss\n"
+        "@register_policy_loss('my_loss')\n"
+        "def my_loss(**kw):\n    raise NotImplementedError\n")
+    (tmp_path / "probe_worker.py").write_text(
+        "from ascend_rl.algorithms.registry import POLICY_LOSSES\n"
+        "class Probe:\n"
+        "    def __init__(self, rank, world_size):\n        pass\n"
+        "    def knows(self, name):\n        return name in POLICY_LOSSES\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers start with the driver's sys.path
+    for imports, expected in (((), [False, False]), (("user_losses",), [True, True])):
+        group = ProcessWorkerGroup(2, "probe_worker:Probe", {}, threads_per_worker=1, imports=imports)
+        try:
+            assert group.call_all("knows", "my_loss") == expected
+        finally:
+            group.close()
+
+
+def test_the_launcher_passes_external_lib_to_the_workers():
+    cfg = load_config([f"{A}.model.path=/m", "trainer.n_gpus_per_node=2", f"{A}.model.external_lib=json"])
+    assert worker_group_factory(cfg, "cpu").keywords["imports"] == ("json",)

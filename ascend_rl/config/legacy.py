@@ -38,6 +38,16 @@ MOVES = {
 }
 
 
+def new_name(path: str) -> str | None:
+    """Where verl 0.9.1 reads a legacy key (`reward_model.enable` → `reward.reward_model.enable`), or None."""
+    for old, new in MOVES.items():
+        if old.endswith(".*") and path.startswith(old[:-1]):
+            return f"{new}.{path[len(old) - 1:]}"
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return None
+
+
 class LegacyConflict(ValueError):
     pass
 

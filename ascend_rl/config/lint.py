@@ -1,20 +1,21 @@
 """Warnings for keys that do nothing (or something else than in verl) in the chosen setup, and the list
-of features a config asks for that are not built yet.
+of features a config asks for that are not built yet. What each key does is key_status.TABLE's.
 
-A lint rule fires only for keys the user changed from verl's defaults, so a plain config is silent.
+A warning fires only for keys the user changed from verl's defaults, so a plain config is silent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from omegaconf import DictConfig, OmegaConf
 
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, POLICY_LOSSES
-from ascend_rl.config import schema, verl_names
+from ascend_rl.config import key_status, schema, verl_names
 from ascend_rl.config.validate import LOGGERS, PROFILER_TOOLS
+from ascend_rl.reward.managers import REWARD_MANAGERS
 
 A = "actor_rollout_ref"
 SGLANG_KW = f"+{A}.rollout.engine_kwargs.sglang"
@@ -25,37 +26,40 @@ class LintRule:
     key: str
     applies: Callable[[DictConfig], bool]
     message: Callable[[DictConfig], str]
+    doc: str | None = None  # a behaviour that differs from verl's, for docs/config-keys.md
 
 
 def _sglang(cfg: DictConfig) -> bool:
     return cfg[A].rollout.name == "sglang"
 
 
+# Honoured keys that behave differently here than in verl (with `doc`; docs/config-keys.md lists them), or that a
+# run sets where they do nothing, as in verl.
 LINT_RULES = (
-    LintRule(f"{A}.rollout.enable_chunked_prefill", _sglang,
-             lambda c: f"has no effect with rollout.name=sglang (only vLLM reads it); to turn chunked prefill off "
-                       f"use {SGLANG_KW}.chunked_prefill_size=-1"),
-    LintRule(f"{A}.rollout.multi_stage_wake_up", lambda c: True,
-             lambda c: "has no effect: weight sync always wakes the weights first and the KV cache after them"),
     LintRule("data.truncation", lambda c: not c.data.filter_overlong_prompts,
              lambda c: f"is applied here: prompts over data.max_prompt_length={c.data.max_prompt_length} tokens are "
                        f"{'rejected' if c.data.truncation == 'error' else f'cut ({c.data.truncation})'}; "
                        f"verl stores this key without applying it; to drop long prompts instead use "
-                       f"data.filter_overlong_prompts=True"),
-    LintRule(f"{A}.rollout.val_kwargs.do_sample", lambda c: True,
-             lambda c: f"has no effect: validation samples when val_kwargs.temperature > 0 (here "
-                       f"{c[A].rollout.val_kwargs.temperature}) and is greedy at 0; set val_kwargs.temperature"),
+                       f"data.filter_overlong_prompts=True",
+             "applied to prompts longer than data.max_prompt_length (verl stores it without applying it)"),
     LintRule(f"{A}.rollout.max_model_len", _sglang,
-             lambda c: f"only caps max_new_tokens; SGLang's context window is {SGLANG_KW}.context_length=N"),
-    LintRule(f"{A}.actor.clip_ratio", lambda c: True,
-             lambda c: f"has no effect while clip_ratio_low/clip_ratio_high are set (they default to 0.2); "
-                       f"set {A}.actor.clip_ratio_low and {A}.actor.clip_ratio_high"),
-    LintRule(f"{A}.actor.profiler.tool_config.npu.discrete", lambda c: c.global_profiler.tool is not None,
-             lambda c: "has no effect: a profiled step gives one trace of the whole step, with a named range per "
-                       "stage (gen, old_log_prob, update_actor, ...)"),
-    LintRule(f"{A}.actor.ppo_micro_batch_size", lambda c: True,
-             lambda c: f"is verl's deprecated global micro-batch; use {A}.actor.ppo_micro_batch_size_per_gpu"),
+             lambda c: f"only caps max_new_tokens; SGLang's context window is {SGLANG_KW}.context_length=N",
+             "with SGLang it only caps max_new_tokens; the context window is engine_kwargs.sglang.context_length"),
+    LintRule(f"{A}.actor.clip_ratio",
+             lambda c: c[A].actor.clip_ratio_low is not None and c[A].actor.clip_ratio_high is not None,
+             lambda c: f"has no effect while clip_ratio_low/clip_ratio_high are set (they default to 0.2; as in "
+                       f"verl, clip_ratio is their fallback when null); set {A}.actor.clip_ratio_low and "
+                       f"{A}.actor.clip_ratio_high"),
 )
+DIFFERENCES = tuple(rule for rule in LINT_RULES if rule.doc)
+
+
+# Estimators whose function is built (algorithms/) but whose input the trainer does not compute yet.
+ESTIMATOR_INPUTS = {
+    "optimal_token_baseline": "the actor's per-token sum of squared probabilities",
+    "tir_optimal_token_baseline": "the actor's per-token sum of squared probabilities",
+    "gdpo": "per-component reward scores (verl's algorithm.gdpo_reward_keys)",
+}
 
 
 @dataclass(frozen=True)
@@ -65,66 +69,121 @@ class Feature:
     instead: str
 
 
-# What a config can ask for that this build does not have yet. `train` stops at start-up on these.
+# Values (not keys) a config can choose that this build does not have; key_status.TABLE has the keys' features.
+# `train` stops at start-up on these.
 UNSUPPORTED = (
-    Feature("Megatron training (actor.strategy=megatron)", lambda c, w: c[A].actor.strategy == "megatron",
-            f"{A}.actor.strategy=fsdp"),
-    Feature("rollout backends other than native/sglang", lambda c, w: c[A].rollout.name not in ("native", "sglang"),
-            f"{A}.rollout.name=native"),
-    Feature("Ulysses sequence parallelism", lambda c, w: c[A].actor.ulysses_sequence_parallel_size > 1,
-            f"{A}.actor.ulysses_sequence_parallel_size=1"),
-    Feature("dynamic batch size (use_dynamic_bsz)", lambda c, w: c[A].actor.use_dynamic_bsz,
-            f"{A}.actor.use_dynamic_bsz=False"),
-    Feature("LoRA (model.lora_rank > 0)", lambda c, w: c[A].model.lora_rank > 0, f"{A}.model.lora_rank=0"),
-    Feature("PPO with a critic (adv_estimator=gae / critic.enable)",
-            lambda c, w: c.critic.enable or (c.critic.enable is None and c.algorithm.adv_estimator == "gae"),
-            "algorithm.adv_estimator=grpo"),
+    Feature(key_status.MEGATRON.name,
+            lambda c, w: c[A].actor.strategy == "megatron" or key_status.MEGATRON.in_use(c),
+            key_status.MEGATRON.instead),
+    Feature(key_status.TORCHTITAN.name, lambda c, w: key_status.TORCHTITAN.in_use(c), key_status.TORCHTITAN.instead),
+    Feature(key_status.VEOMNI.name, lambda c, w: key_status.VEOMNI.in_use(c), key_status.VEOMNI.instead),
+    Feature(lambda c: f"the {c[A].rollout.name} rollout (rollout.name; native and sglang are built)",
+            lambda c, w: c[A].rollout.name not in ("native", "sglang"), f"{A}.rollout.name=native"),
+    Feature(key_status.CRITIC.name, lambda c, w: key_status.critic_in_use(c), key_status.CRITIC.instead),
     Feature("ReMax in the trainer (it needs a greedy baseline rollout)",
             lambda c, w: c.algorithm.adv_estimator == "remax", "algorithm.adv_estimator=grpo"),
     Feature("greedy training rollouts (rollout.do_sample=false: a group's samples would all be the same)",
             lambda c, w: not c[A].rollout.do_sample, f"{A}.rollout.do_sample=true with rollout.temperature > 0"),
+    Feature(lambda c: f"the {c.algorithm.adv_estimator} estimator in the trainer (it needs "
+                      f"{ESTIMATOR_INPUTS[c.algorithm.adv_estimator]}, which the trainer does not produce yet)",
+            lambda c, w: c.algorithm.adv_estimator in ESTIMATOR_INPUTS, "algorithm.adv_estimator=grpo"),
     Feature(lambda c: f"verl's advantage estimator {c.algorithm.adv_estimator!r}",
             lambda c, w: c.algorithm.adv_estimator in _verl_only(verl_names.ADV_ESTIMATORS, ADV_ESTIMATORS.names()),
             f"one of {', '.join(ADV_ESTIMATORS.names())} (algorithm.adv_estimator)"),
     Feature(lambda c: f"verl's policy loss {c[A].actor.policy_loss.loss_mode!r}",
             lambda c, w: c[A].actor.policy_loss.loss_mode in _verl_only(verl_names.POLICY_LOSSES, POLICY_LOSSES.names()),
             f"one of {', '.join(POLICY_LOSSES.names())} ({A}.actor.policy_loss.loss_mode)"),
+    Feature(lambda c: f"verl's reward manager {c.reward.reward_manager.name!r}",
+            lambda c, w: c.reward.reward_manager.name in _verl_only(verl_names.REWARD_MANAGERS, REWARD_MANAGERS.names()),
+            f"one of {', '.join(REWARD_MANAGERS.names())} (reward.reward_manager.name)"),
     Feature(lambda c: "verl's loggers " + ", ".join(sorted(set(_loggers(c)) - set(LOGGERS))),
             lambda c, w: bool(set(_loggers(c)) - set(LOGGERS)),
             f"trainer.logger from {', '.join(LOGGERS)} (metrics.jsonl in trainer.default_local_dir is always written)"),
     Feature(lambda c: f"verl's profiler tool {c.global_profiler.tool!r}",
             lambda c, w: c.global_profiler.tool in _verl_only(verl_names.PROFILER_TOOLS, PROFILER_TOOLS),
             "global_profiler.tool=torch (or npu on Ascend)"),
-    Feature("reward models (reward.reward_model.enable)", lambda c, w: c.reward.reward_model.enable,
-            "rule rewards or reward.custom_reward_function.path"),
 )
 
 
-@lru_cache(maxsize=1)
-def _resolved_defaults() -> DictConfig:
-    cfg = schema.defaults_tree().copy()
-    OmegaConf.resolve(cfg)
-    return cfg
+PROBE = "__verl_default_of_"
+
+
+def _interpolated(default) -> bool:
+    return isinstance(default, str) and "${" in default
+
+
+@cache
+def _resolved_defaults(engine: str) -> DictConfig:
+    tree = schema.engine_tree(engine).copy()
+    OmegaConf.resolve(tree)
+    return tree
+
+
+def _followed_defaults(cfg: DictConfig, interpolated: dict[str, str]) -> dict[str, object]:
+    """What each default that interpolates other keys (`ref.fsdp_config.param_offload: ${oc.select:actor...}`)
+    resolves to in this run: each is placed beside its key in a copy of the run's config and resolved there."""
+    probe = cfg.copy()
+    OmegaConf.set_struct(probe, False)
+    placed = {}
+    for path, default in interpolated.items():
+        parent, _, leaf = path.rpartition(".")
+        node = OmegaConf.select(probe, parent) if parent else probe
+        if isinstance(node, DictConfig):
+            node[f"{PROBE}{leaf}"] = default
+            placed[path] = f"{parent}.{PROBE}{leaf}" if parent else f"{PROBE}{leaf}"
+    OmegaConf.resolve(probe)
+    return {path: OmegaConf.select(probe, where) for path, where in placed.items()}
 
 
 def changed_keys(cfg: DictConfig) -> set[str]:
-    """Keys whose value differs from verl's default."""
-    defaults = _resolved_defaults()
-    return {
-        path for path in schema.leaf_paths(cfg)
-        if not isinstance(OmegaConf.select(cfg, path), DictConfig)
-        and OmegaConf.select(cfg, path) != OmegaConf.select(defaults, path, default="<absent>")
-    }
+    """Keys whose value differs from verl's default for the run's engine; a default that follows another key
+    is compared as it resolves in this run. An open map (engine_kwargs.sglang, reward_kwargs, ...) counts as
+    one key."""
+    engine = schema.engine_of(cfg)
+    tree = schema.engine_keys(engine)
+    interpolated = {p: default for p, default in tree.items() if _interpolated(default)}
+    fixed, followed = _resolved_defaults(engine), _followed_defaults(cfg, interpolated)
+    changed = set()
+    for path in schema.leaf_paths(cfg):
+        value = OmegaConf.select(cfg, path)
+        if path in followed:
+            default = followed[path]
+        elif tree.get(path) == "???":  # verl's required value, filled in by verl at run time
+            default = None
+        else:
+            default = OmegaConf.select(fixed, path, default="<absent>")
+        if isinstance(value, DictConfig):
+            if schema.open_map_of(path + ".x") != path:
+                continue  # a section: its keys are compared one by one
+            value = OmegaConf.to_container(value)
+            default = OmegaConf.to_container(default) if isinstance(default, DictConfig) else default
+            if value == {} and default == "<absent>":
+                continue
+        if value != default:
+            changed.add(path)
+    return changed
 
 
 def lint(cfg: DictConfig) -> list[str]:
     changed = changed_keys(cfg)
-    return [f"{r.key}: {r.message(cfg)}" for r in LINT_RULES if r.key in changed and r.applies(cfg)]
+    _, idle = key_status.missing_features(cfg, changed)
+    return [*key_status.no_effect_warnings(cfg, changed), *idle,
+            *(f"{r.key}: {r.message(cfg)}" for r in LINT_RULES if r.key in changed and r.applies(cfg))]
 
 
 def unsupported_features(cfg: DictConfig, world_size: int) -> list[str]:
-    return [f"{f.name(cfg) if callable(f.name) else f.name} is not built yet; for now use {f.instead}"
-            for f in UNSUPPORTED if f.requested(cfg, world_size)]
+    """One line per feature the run asks for that is not built: chosen values first, then set keys."""
+    lines = {_name(f, cfg): f"{_name(f, cfg)} is not built yet; for now use {f.instead}"
+             for f in UNSUPPORTED if f.requested(cfg, world_size)}
+    wanted, _ = key_status.missing_features(cfg, changed_keys(cfg))
+    for feature, keys in wanted.items():
+        if feature.name not in lines:
+            lines[feature.name] = f"{feature.name} is not built yet ({', '.join(keys)}); for now use {feature.instead}"
+    return list(lines.values())
+
+
+def _name(feature: Feature, cfg: DictConfig) -> str:
+    return feature.name(cfg) if callable(feature.name) else feature.name
 
 
 def _loggers(cfg: DictConfig) -> list[str]:

@@ -6,6 +6,7 @@ is an error for `train` and a note for `plan`, which needs neither.
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
 from ascend_rl.config import schema, verl_names
 from ascend_rl.config.layout import Layout
+from ascend_rl.reward.managers import REWARD_MANAGERS, check_reward_kwargs
 from ascend_rl.rollout.sglang.fields import installed_version
 
 A = "actor_rollout_ref"
@@ -53,6 +55,10 @@ def _choice(key: str, value, valid, verl_knows=()) -> list[str]:
     return [f"{key}={value!r}: expected one of {', '.join(map(str, valid))}"]
 
 
+def _container(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
+
+
 def _kl_kind_ok(kind: str) -> bool:
     return kind.removesuffix("+") in KL_ESTIMATORS
 
@@ -71,6 +77,9 @@ def _check_choices(cfg: DictConfig) -> list[str]:
         *_choice("global_profiler.tool", cfg.global_profiler.tool, PROFILER_TOOLS, verl_names.PROFILER_TOOLS),
         *_choice(f"{A}.rollout.launch.mode", cfg[A].rollout.launch.mode, LAUNCH_MODES),
         *_choice(f"{A}.rollout.launch.weight_transport", cfg[A].rollout.launch.weight_transport, WEIGHT_TRANSPORTS),
+        *_choice("reward.reward_manager.name", cfg.reward.reward_manager.name, REWARD_MANAGERS.names(),
+                 verl_names.REWARD_MANAGERS),
+        *check_reward_kwargs(cfg.reward.reward_manager.name, _container(cfg.reward.get("reward_kwargs"))),
     ]
     for key, kind in ((f"{A}.actor.kl_loss_type", actor.kl_loss_type), ("algorithm.kl_penalty", alg.kl_penalty)):
         if not _kl_kind_ok(kind):
@@ -209,7 +218,22 @@ def missing_inputs(cfg: DictConfig) -> list[str]:
         out.append(f"{A}.rollout.name=sglang: SGLang is not installed here (install it as DEVELOPERS.md "
                    f"says for GPUs and Ascend NPUs), or attach to a running server with "
                    f"{A}.rollout.launch.url=http://host:port, or use {A}.rollout.name=native")
+    out += _missing_optimizer(cfg[A].actor.optim)
     reward_file = cfg.reward.custom_reward_function.path
     if reward_file and not Path(reward_file).is_file():
         out.append(f"reward.custom_reward_function.path={reward_file}: no such file")
     return out
+
+
+def _missing_optimizer(optim: DictConfig) -> list[str]:
+    """verl imports `optimizer_impl` and takes `optimizer` from it when the workers start; say so before."""
+    key, impl, name = f"{A}.actor.optim", optim.get("optimizer_impl"), optim.get("optimizer")
+    if impl is None or name is None:  # another engine's tree (Megatron names its optimizer differently)
+        return []
+    try:
+        module = importlib.import_module(impl)
+    except ImportError as err:
+        return [f"{key}.optimizer_impl={impl}: cannot import it here ({err})"]
+    if not callable(getattr(module, name, None)):
+        return [f"{key}.optimizer={name}: {impl} has no such optimizer"]
+    return []

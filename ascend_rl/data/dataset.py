@@ -33,7 +33,10 @@ class PromptRecord:
     extra_info: dict = field(default_factory=dict)
 
 
-def read_prompt_rows(files: Sequence[str | Path], prompt_key: str = "prompt", reward_fn_key: str = "data_source") -> list[dict]:
+def read_prompt_rows(files: Sequence[str | Path], prompt_key: str = "prompt", reward_fn_key: str = "data_source",
+                     media_keys: Sequence[str] = ()) -> list[dict]:
+    """Rows of verl's parquet layout. A column named by `media_keys` (data.image_key, video_key, audio_key) is
+    refused: multimodal training is not built, and dropping the media would train on half of each prompt."""
     rows: list[dict] = []
     for path in map(Path, files):
         if not path.is_file():
@@ -47,6 +50,10 @@ def read_prompt_rows(files: Sequence[str | Path], prompt_key: str = "prompt", re
                 raise DataError(f"{path}: missing column {column!r} (columns: {', '.join(table.column_names)})")
         if table.num_rows == 0:
             raise DataError(f"{path}: no rows")
+        media = [key for key in media_keys if key and key in table.column_names]
+        if media:
+            raise DataError(f"{path}: has media column(s) {', '.join(map(repr, media))} (data.image_key / video_key / "
+                            f"audio_key): multimodal data is not built yet; use text prompts")
         file_rows = table.to_pylist()
         for i, row in enumerate(file_rows):
             _check_row(row, path, i, prompt_key, reward_fn_key)
@@ -101,9 +108,10 @@ def load_prompts(
     truncation: str = "error",
     max_samples: int = -1,
     chat_template_kwargs: dict | None = None,
+    media_keys: Sequence[str] = (),
 ) -> list[PromptRecord]:
     """Read, tokenize, filter and truncate; an empty result is an error naming the files."""
-    rows = read_prompt_rows(files, prompt_key, reward_fn_key)
+    rows = read_prompt_rows(files, prompt_key, reward_fn_key, media_keys)
     if max_samples is not None and max_samples > 0:
         rows = rows[:max_samples]
     records = []

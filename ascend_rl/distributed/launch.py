@@ -44,8 +44,11 @@ def describe_workers(cfg: DictConfig, device: str) -> str:
 def worker_group_factory(cfg: DictConfig, device: str):
     """A callable (factory, kwargs) → worker group for `trainer.nnodes × trainer.n_gpus_per_node` workers."""
     t, platform = cfg.trainer, get_platform(device)
+    external = cfg.actor_rollout_ref.model.external_lib
+    imports = (external,) if external else ()
     if not uses_ray(cfg):
-        return partial(ProcessWorkerGroup, t.n_gpus_per_node, backend=platform.process_group_backend)
+        return partial(ProcessWorkerGroup, t.n_gpus_per_node, backend=platform.process_group_backend,
+                       imports=imports)
     from ascend_rl.distributed.ray_group import RayWorkerGroup
 
     env, defaulted = worker_env(device, os.environ, deterministic=bool(t.deterministic))
@@ -53,4 +56,4 @@ def worker_group_factory(cfg: DictConfig, device: str):
         print(f"ascend-rl: workers get {' '.join(defaulted)} (not set in this environment)", file=sys.stderr)
     return partial(RayWorkerGroup, t.nnodes, t.n_gpus_per_node, backend=platform.process_group_backend,
                    resource=platform.ray_resource, address=t.ray_address,
-                   ray_init=OmegaConf.to_container(cfg.ray_kwargs.ray_init), env=env)
+                   ray_init=OmegaConf.to_container(cfg.ray_kwargs.ray_init), env=env, imports=imports)

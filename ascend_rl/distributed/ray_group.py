@@ -35,7 +35,7 @@ class _RayWorker:
 
         return ray.util.get_node_ip_address(), free_port("0.0.0.0")
 
-    def setup(self, address: str, port: int, backend: str, factory: str, kwargs: dict) -> str:
+    def setup(self, address: str, port: int, backend: str, factory: str, kwargs: dict, imports: tuple) -> str:
         import ray
         import torch.distributed as dist
 
@@ -43,7 +43,7 @@ class _RayWorker:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank))
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size)
-        self.obj = build_worker_object(factory, self.rank, self.world_size, kwargs)
+        self.obj = build_worker_object(factory, self.rank, self.world_size, kwargs, imports)
         return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
     def call(self, method: str, *args):
@@ -60,7 +60,7 @@ def _device_request(resource: str | None) -> dict:
 class RayWorkerGroup(WorkerGroup):
     def __init__(self, nnodes: int, per_node: int, factory: str, kwargs: dict, backend: str,
                  resource: str | None, address: str | None = None, ray_init: dict | None = None,
-                 env: dict[str, str] | None = None, timeout_s: float = 300):
+                 env: dict[str, str] | None = None, timeout_s: float = 300, imports: Sequence[str] = ()):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -89,7 +89,7 @@ class RayWorkerGroup(WorkerGroup):
             for r in range(world)]
         self.nodes = ["?"] * world
         addr, port = self._get([self.workers[0].rendezvous_address.remote()], "start-up")[0]
-        self.nodes = self._get([w.setup.remote(addr, port, backend, factory, kwargs) for w in self.workers], "start-up")
+        self.nodes = self._get([w.setup.remote(addr, port, backend, factory, kwargs, tuple(imports)) for w in self.workers], "start-up")
 
     @property
     def world_size(self) -> int:

@@ -25,8 +25,12 @@ class WorkerDied(UserError):
     pass
 
 
-def build_worker_object(factory: str, rank: int, world_size: int, kwargs: dict):
-    """What a worker serves: `module:Name` called with its rank, the world size and the group's kwargs."""
+def build_worker_object(factory: str, rank: int, world_size: int, kwargs: dict, imports: Sequence[str] = ()):
+    """What a worker serves: `module:Name` called with its rank, the world size and the group's kwargs, after
+    importing `imports` (the user's `external_lib`: estimators, losses or models it registers must be known in
+    the worker too, not only in the driver that validated the config)."""
+    for extra in imports:
+        importlib.import_module(extra)
     module, _, name = factory.partition(":")
     return getattr(importlib.import_module(module), name)(rank=rank, world_size=world_size, **kwargs)
 
@@ -48,7 +52,7 @@ class WorkerGroup:
 
 
 def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: int, conn, factory: str,
-                 kwargs: dict) -> None:
+                 kwargs: dict, imports: Sequence[str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -58,7 +62,7 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: i
     follow_deterministic_mode(os.environ)  # the driver set trainer.deterministic's variable before starting us
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        obj = build_worker_object(factory, rank, world_size, kwargs)
+        obj = build_worker_object(factory, rank, world_size, kwargs, imports)
         conn.send(("ok", None))
         while (message := conn.recv()) is not None:
             method, args = message
@@ -74,7 +78,7 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: i
 
 class ProcessWorkerGroup(WorkerGroup):
     def __init__(self, world_size: int, factory: str, kwargs: dict, backend: str = "gloo",
-                 threads_per_worker: int | None = None):
+                 threads_per_worker: int | None = None, imports: Sequence[str] = ()):
         from ascend_rl.rollout.server_process import free_port
 
         ctx = mp.get_context("spawn")  # fork would copy the driver's threads and torch state
@@ -86,7 +90,7 @@ class ProcessWorkerGroup(WorkerGroup):
             # Not daemonic: a worker may start processes of its own (SGLang's schedulers), which Python forbids
             # daemonic processes. A worker whose driver is gone sees its pipe close and exits.
             process = ctx.Process(target=_worker_main, daemon=False, name=f"ascend-rl-worker-{rank}",
-                                  args=(rank, world_size, port, backend, threads, child, factory, kwargs))
+                                  args=(rank, world_size, port, backend, threads, child, factory, kwargs, tuple(imports)))
             process.start()
             self.conns.append(parent)
             self.processes.append(process)

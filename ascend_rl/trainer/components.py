@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ascend_rl.algorithms import make_kl_controller
+from ascend_rl.algorithms import make_kl_controller, policy_loss_kwargs
 from ascend_rl.config.validate import data_files
 from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.model_dir import check_model_dir, load_tokenizer
@@ -25,6 +25,7 @@ from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
+from ascend_rl.reward.managers import RewardManager, make_reward_manager
 from ascend_rl.rollout.colocated import WorkerRolloutSpec, colocated, colocated_rollout, worker_rollout_spec
 from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.checkpoint import check_run_dir
@@ -32,7 +33,8 @@ from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.tracking import make_sinks
 from ascend_rl.trainer.validation import run_validation
-from ascend_rl.workers.actor import Actor, ActorSettings, OptimSettings, ReferencePolicy, ReferenceSettings
+from ascend_rl.workers.actor import Actor, ActorSettings, ReferencePolicy, ReferenceSettings
+from ascend_rl.workers.optimizer import OptimSettings
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Components:
     ref: ReferencePolicy | None  # or the shards in the actor's workers (same interface)
     rollout: Rollout
     rewards: RewardRunner
+    reward_manager: RewardManager  # scores → rewards (reward.reward_manager.name)
     kl_controller: object | None
     train_records: list[PromptRecord]
     val_records: list[PromptRecord]
@@ -149,7 +152,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     _check_context(cfg)
     load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,
                 reward_fn_key=data.reward_fn_key, filter_overlong_prompts=data.filter_overlong_prompts,
-                truncation=data.truncation, chat_template_kwargs=OmegaConf.to_container(data.apply_chat_template_kwargs))
+                truncation=data.truncation, chat_template_kwargs=OmegaConf.to_container(data.apply_chat_template_kwargs),
+                media_keys=[data.get(key) for key in ("image_key", "video_key", "audio_key")])
     train_records = load_prompts(data_files(data.train_files), max_samples=data.train_max_samples, **load)
     val_records = load_prompts(data_files(data.val_files), max_samples=data.val_max_samples, **load) \
         if data.val_files else []
@@ -178,6 +182,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
         rollout=colocated_rollout(actor, rollout_spec) if rollout_spec else build_rollout(cfg, device, out_dir),
         # scoring is light: more processes than a few only add start-up time
         rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
+        reward_manager=make_reward_manager(cfg.reward.reward_manager.name, _plain(cfg.reward.get("reward_kwargs"))),
         kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
         total_steps=total, seed=seed, out_dir=out_dir, show_progress=show_progress, profiler=StepProfiler(cfg, device),
         n_devices=t.nnodes * t.n_gpus_per_node,
@@ -205,13 +210,21 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceS
             use_kl_loss=actor_cfg.use_kl_loss, kl_loss_coef=actor_cfg.kl_loss_coef,
             kl_loss_type=actor_cfg.kl_loss_type, grad_clip=actor_cfg.grad_clip, temperature=arr.rollout.temperature,
             log_prob_micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu,
-            balance_batch=cfg.trainer.balance_batch),
+            balance_batch=cfg.trainer.balance_batch, loss_scale_factor=actor_cfg.get("loss_scale_factor"),
+            policy_loss_kwargs=policy_loss_kwargs(actor_cfg, cfg.algorithm)),
         OptimSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
                       lr_scheduler_type=optim.lr_scheduler_type, warmup_steps=warmup, total_steps=total_steps,
-                      min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles),
+                      min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles,
+                      optimizer_impl=optim.get("optimizer_impl", "torch.optim"),
+                      optimizer=optim.get("optimizer", "AdamW"), overrides=_plain(optim.get("override_optimizer_config"))),
         gradient_checkpointing=arr.model.enable_gradient_checkpointing,
         fsdp=fsdp_settings(actor_cfg.fsdp_config, device),
     )
+
+
+def _plain(node) -> dict:
+    """A config map as a plain dict (empty when unset), safe to pickle to worker processes."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
 
 
 def _check_context(cfg: DictConfig) -> None:

@@ -156,13 +156,16 @@ class RLTrainer:
         )
 
     def compute_rewards(self, batch: RolloutBatch) -> dict[str, float]:
-        """Rule/custom scores placed on each response's last token; why any failed is logged once a step."""
+        """Rule/custom scores, shaped by the reward manager, placed on each response's last token; why any
+        failed is logged once a step."""
         scored = self.c.rewards.score(batch.data_source, batch.response_text, batch.ground_truth, batch.extra_info)
-        scores = torch.zeros_like(batch["response_mask"])
-        last = batch["response_mask"].sum(-1).long() - 1
-        scores[torch.arange(len(batch)), last.clamp(min=0)] = torch.tensor([s.score for s in scored], dtype=scores.dtype)
-        batch["token_level_scores"] = scores * batch["response_mask"]
-        return {"reward/failures": float(log_failures(scored))}
+        mask = batch["response_mask"]
+        lengths = mask.sum(-1)
+        shaped = self.c.reward_manager(torch.tensor([s.score for s in scored], dtype=mask.dtype), lengths)
+        scores = torch.zeros_like(mask)
+        scores[torch.arange(len(batch)), (lengths.long() - 1).clamp(min=0)] = shaped.rewards
+        batch["token_level_scores"] = scores * mask
+        return {"reward/failures": float(log_failures(scored)), **shaped.metrics}
 
     def compute_old_log_probs(self, batch: RolloutBatch) -> dict[str, float]:
         old, entropy = self.c.actor.log_probs(batch.tensors)

@@ -7,7 +7,7 @@ import contextlib
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +21,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ascend_rl.algorithms import agg_denominator, agg_loss, compute_policy_loss, kl_penalty
+from ascend_rl.algorithms import agg_loss, compute_policy_loss, global_counts, kl_penalty
 from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
 from ascend_rl.distributed.fsdp import FsdpSettings, full_tensor, place_for_compute, reduce_over_ranks
 from ascend_rl.workers.model_io import logprob_metrics, response_log_probs
+from ascend_rl.workers.optimizer import OptimSettings, build_optimizer, build_scheduler
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,8 @@ class ActorSettings:
     temperature: float = 1.0
     log_prob_micro_batch_size: int | None = None
     balance_batch: bool = True  # several ranks: even token counts per rank (trainer.balance_batch)
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    total_steps: int = 1
-    min_lr_ratio: float = 0.0
-    num_cycles: float = 0.5
+    loss_scale_factor: float | None = None  # seq-mean-token-sum-norm's divisor (None: the response length)
+    policy_loss_kwargs: dict = field(default_factory=dict, hash=False)  # algorithms.policy_loss_kwargs(config)
 
 
 DCP_DIR = "dcp"  # inside a checkpoint's actor/ directory
@@ -81,19 +72,6 @@ def load_model(path: str, device: str, gradient_checkpointing: bool = False, dty
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     return model
-
-
-def build_scheduler(optimizer, optim: OptimSettings):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
-
-    if optim.lr_scheduler_type == "constant":
-        return get_constant_schedule_with_warmup(optimizer, optim.warmup_steps)
-    if optim.lr_scheduler_type == "cosine":
-        return get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, optim.warmup_steps, optim.total_steps, num_cycles=optim.num_cycles,
-            min_lr_rate=optim.min_lr_ratio)
-    raise ValueError(f"actor_rollout_ref.actor.optim.lr_scheduler_type={optim.lr_scheduler_type!r}: "
-                     f"expected constant or cosine")
 
 
 @contextlib.contextmanager
@@ -143,8 +121,7 @@ class Actor:
         self.device = torch.device(device)
         self.model, self._compute = load_policy(model_path, device, fsdp, mesh, gradient_checkpointing)
         self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay)
+        self.optimizer = build_optimizer(self.model.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim)
 
     @torch.no_grad()
@@ -190,9 +167,8 @@ class Actor:
         s = self.settings
         mode = s.loss_agg_mode
         # The whole mini-batch's counts make the micro-batch losses of all ranks add up to the mini-batch loss.
-        count = agg_denominator(mini["response_mask"], mode)
+        agg_kw = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
         mini = mini[torch.tensor(self.rows_of_rank(mini))]
-        agg_kw = {"global_num_tokens": count} if mode == "token-mean" else {"global_batch_size": count}
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = defaultdict(float)
         # Without old log-probs the step is on-policy (one mini-batch, one epoch): they equal this forward's.
@@ -210,7 +186,7 @@ class Actor:
             pg_loss, pg_metrics = compute_policy_loss(
                 s.loss_mode, old_log_prob=old_log_prob, log_prob=log_prob, advantages=micro["advantages"],
                 response_mask=mask, loss_agg_mode=mode, clip_ratio_low=s.clip_ratio_low,
-                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c, **agg_kw)
+                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c, **s.policy_loss_kwargs, **agg_kw)
             loss = pg_loss
             if s.entropy_coeff != 0:
                 loss = loss - s.entropy_coeff * agg_loss(entropy, mask, mode, **agg_kw)

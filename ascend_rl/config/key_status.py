@@ -1,0 +1,488 @@
+"""What each of verl's config keys does here: exactly one status per leaf key, in one table.
+
+- *honoured*: read, by the module named (`Honoured.reader`, relative to the package);
+- *no effect here*: accepted and ignored; a lint warning says why when a run sets it away from verl's default;
+- *not built*: belongs to a feature this build lacks. Set away from verl's default, it stops `train` at start-up
+  (plan lists it) naming the feature and what to use instead, unless the feature is off in this run (say the
+  critic's keys in a GRPO run): then, as in verl, the key has no effect, and lint says so.
+
+The table is ordered and the first pattern that matches a key wins (`*` matches across dots).
+`docs/config-keys.md` is generated from it (scripts/config_keys_doc.py); tests/test_key_status.py checks that
+every leaf of verl's trees has a status and that each honoured key's reader mentions it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+from omegaconf import DictConfig, OmegaConf
+
+from ascend_rl.config import schema
+from ascend_rl.config.legacy import new_name
+
+A = "actor_rollout_ref"
+
+
+@dataclass(frozen=True)
+class Honoured:
+    reader: str  # module path below ascend_rl/
+    needle: str | None = None  # the name the reader uses, when not the key's last part
+
+    kind = "honoured"
+
+
+@dataclass(frozen=True)
+class NoEffect:
+    why: str
+    matches: tuple = ()  # values that ask for what ascend-rl does anyway: set to one, a key is silent
+
+    kind = "no effect here"
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A feature this build lacks: what it is, what to use instead, and whether a run uses it (None: setting
+    any of its keys away from the default is using it)."""
+    name: str
+    instead: str
+    in_use: Callable[[DictConfig], bool] | None = None
+    off_because: str = ""  # why its keys do nothing when the run does not use it
+
+
+@dataclass(frozen=True)
+class NotBuilt:
+    feature: Missing
+
+    kind = "not built"
+
+
+Status = Honoured | NoEffect | NotBuilt
+
+
+def critic_in_use(cfg: DictConfig) -> bool:
+    """verl's rule: critic.enable, or (unset) the estimator is GAE."""
+    enable = cfg.critic.get("enable") if "critic" in cfg else None
+    return bool(enable) or (enable is None and cfg.algorithm.adv_estimator == "gae")
+
+
+def _engine(cfg: DictConfig) -> str:
+    return cfg.get("model_engine") or "dp"
+
+
+def _dynamic_bsz(cfg: DictConfig) -> bool:
+    arr = cfg[A]
+    return bool(arr.actor.use_dynamic_bsz or arr.ref.get("log_prob_use_dynamic_bsz")
+                or arr.rollout.log_prob_use_dynamic_bsz)
+
+
+CRITIC = Missing("PPO with a critic (critic.*, adv_estimator=gae)", "algorithm.adv_estimator=grpo", critic_in_use,
+                 "the critic is not used (algorithm.adv_estimator is not gae and critic.enable is not true)")
+MEGATRON = Missing("Megatron training (model_engine=megatron)", f"{A}.actor.strategy=fsdp",
+                   lambda c: _engine(c) == "megatron", "the training engine is not Megatron (model_engine)")
+TORCHTITAN = Missing("the torchtitan engine (model_engine=torchtitan)", "model_engine=dp",
+                     lambda c: _engine(c) == "torchtitan", "the training engine is not torchtitan (model_engine)")
+VEOMNI = Missing("the veomni engine (model_engine=veomni)", "model_engine=dp",
+                 lambda c: _engine(c) == "veomni", "the training engine is not veomni (model_engine)")
+DYNAMIC_BSZ = Missing("token-budget micro-batches (use_dynamic_bsz)", f"{A}.actor.use_dynamic_bsz=False and "
+                      f"ppo_micro_batch_size_per_gpu", _dynamic_bsz, "use_dynamic_bsz is off")
+ULYSSES = Missing("Ulysses sequence parallelism", f"{A}.actor.ulysses_sequence_parallel_size=1")
+REMOVE_PADDING = Missing("packed sequences (use_remove_padding)", f"{A}.model.use_remove_padding=False (padded "
+                         f"batches give the same log-probs)")
+LORA = Missing("LoRA", f"{A}.model.lora_rank=0 (full fine-tuning)", lambda c: (c[A].model.lora_rank or 0) > 0,
+               "model.lora_rank is 0")
+MULTI_TURN = Missing("multi-turn rollouts with tools (rollout.multi_turn)", "single-turn prompts",
+                     lambda c: bool(c[A].rollout.multi_turn.enable), "rollout.multi_turn.enable is false")
+AGENT_LOOP = Missing("verl's agent loop (rollout.agent)", "single-turn prompts")
+REWARD_MODEL = Missing("reward models (reward.reward_model.enable)", "rule rewards or reward.custom_reward_function",
+                       lambda c: bool(c.reward.reward_model.enable), "reward.reward_model.enable is false")
+REWARD_LOOP_MODULE = Missing("reward managers from a user module (reward.reward_manager.source=importlib)",
+                             "reward.custom_reward_function.path", lambda c: c.reward.reward_manager.source != "register",
+                             "reward.reward_manager.source is register")
+SANDBOX = Missing("sandbox code execution (reward.sandbox_fusion)", "a custom reward function")
+DYNAMIC_SAMPLING = Missing("DAPO's dynamic sampling (algorithm.filter_groups)", "algorithm.filter_groups.enable=False",
+                           lambda c: bool(c.algorithm.filter_groups.enable), "algorithm.filter_groups.enable is false")
+ROLLOUT_CORRECTION = Missing("rollout importance-sampling correction in the trainer (algorithm.rollout_correction)",
+                             "the default (no correction; metrics show the engine-vs-trainer gap), or "
+                             f"{A}.actor.policy_loss.loss_mode=bypass_mode with the correction's defaults")
+PF_PPO = Missing("PF-PPO reweighting (algorithm.use_pf_ppo)", "algorithm.use_pf_ppo=False",
+                 lambda c: bool(c.algorithm.use_pf_ppo), "algorithm.use_pf_ppo is false")
+DISTILLATION = Missing("on-policy distillation (distillation.*)", "distillation.enabled=False",
+                       lambda c: bool(c.distillation.enabled), "distillation.enabled is false")
+TRANSFER_QUEUE = Missing("verl's TransferQueue (transfer_queue.*)", "transfer_queue.enable=False",
+                         lambda c: bool(c.transfer_queue.enable), "transfer_queue.enable is false")
+V1_TRAINER = Missing("verl's v1 trainer (trainer.use_v1, trainer.v1.*)", "trainer.use_v1=False",
+                     lambda c: bool(c.trainer.use_v1), "trainer.use_v1 is false")
+SKIP_ROLLOUT = Missing("verl's rollout dump/replay (skip.*)", "generating every step")
+MULTIMODAL = Missing("multimodal data (images, video, audio)", "text prompts")
+QAT = Missing("quantization-aware training (qat.*)", "qat.enable=False", None)
+MTP = Missing("multi-token prediction (model.mtp)", f"{A}.model.mtp.enable=False",
+              lambda c: bool(c[A].model.mtp.enable), "model.mtp.enable is false")
+PD_DISAGGREGATION = Missing("prefill/decode disaggregation (rollout.disaggregation)",
+                            f"{A}.rollout.disaggregation.enabled=False",
+                            lambda c: bool(c[A].rollout.disaggregation.enabled), "disaggregation.enabled is false")
+ROUTING_REPLAY = Missing("MoE routing replay (rollout.enable_rollout_routing_replay)", "the default (off)")
+ROLLOUT_QUANT = Missing("quantized rollouts (rollout.quantization)", "an unquantized rollout")
+ROLLOUT_TRACE = Missing("rollout tracing (rollout.trace)", "trainer.logger=tensorboard and validation samples")
+CUSTOM_DATASET = Missing("a user dataset class (data.custom_cls)", "parquet in verl's layout (prompt, data_source, "
+                         "reward_model.ground_truth)")
+HDFS = Missing("copying checkpoints to HDFS (trainer.default_hdfs_dir)", "trainer.default_local_dir on shared storage")
+CKPT_CALLBACK = Missing("checkpoint callbacks (trainer.checkpoint_callback_class)", "the default (none)")
+ASYNC_CKPT = Missing("asynchronous checkpoint saving (checkpoint.async_save)", "synchronous saving (the default)")
+VAL_ONLY = Missing("validation-only runs (trainer.val_only)", "ascend-rl eval")
+ROLLOUT_DUMP = Missing("dumping rollouts to files (trainer.rollout_data_dir / validation_data_dir)",
+                       "trainer.log_val_generations and metrics.jsonl")
+PROFILE_WORKERS = Missing("per-role profilers (actor/ref/rollout .profiler)", "global_profiler.tool=torch (or npu) "
+                          "with global_profiler.steps")
+CKPT_ENGINE = Missing("verl's checkpoint engines for weight sync (rollout.checkpoint_engine.backend)",
+                      f"{A}.rollout.launch.weight_transport")
+PROMETHEUS = Missing("Prometheus metrics of the rollout (rollout.prometheus)", "the rollout's metrics in metrics.jsonl",
+                     lambda c: bool(c[A].rollout.prometheus.enable), "rollout.prometheus.enable is false")
+ONE_INDEXED_LR = Missing("one-indexed LR schedules (optim.zero_indexed_step=False)", "optim.zero_indexed_step=True")
+TOOL_DATA = Missing("tool definitions in the data (data.tool_config_path / function_tool_path)", "prompts without tools")
+OVERRIDE_HF_CONFIG = Missing("overriding the model's config (model.override_config)",
+                             "a copy of the model directory with the changed config.json")
+PREFIX_GROUPER = Missing("shared-prefix forward (actor.use_prefix_grouper)", "the default (off)")
+
+FSDP1 = "FSDP2 (fully_shard) shards each decoder layer; FSDP1's wrapping options do not apply"
+NOT_VLLM = "only vLLM/TensorRT-LLM read it"
+SGLANG_KW = f"+{A}.rollout.engine_kwargs.sglang"
+KERNELS = "no fused or compiled kernels are used; the model runs as transformers defines it"
+ENTROPY_CHUNKS = "entropy is computed in one pass over the micro-batch's logits"
+TURBO = "verl's FSDP turbo settings; FSDP2 here takes param/reduce dtypes only"
+LOGPROB_MICRO = "the global (all-rank) micro-batch is verl's deprecated spelling; use log_prob_micro_batch_size_per_gpu"
+
+
+def _h(reader: str, needle: str | None = None) -> Honoured:
+    return Honoured(reader, needle)
+
+
+def _n(why: str, *matches) -> NoEffect:
+    return NoEffect(why, matches)
+
+
+def _x(feature: Missing) -> NotBuilt:
+    return NotBuilt(feature)
+
+
+# Ordered: first match wins. Subtrees first, then leaves.
+TABLE: tuple[tuple[str, Status], ...] = (
+    ("*._target_", _n("verl's dataclass to instantiate; ascend-rl reads the keys directly")),
+    # Whole sections another engine, role or feature owns.
+    ("critic.*", _x(CRITIC)),
+    ("trainer.critic_warmup", _x(CRITIC)),
+    ("trainer.max_critic_ckpt_to_keep", _x(CRITIC)),
+    ("*.megatron.*", _x(MEGATRON)),
+    ("*.torchtitan.*", _x(TORCHTITAN)),
+    ("*.veomni.*", _x(VEOMNI)),
+    (f"{A}.actor.profiler.tool_config.npu.contents", _h("trainer/profiler.py")),
+    (f"{A}.actor.profiler.tool_config.npu.level", _h("trainer/profiler.py")),
+    (f"{A}.actor.profiler.tool_config.npu.analysis", _h("trainer/profiler.py")),
+    (f"{A}.actor.profiler.tool_config.npu.discrete", _n("a profiled step gives one trace of the whole step, with a "
+                                                        "named range per stage (gen, old_log_prob, update_actor, ...)")),
+    ("*.profiler.*", _x(PROFILE_WORKERS)),
+    ("distillation.*", _x(DISTILLATION)),
+    ("transfer_queue.*", _x(TRANSFER_QUEUE)),
+    ("trainer.use_v1", _x(V1_TRAINER)),
+    ("trainer.v1.*", _x(V1_TRAINER)),
+    ("skip.*", _x(SKIP_ROLLOUT)),
+    ("*.qat.*", _x(QAT)),
+    ("*.turbo_config.distributed.fsdp_plan.param_dtype", _h("distributed/fsdp.py", "model_dtype")),
+    ("*.turbo_config.*", _n(TURBO)),
+    # The Megatron-only optimizer keys verl's dp tree also carries.
+    ("*.optim.muon_*", _x(MEGATRON)),
+    # actor_rollout_ref.model
+    (f"{A}.model.path", _h("trainer/components.py")),
+    (f"{A}.model.external_lib", _h("config/loader.py")),
+    (f"{A}.model.trust_remote_code", _h("rollout/sglang/server_args.py")),
+    (f"{A}.model.enable_gradient_checkpointing", _h("trainer/components.py")),
+    (f"{A}.*use_remove_padding", _x(REMOVE_PADDING)),
+    (f"{A}.model.override_config", _x(OVERRIDE_HF_CONFIG)),
+    (f"{A}.model.lora_rank", _x(LORA)),
+    (f"{A}.model.lora_alpha", _x(LORA)),
+    (f"{A}.model.target_modules", _x(LORA)),
+    (f"{A}.model.exclude_modules", _x(LORA)),
+    (f"{A}.model.lora_adapter_path", _x(LORA)),
+    (f"{A}.model.lora.*", _x(LORA)),
+    (f"{A}.model.mtp.*", _x(MTP)),
+    (f"{A}.model.use_shm", _n("models load from the local directory; there is no shared-memory copy")),
+    (f"{A}.model.hf_config_path", _n("the config is read from model.path")),
+    (f"{A}.model.tokenizer_path", _n("the tokenizer is data.tokenizer, else model.path")),
+    (f"{A}.model.custom_chat_template", _n("the chat template is the tokenizer's")),
+    (f"{A}.model.enable_activation_offload", _n("activations stay on the device; use gradient checkpointing", False)),
+    (f"{A}.model.use_liger", _n(KERNELS, False)),
+    (f"{A}.model.use_fused_kernels", _n(KERNELS, False)),
+    (f"{A}.model.fused_kernel_options.*", _n(KERNELS)),
+    (f"{A}.model.tiled_mlp.*", _n(KERNELS)),
+    (f"{A}.hybrid_engine", _n("the actor and rollout always share devices (verl's hybrid engine)", True)),
+    (f"{A}.nccl_timeout", _n("collectives use torch.distributed's default timeout")),
+    # actor and ref: batch sizes, losses, optimizer
+    (f"{A}.actor.strategy", _h("config/layout.py")),
+    (f"{A}.ref.strategy", _n("the reference policy uses the actor's strategy")),
+    (f"{A}.*.rollout_n", _n("set from rollout.n")),
+    (f"{A}.actor.ppo_mini_batch_size", _h("trainer/components.py")),
+    (f"{A}.actor.ppo_micro_batch_size_per_gpu", _h("trainer/components.py")),
+    (f"{A}.actor.ppo_micro_batch_size", _n("verl's deprecated global micro-batch; use ppo_micro_batch_size_per_gpu")),
+    (f"{A}.actor.use_dynamic_bsz", _x(DYNAMIC_BSZ)),
+    (f"{A}.*.log_prob_use_dynamic_bsz", _x(DYNAMIC_BSZ)),
+    (f"{A}.*_max_token_len_per_gpu", _x(DYNAMIC_BSZ)),
+    (f"{A}.*ulysses_sequence_parallel_size", _x(ULYSSES)),
+    (f"{A}.actor.ppo_epochs", _h("trainer/components.py")),
+    (f"{A}.actor.shuffle", _h("trainer/components.py")),
+    (f"{A}.actor.data_loader_seed", _h("trainer/components.py")),
+    (f"{A}.actor.clip_ratio", _h("algorithms/loss_settings.py")),
+    (f"{A}.actor.clip_ratio_low", _h("trainer/components.py")),
+    (f"{A}.actor.clip_ratio_high", _h("trainer/components.py")),
+    (f"{A}.actor.clip_ratio_c", _h("trainer/components.py")),
+    (f"{A}.actor.tau_pos", _h("algorithms/loss_settings.py")),
+    (f"{A}.actor.tau_neg", _h("algorithms/loss_settings.py")),
+    (f"{A}.actor.policy_loss.loss_mode", _h("trainer/components.py")),
+    (f"{A}.actor.policy_loss.*", _h("algorithms/loss_settings.py")),
+    (f"{A}.actor.loss_agg_mode", _h("trainer/components.py")),
+    (f"{A}.actor.loss_scale_factor", _h("trainer/components.py")),
+    (f"{A}.actor.entropy_coeff", _h("trainer/components.py")),
+    (f"{A}.actor.calculate_entropy", _n("entropy is always computed (it is logged as actor/entropy)", True)),
+    (f"{A}.actor.calculate_sum_pi_squared", _n("no loss here needs Σπ²")),
+    (f"{A}.actor.use_kl_loss", _h("trainer/components.py")),
+    (f"{A}.actor.kl_loss_coef", _h("trainer/components.py")),
+    (f"{A}.actor.kl_loss_type", _h("trainer/components.py")),
+    (f"{A}.actor.grad_clip", _h("trainer/components.py")),
+    (f"{A}.actor.use_prefix_grouper", _x(PREFIX_GROUPER)),
+    (f"{A}.actor.freeze_vision_tower", _x(MULTIMODAL)),
+    (f"{A}.*.use_torch_compile", _n(KERNELS, False)),
+    (f"{A}.actor.use_fused_kernels", _n(KERNELS, False)),
+    (f"{A}.*entropy_from_logits_with_chunking", _n(ENTROPY_CHUNKS, False)),
+    (f"{A}.*entropy_from_logits_chunk_size", _n(ENTROPY_CHUNKS)),
+    (f"{A}.*entropy_checkpointing", _n(ENTROPY_CHUNKS, False)),
+    (f"{A}.*pad_to_length*", _n("batches are padded to their longest sequence")),
+    (f"{A}.actor.checkpoint.async_save", _x(ASYNC_CKPT)),
+    (f"{A}.actor.checkpoint.*", _n("a checkpoint always holds the model, optimizer and sampler state and the HF "
+                                   "weights (global_step_N/actor, huggingface/)")),
+    (f"{A}.ref.log_prob_micro_batch_size_per_gpu", _h("trainer/components.py")),
+    (f"{A}.*.log_prob_micro_batch_size", _n(LOGPROB_MICRO)),
+    # optimizer
+    (f"{A}.actor.optim.lr", _h("trainer/components.py")),
+    (f"{A}.actor.optim.weight_decay", _h("trainer/components.py")),
+    (f"{A}.actor.optim.betas", _h("trainer/components.py")),
+    (f"{A}.actor.optim.lr_warmup_steps", _h("trainer/components.py")),
+    (f"{A}.actor.optim.lr_warmup_steps_ratio", _h("trainer/components.py")),
+    (f"{A}.actor.optim.lr_scheduler_type", _h("trainer/components.py")),
+    (f"{A}.actor.optim.min_lr_ratio", _h("trainer/components.py")),
+    (f"{A}.actor.optim.num_cycles", _h("trainer/components.py")),
+    (f"{A}.actor.optim.total_training_steps", _n("set from trainer.total_training_steps / total_epochs")),
+    (f"{A}.actor.optim.optimizer", _h("trainer/components.py")),
+    (f"{A}.actor.optim.optimizer_impl", _h("trainer/components.py")),
+    (f"{A}.actor.optim.override_optimizer_config", _h("trainer/components.py")),
+    (f"{A}.actor.optim.zero_indexed_step", _x(ONE_INDEXED_LR)),
+    (f"{A}.actor.optim.warmup_style", _n("verl's old name of lr_scheduler_type; set lr_scheduler_type")),
+    (f"{A}.actor.optim.clip_grad", _n("verl's Megatron name; the FSDP actor clips with actor.grad_clip")),
+    (f"{A}.ref.optim.*", _n("the reference policy is not trained")),
+    # FSDP settings (actor and ref)
+    (f"{A}.*.fsdp_config.param_offload", _h("distributed/fsdp.py")),
+    (f"{A}.*.fsdp_config.optimizer_offload", _h("distributed/fsdp.py")),
+    (f"{A}.*.fsdp_config.model_dtype", _h("distributed/fsdp.py")),
+    (f"{A}.*.fsdp_config.dtype", _h("distributed/fsdp.py")),
+    (f"{A}.*.fsdp_config.reshard_after_forward", _h("distributed/fsdp.py")),
+    (f"{A}.actor.fsdp_config.fsdp_size", _h("config/layout.py")),
+    (f"{A}.*.fsdp_config.strategy", _n("actor.strategy decides")),
+    (f"{A}.*.fsdp_config.seed", _n("trainer.seed seeds every process")),
+    (f"{A}.*.fsdp_config.full_determinism", _n("trainer.deterministic switches deterministic kernels on")),
+    (f"{A}.*.fsdp_config.offload_policy", _n("param_offload moves parameters and optimizer state to the host")),
+    (f"{A}.*.fsdp_config.*", _n(FSDP1)),
+    # rollout
+    (f"{A}.rollout.name", _h("rollout/factory.py")),
+    (f"{A}.rollout.mode", _n("rollouts are always served asynchronously (verl 0.9.1's only mode)")),
+    (f"{A}.rollout.launch.*", _h("rollout/factory.py")),
+    (f"{A}.rollout.n", _h("trainer/loop.py")),
+    (f"{A}.rollout.temperature", _h("trainer/loop.py")),
+    (f"{A}.rollout.top_k", _h("trainer/loop.py")),
+    (f"{A}.rollout.top_p", _h("trainer/loop.py")),
+    (f"{A}.rollout.ignore_eos", _h("trainer/loop.py")),
+    (f"{A}.rollout.do_sample", _h("config/lint.py")),
+    (f"{A}.rollout.val_kwargs.do_sample", _n("validation samples when val_kwargs.temperature > 0")),
+    (f"{A}.rollout.val_kwargs.*", _h("trainer/validation.py")),
+    (f"{A}.rollout.free_cache_engine", _h("trainer/components.py")),
+    (f"{A}.rollout.gpu_memory_utilization", _h("rollout/factory.py")),
+    (f"{A}.rollout.max_num_seqs", _h("rollout/factory.py")),
+    (f"{A}.rollout.max_num_batched_tokens", _h("rollout/factory.py")),
+    (f"{A}.rollout.max_model_len", _h("rollout/factory.py")),
+    (f"{A}.rollout.load_format", _h("rollout/factory.py")),
+    (f"{A}.rollout.dtype", _h("rollout/sglang/server_args.py")),
+    (f"{A}.rollout.enforce_eager", _h("rollout/sglang/server_args.py")),
+    (f"{A}.rollout.skip_tokenizer_init", _h("rollout/sglang/server_args.py")),
+    (f"{A}.rollout.engine_kwargs.sglang", _h("rollout/sglang/server_args.py", "engine_kwargs.sglang")),
+    (f"{A}.rollout.engine_kwargs.*", _n(NOT_VLLM)),
+    (f"{A}.rollout.tensor_model_parallel_size", _h("config/layout.py")),
+    (f"{A}.rollout.data_parallel_size", _h("config/layout.py")),
+    (f"{A}.rollout.expert_parallel_size", _h("config/layout.py")),
+    (f"{A}.rollout.pipeline_model_parallel_size", _h("config/layout.py")),
+    (f"{A}.rollout.log_prob_micro_batch_size_per_gpu", _h("trainer/components.py")),
+    (f"{A}.rollout.checkpoint_engine.update_weights_bucket_megabytes", _h("rollout/factory.py")),
+    (f"{A}.rollout.checkpoint_engine.*", _x(CKPT_ENGINE)),
+    (f"{A}.rollout.enable_chunked_prefill", _n(f"{NOT_VLLM}; SGLang's is {SGLANG_KW}.chunked_prefill_size (-1: off)")),
+    (f"{A}.rollout.enable_prefix_caching", _n(NOT_VLLM + "; SGLang caches prefixes (radix cache) by default")),
+    (f"{A}.rollout.cudagraph_capture_sizes", _n(f"{NOT_VLLM}; SGLang's is {SGLANG_KW}.cuda_graph_bs")),
+    (f"{A}.rollout.disable_log_stats", _n(NOT_VLLM)),
+    (f"{A}.rollout.scheduling_policy", _n(f"{NOT_VLLM}; SGLang's is {SGLANG_KW}.schedule_policy")),
+    (f"{A}.rollout.logprobs_mode", _n(NOT_VLLM + "; log-probs are of the raw distribution at the rollout temperature")),
+    (f"{A}.rollout.multi_stage_wake_up", _n("weight sync always wakes the weights first and the KV cache after them", True)),
+    (f"{A}.rollout.layered_summon", _n("FSDP2 weights are gathered one bucket at a time already")),
+    (f"{A}.rollout.calculate_log_probs", _n("rollout log-probs are always returned (they feed the "
+                                            "engine-vs-trainer metrics)", True)),
+    (f"{A}.rollout.prompt_length", _n("set from data.max_prompt_length")),
+    (f"{A}.rollout.response_length", _n("set from data.max_response_length")),
+    (f"{A}.rollout.seed", _n("each sample's seed derives from trainer.seed, the step and the sample")),
+    (f"{A}.rollout.full_determinism", _n("trainer.deterministic switches deterministic inference on")),
+    (f"{A}.rollout.nnodes", _n("the rollout shares the actor's nodes (trainer.nnodes)")),
+    (f"{A}.rollout.n_gpus_per_node", _n("the rollout shares the actor's devices (trainer.n_gpus_per_node)")),
+    (f"{A}.rollout.over_sample_rate", _n("every sample of a step is waited for")),
+    (f"{A}.rollout.router_config_path", _n("one engine or server per replica; there is no router")),
+    (f"{A}.rollout.moe_load_balance_metrics_interval", _n("no MoE metrics are collected")),
+    (f"{A}.rollout.mtp", _x(MTP)),
+    (f"{A}.rollout.qat", _x(QAT)),
+    (f"{A}.rollout.quantization*", _x(ROLLOUT_QUANT)),
+    (f"{A}.rollout.enable_rollout_routing_replay", _x(ROUTING_REPLAY)),
+    (f"{A}.rollout.multi_turn.*", _x(MULTI_TURN)),
+    (f"{A}.rollout.agent.*", _x(AGENT_LOOP)),
+    (f"{A}.rollout.trace.*", _x(ROLLOUT_TRACE)),
+    (f"{A}.rollout.prometheus.*", _x(PROMETHEUS)),
+    (f"{A}.rollout.disaggregation.*", _x(PD_DISAGGREGATION)),
+    # data
+    ("data.tokenizer", _h("trainer/components.py")),
+    ("data.train_files", _h("trainer/components.py")),
+    ("data.val_files", _h("trainer/components.py")),
+    ("data.train_max_samples", _h("trainer/components.py")),
+    ("data.val_max_samples", _h("trainer/components.py")),
+    ("data.prompt_key", _h("trainer/components.py")),
+    ("data.reward_fn_key", _h("trainer/components.py")),
+    ("data.max_prompt_length", _h("trainer/components.py")),
+    ("data.max_response_length", _h("trainer/loop.py")),
+    ("data.train_batch_size", _h("trainer/components.py")),
+    ("data.shuffle", _h("trainer/components.py")),
+    ("data.seed", _h("trainer/components.py")),
+    ("data.filter_overlong_prompts", _h("trainer/components.py")),
+    ("data.truncation", _h("trainer/components.py")),
+    ("data.apply_chat_template_kwargs", _h("trainer/components.py")),
+    ("data.image_key", _h("trainer/components.py")),
+    ("data.video_key", _h("trainer/components.py")),
+    ("data.audio_key", _h("trainer/components.py")),
+    ("data.image_patch_size", _x(MULTIMODAL)),
+    ("data.mm_processor_kwargs", _x(MULTIMODAL)),
+    ("data.return_multi_modal_inputs", _x(MULTIMODAL)),
+    ("data.custom_cls.*", _x(CUSTOM_DATASET)),
+    ("data.tool_config_path", _x(TOOL_DATA)),
+    ("data.function_tool_path", _x(TOOL_DATA)),
+    ("data.gen_batch_size", _x(DYNAMIC_SAMPLING)),
+    ("data.val_batch_size", _n("validation sends every held-out prompt to the engine at once")),
+    ("data.validation_shuffle", _n("validation is scored over all held-out prompts; order does not change it")),
+    ("data.dataloader_num_workers", _n("prompts are tokenized once at start-up")),
+    ("data.filter_overlong_prompts_workers", _n("prompts are tokenized once at start-up")),
+    ("data.use_shm", _n("data files are read from their paths")),
+    ("data.trust_remote_code", _n("the tokenizer is loaded with the model's trust_remote_code")),
+    ("data.return_raw_input_ids", _n("the rollout and actor share one tokenizer")),
+    ("data.return_raw_chat", _n("prompts reach the rollout as token ids")),
+    ("data.return_full_prompt", _n("prompts reach the rollout as token ids")),
+    # reward
+    ("reward.custom_reward_function.*", _h("trainer/components.py")),
+    ("reward.num_workers", _h("trainer/components.py")),
+    ("reward.reward_kwargs", _h("trainer/components.py")),
+    ("reward.timeout_s", _h("trainer/components.py")),
+    ("reward.reward_manager.name", _h("reward/managers.py", "REWARD_MANAGERS")),
+    ("reward.reward_manager.source", _x(REWARD_LOOP_MODULE)),
+    ("reward.reward_manager.module.*", _x(REWARD_LOOP_MODULE)),
+    ("reward.reward_model.*", _x(REWARD_MODEL)),
+    ("reward.sandbox_fusion.*", _x(SANDBOX)),
+    # verl's legacy sections (config/legacy.py moves them into reward.*; these are the keys it drops)
+    ("reward_model.*", _n("a legacy key with no place in verl 0.9.1's reward section")),
+    ("custom_reward_function.*", _n("a legacy key with no place in verl 0.9.1's reward section")),
+    ("sandbox_fusion.*", _x(SANDBOX)),
+    # algorithm
+    ("algorithm.adv_estimator", _h("trainer/loop.py")),
+    ("algorithm.gamma", _h("trainer/loop.py")),
+    ("algorithm.lam", _h("trainer/loop.py")),
+    ("algorithm.norm_adv_by_std_in_grpo", _h("trainer/loop.py")),
+    ("algorithm.use_kl_in_reward", _h("trainer/loop.py")),
+    ("algorithm.kl_penalty", _h("trainer/loop.py")),
+    ("algorithm.kl_ctrl.*", _h("trainer/components.py")),
+    ("algorithm.filter_groups.*", _x(DYNAMIC_SAMPLING)),
+    ("algorithm.rollout_correction.*", _x(ROLLOUT_CORRECTION)),
+    ("algorithm.use_pf_ppo", _x(PF_PPO)),
+    ("algorithm.pf_ppo.*", _x(PF_PPO)),
+    # trainer
+    ("trainer.total_epochs", _h("trainer/components.py")),
+    ("trainer.total_training_steps", _h("trainer/components.py")),
+    ("trainer.project_name", _h("trainer/components.py")),
+    ("trainer.experiment_name", _h("trainer/components.py")),
+    ("trainer.logger", _h("trainer/components.py")),
+    ("trainer.log_val_generations", _n("validation logs its scores; generations are not logged")),
+    ("trainer.rollout_data_dir", _x(ROLLOUT_DUMP)),
+    ("trainer.validation_data_dir", _x(ROLLOUT_DUMP)),
+    ("trainer.nnodes", _h("config/layout.py")),
+    ("trainer.n_gpus_per_node", _h("config/layout.py")),
+    ("trainer.save_freq", _h("trainer/loop.py")),
+    ("trainer.test_freq", _h("trainer/loop.py")),
+    ("trainer.val_before_train", _h("trainer/loop.py")),
+    ("trainer.val_only", _x(VAL_ONLY)),
+    ("trainer.resume_mode", _h("trainer/loop.py")),
+    ("trainer.resume_from_path", _h("trainer/loop.py")),
+    ("trainer.max_actor_ckpt_to_keep", _h("trainer/loop.py")),
+    ("trainer.default_local_dir", _h("trainer/components.py")),
+    ("trainer.default_hdfs_dir", _x(HDFS)),
+    ("trainer.del_local_ckpt_after_load", _n("checkpoints are kept; max_actor_ckpt_to_keep prunes old ones")),
+    ("trainer.checkpoint_callback_class", _x(CKPT_CALLBACK)),
+    ("trainer.esi_redundant_time", _n("saving is by trainer.save_freq; there is no expiry-driven save")),
+    ("trainer.balance_batch", _h("trainer/components.py")),
+    ("trainer.ray_wait_register_center_timeout", _n("workers register through torch.distributed, not a Ray "
+                                                    "register centre")),
+    ("trainer.ray_address", _h("distributed/launch.py")),
+    ("trainer.device", _h("trainer/components.py")),
+    ("trainer.seed", _h("trainer/components.py")),
+    ("trainer.deterministic", _h("trainer/components.py")),
+    ("ray_kwargs.ray_init*", _h("distributed/launch.py", "ray_init")),
+    ("ray_kwargs.timeline_json_file", _n("no Ray timeline is written")),
+    ("global_profiler.tool", _h("trainer/profiler.py")),
+    ("global_profiler.steps", _h("trainer/profiler.py")),
+    ("global_profiler.save_path", _h("trainer/profiler.py")),
+    ("global_profiler.global_tool_config", _x(PROFILE_WORKERS)),
+    ("global_profiler.*", _n("a profiled step writes one trace of the whole step to global_profiler.save_path")),
+    ("model_engine", _h("config/schema.py")),
+)
+
+
+ENGINE_FEATURES = {"megatron": MEGATRON, "torchtitan": TORCHTITAN, "veomni": VEOMNI}
+
+
+@cache
+def status_of(path: str) -> Status | None:
+    """The first matching row's status; else, for a key only another engine's tree has, that engine's; else
+    None (a key the table does not cover). A legacy key verl moves has the status of its new name."""
+    path = new_name(path) or path
+    found = next((status for pattern, status in TABLE if fnmatch.fnmatchcase(path, pattern)), None)
+    if found is None and path not in schema.engine_keys("dp"):
+        found = next((NotBuilt(feature) for engine, feature in ENGINE_FEATURES.items()
+                      if path in schema.engine_keys(engine)), None)
+    return found
+
+
+def missing_features(cfg: DictConfig, changed: set[str]) -> tuple[dict[Missing, list[str]], list[str]]:
+    """The features this run asks for that are not built (each with the keys that ask), and a warning for each
+    not-built key set in a run that leaves its feature off."""
+    wanted: dict[Missing, list[str]] = {}
+    idle = []
+    for path in sorted(changed):
+        status = status_of(path)
+        if not isinstance(status, NotBuilt):
+            continue
+        feature = status.feature
+        if feature.in_use is None or feature.in_use(cfg):
+            wanted.setdefault(feature, []).append(path)
+        else:
+            idle.append(f"{path}: has no effect: {feature.off_because}")
+    return wanted, idle
+
+
+def no_effect_warnings(cfg: DictConfig, changed: set[str]) -> list[str]:
+    return [f"{path}: has no effect here: {status.why}" for path in sorted(changed)
+            if isinstance(status := status_of(path), NoEffect) and OmegaConf.select(cfg, path) not in status.matches]
