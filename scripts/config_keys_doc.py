@@ -82,7 +82,10 @@ def render() -> str:
         "default, saying why;",
         "- **not built**: part of a feature this build lacks. Set away from verl's default, `train` stops at "
         "start-up naming the feature and what to use instead (`plan` lists it), unless the feature is off in the "
-        "run (a critic key in a GRPO run): then it has no effect, as in verl, and `plan` warns.",
+        "run (a LoRA key while `lora_rank` is 0): then it has no effect, as in verl, and `plan` warns.",
+        "",
+        "The critic's keys (`critic.*`) are read when the run has a critic (`algorithm.adv_estimator=gae` or "
+        "`critic.enable=true`), as in verl; the embedded default carries critic settings for that case.",
         "",
         f"Totals: {counts['honoured']} honoured, {counts['no effect here']} no effect here, "
         f"{counts['not built']} not built ({len(keys)} keys).",

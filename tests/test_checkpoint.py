@@ -111,7 +111,7 @@ def test_re_saving_a_step_that_fails_keeps_the_old_one_and_a_valid_tracker(run, 
 
     monkeypatch.setattr(Path, "rename", failing_rename)
     with pytest.raises(UserError, match="checkpoint of step 2 could not be written"):
-        checkpoint.save_checkpoint(run, 2, lambda path: path.mkdir(parents=True), {})
+        checkpoint.save_checkpoint(run, 2, lambda path: (path / "actor").mkdir(parents=True), {})
     assert checkpoint.verify(run / "global_step_2") is None
     assert (run / checkpoint.TRACKER).read_text() == "2"
     assert sorted(p.name for p in run.iterdir() if "global_step" in p.name) == ["global_step_1", "global_step_2"]

@@ -171,3 +171,12 @@ def test_external_lib_registers_names_before_validation(tmp_path, monkeypatch):
 def test_bool_is_not_an_integer():
     with pytest.raises(ConfigError, match="'actor_rollout_ref.actor.ppo_epochs' expects an integer, got True"):
         load_config([MODEL, f"{A}.actor.ppo_epochs=true"])
+
+
+def test_a_plus_key_verl_lacks_is_added_then_dropped_with_a_warning(caplog):
+    """Hydra, so verl, takes `+data.enable_thinking=True` (verl's GLM-4.1V script): nothing reads it."""
+    cfg = load_config([MODEL, "+data.enable_thinking=True"])
+    assert "enable_thinking" not in cfg.data
+    assert "data.enable_thinking: verl 0.9.1 has no such key; added with '+', it has no effect here" in caplog.text
+    with pytest.raises(ConfigError, match="unknown config key 'data.enable_thinking'"):
+        load_config([MODEL, "data.enable_thinking=True"])  # without '+', Hydra refuses it too

@@ -107,20 +107,21 @@ def test_engines_in_the_workers_generate_what_one_engine_generates_and_follow_th
 
 
 @pytest.mark.timeout(300)
-def test_the_trainer_takes_the_reference_and_the_rollout_from_the_workers(task, tmp_path):
+def test_the_trainer_takes_the_reference_critic_and_rollout_from_the_workers(task, tmp_path):
     from test_trainer import tiny_overrides
 
-    from ascend_rl.config import load_config
     from ascend_rl.trainer.components import build_components
+    from ascend_rl.trainer.loop import RLTrainer
 
     cfg = load_config(tiny_overrides(task, tmp_path, "trainer.n_gpus_per_node=2",
-                                     "actor_rollout_ref.actor.use_kl_loss=True"))
+                                     "actor_rollout_ref.actor.use_kl_loss=True", "algorithm.adv_estimator=gae",
+                                     f"critic.model.path={task[0]}", "trainer.total_training_steps=1",
+                                     "trainer.save_freq=1"))
     c = build_components(cfg, show_progress=False)
-    try:
-        assert c.ref is c.actor.reference  # no copy of the reference model in the driver
-        assert c.rollout.description == "2 native engine(s) in actor workers (colocated)"
-    finally:
-        c.close()
+    assert c.ref is c.actor.reference and c.critic is c.actor.critic  # no copies of those models in the driver
+    assert c.rollout.description == "2 native engine(s) in actor workers (colocated)"
+    result = RLTrainer(c).fit()  # one PPO step with the critic's shards in the workers, and its checkpoint
+    assert result.steps == 1 and (tmp_path / "global_step_1" / "critic" / "dcp" / ".metadata").is_file()
 
 
 class Crasher:
@@ -449,3 +450,30 @@ def test_workers_import_the_users_external_lib(tmp_path, monkeypatch):
 def test_the_launcher_passes_external_lib_to_the_workers():
     cfg = load_config([f"{A}.model.path=/m", "trainer.n_gpus_per_node=2", f"{A}.model.external_lib=json"])
     assert worker_group_factory(cfg, "cpu").keywords["imports"] == ("json",)
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_hold_the_critic_and_make_the_update_of_one(tiny_model_dir):
+    from ascend_rl.workers.critic import CriticSettings, CriticSpec
+    from ascend_rl.workers.trained import Batching
+
+    settings, optim = ActorSettings(**SETTINGS), OptimSettings(lr=1e-2, total_steps=4)
+    spec = CriticSpec(str(tiny_model_dir), CriticSettings(Batching(8, 2, ppo_epochs=2, shuffle=True), 3),
+                      OptimSettings(lr=1e-3, total_steps=4))
+    single_actor = Actor(str(tiny_model_dir), "cpu", settings, optim)
+    batch = fixed_batch(single_actor)
+    single = spec.build("cpu")
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, critic=spec)
+    try:
+        values = single.values(batch)
+        assert torch.allclose(group.critic.values(batch), values, atol=1e-6)  # the same seeded head
+        batch["values"] = values
+        batch["returns"] = (values + torch.randn(values.shape, generator=torch.Generator().manual_seed(1))) \
+            * batch["response_mask"]
+        for _ in range(2):
+            m1, m2 = single.update(batch), group.critic.update(batch)
+            assert m1["critic/vf_loss"] == pytest.approx(m2["critic/vf_loss"], rel=1e-4)
+            assert m1["critic/grad_norm"] == pytest.approx(m2["critic/grad_norm"], rel=1e-4)
+        assert torch.allclose(group.critic.values(batch), single.values(batch), atol=1e-4)
+    finally:
+        group.close()

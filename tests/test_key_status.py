@@ -61,7 +61,8 @@ def test_docs_config_keys_is_generated_from_the_table():
 @pytest.mark.parametrize("key, kind", [
     (f"{A}.actor.ppo_epochs", Honoured), (f"{A}.rollout.enforce_eager", Honoured),
     (f"{A}.rollout.enable_chunked_prefill", NoEffect), (f"{A}.model.use_liger", NoEffect),
-    ("critic.optim.lr", NotBuilt), (f"{A}.actor.megatron.tensor_model_parallel_size", NotBuilt),
+    ("critic.optim.lr", Honoured), ("critic.model.lora_rank", NotBuilt),
+    (f"{A}.actor.megatron.tensor_model_parallel_size", NotBuilt),
     (f"{A}.actor.optim.lr_decay_style", NotBuilt),  # only Megatron's tree has it
     ("reward_model.enable", NotBuilt),  # legacy: the status of reward.reward_model.enable
     ("reward_model.reward_manager", Honoured),  # legacy: reward.reward_manager.name
@@ -76,9 +77,16 @@ def test_a_no_effect_key_set_warns_and_at_its_default_is_silent():
 
 
 def test_a_feature_key_of_an_unused_feature_warns_instead_of_stopping():
+    p = plan(f"{A}.model.lora_alpha=32")
+    assert f"{A}.model.lora_alpha: has no effect: model.lora_rank is 0" in " ".join(p.warnings)
+    assert not any("LoRA" in u for u in p.unsupported)
+
+
+def test_critic_settings_wait_for_a_critic():
+    """As in verl, a run without a critic leaves the critic's settings unused (the embedded default carries
+    critic settings for `algorithm.adv_estimator=gae`): no warning, no stop."""
     p = plan("critic.ppo_micro_batch_size_per_gpu=4")
-    assert "critic.ppo_micro_batch_size_per_gpu: has no effect: the critic is not used" in " ".join(p.warnings)
-    assert not any("critic" in u for u in p.unsupported)
+    assert p.warnings == [] and p.unsupported == []
 
 
 def test_a_not_built_key_stops_naming_the_feature_and_the_keys():
@@ -93,9 +101,10 @@ def test_an_open_map_set_counts_as_set():
     assert any("model.override_config" in u for u in p.unsupported)
 
 
-def test_the_critic_is_one_line_whether_asked_by_estimator_or_keys():
-    p = plan("algorithm.adv_estimator=gae", "critic.optim.lr=1e-5")
-    assert len([u for u in p.unsupported if "critic" in u]) == 1
+def test_ppo_with_a_critic_plans_and_its_unbuilt_keys_stop():
+    assert plan("algorithm.adv_estimator=gae", "critic.optim.lr=1e-5", "critic.model.path=/models/m").unsupported == []
+    [line] = plan("algorithm.adv_estimator=gae", "critic.model.lora_rank=8").unsupported
+    assert line.startswith("LoRA is not built yet (critic.model.lora_rank)")
 
 
 def test_megatron_keys_compare_with_megatrons_defaults():
@@ -191,4 +200,4 @@ def test_an_optimizer_that_is_not_here_is_named_before_training():
 @pytest.mark.parametrize("estimator", ["optimal_token_baseline", "tir_optimal_token_baseline", "gdpo"])
 def test_estimators_whose_inputs_the_trainer_lacks_stop_at_start_up(estimator):
     [line] = [u for u in plan(f"algorithm.adv_estimator={estimator}").unsupported if estimator in u]
-    assert "does not produce yet" in line
+    assert "which the trainer does not compute yet" in line

@@ -95,8 +95,8 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(task, tmp_path, monkeypa
     trainer.global_step = 6
 
     def crash(path):
-        path.mkdir(parents=True)
-        (path / "model.safetensors").write_bytes(b"half")
+        (path / "actor").mkdir(parents=True)
+        (path / "actor" / "model.safetensors").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(UserError, match="checkpoint of step 6 could not be written .*No space left on device.*"
@@ -287,3 +287,67 @@ def test_prompt_and_response_longer_than_the_context_stop_at_start_up(task, tmp_
     with pytest.raises(UserError, match=r"data.max_prompt_length=500 \+ data.max_response_length=16 exceeds the "
                                         r"rollout context of 512 tokens \(the model's max_position_embeddings\)"):
         fit(task, tmp_path / "run", "data.max_prompt_length=500", "data.max_response_length=16")
+
+
+def test_remax_scores_a_greedy_baseline_per_prompt(task, tmp_path):
+    """verl's ReMax: one greedy response per prompt, scored like the samples; each sample's advantage is its
+    return minus its prompt's baseline score."""
+    from ascend_rl.trainer.components import build_components
+    from ascend_rl.trainer.loop import RLTrainer
+
+    cfg = load_config(tiny_overrides(task, tmp_path / "run", "algorithm.adv_estimator=remax"))
+    trainer = RLTrainer(build_components(cfg, show_progress=False))
+    try:
+        trainer.sync_weights()  # as fit() does before the first step
+        assert "timing_s/gen_max" in trainer.train_step(1)
+        prompts = trainer.c.next_prompts()
+        batch = trainer.generate(prompts, 2)
+        batch.baseline_outputs = trainer.generate_greedy(prompts)
+        trainer.compute_rewards(batch)
+        greedy = [trainer.c.decode([o.output_ids])[0] for o in batch.baseline_outputs]
+        expected = [s.score for s in trainer.c.rewards.score([p.data_source for p in prompts], greedy,
+                                                             [p.ground_truth for p in prompts],
+                                                             [p.extra_info for p in prompts])]
+        assert batch["reward_baselines"].tolist() == [e for e in expected for _ in range(2)]  # n = 2
+        trainer.compute_advantages(batch)
+        returns = batch["token_level_rewards"].sum(-1)
+        first_token = batch["advantages"][:, 0]
+        assert torch.allclose(first_token, returns - batch["reward_baselines"])
+    finally:
+        trainer.c.close()
+
+
+def test_the_trainer_computes_the_inputs_lint_says_it_does():
+    from ascend_rl.config.lint import TRAINER_INPUTS
+    from ascend_rl.trainer.loop import RLTrainer
+
+    assert set(RLTrainer.ESTIMATOR_INPUTS) == set(TRAINER_INPUTS)
+
+
+def test_ppo_with_a_critic_trains_logs_value_metrics_and_resumes_exactly(task, tmp_path):
+    """GAE with a critic (verl's PPO): values before the advantages, the critic's update before the actor's, a
+    critic checkpoint beside the actor's, and 4 steps straight == 2 + resume + 2, critic weights included."""
+    model, _ = task
+    ppo = ["algorithm.adv_estimator=gae", f"critic.model.path={model}", "critic.optim.lr=1e-3",
+           "critic.ppo_micro_batch_size_per_gpu=2", "trainer.save_freq=2", "trainer.critic_warmup=2"]
+    straight, _ = fit(task, tmp_path / "straight", *ppo)
+    rows = [r for r in read_metrics(tmp_path / "straight") if "critic/score/mean" in r]
+    for key in ("critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/grad_norm", "critic/lr",
+                "critic/values/mean", "critic/vf_explained_var", "timing_s/values", "timing_s/update_critic"):
+        assert all(key in r for r in rows), key
+    # verl's warm-up: the actor waits while critic_warmup > step
+    assert ["timing_s/update_actor" in r for r in rows] == [False, True, True, True]
+    assert (tmp_path / "straight" / "global_step_4" / "critic" / "dcp" / ".metadata").is_file()
+
+    fit(task, tmp_path / "split", *ppo, "trainer.total_training_steps=2")
+    resumed, result = fit(task, tmp_path / "split", *ppo)
+    assert result.steps == 4
+    for role in ("actor", "critic"):
+        a = dict(getattr(straight.c, role).model.named_parameters())
+        b = dict(getattr(resumed.c, role).model.named_parameters())
+        assert all(torch.equal(a[k], b[k]) for k in a), role
+
+    def comparable(out):
+        return [{k: v for k, v in r.items() if not k.startswith(("timing_s", "perf/"))} for r in read_metrics(out)]
+
+    assert comparable(tmp_path / "straight") == comparable(tmp_path / "split")

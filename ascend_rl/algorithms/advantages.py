@@ -106,7 +106,7 @@ def grpo_passk(*, token_level_rewards, response_mask, index, norm_adv_by_std_in_
     return _broadcast(per_sample, response_mask)
 
 
-@register_adv_estimator("gdpo")
+@register_adv_estimator("gdpo", needs=("reward_components",))
 def gdpo(*, token_level_rewards, response_mask, index, reward_components=None, reward_weights=None,
          epsilon=1e-6, **_):
     """GDPO: each reward component is GRPO-normalised within its group on its own, A = whiten(Σ_k w_k·A_k)
@@ -154,7 +154,7 @@ def reinforce_plus_plus(*, token_level_rewards, response_mask, gamma=1.0, **_):
     return adv, returns
 
 
-@register_adv_estimator("remax")
+@register_adv_estimator("remax", needs=("reward_baselines",))
 def remax(*, token_level_rewards, response_mask, reward_baselines, **_):
     """Reverse cumulative sum of the masked rewards minus the greedy sample's score."""
     returns = (token_level_rewards * response_mask).flip(-1).cumsum(-1).flip(-1)
@@ -176,7 +176,7 @@ def opo(*, token_level_rewards, response_mask, index, **_):
     return _broadcast(scores - baseline, response_mask)
 
 
-@register_adv_estimator("gae")
+@register_adv_estimator("gae", needs=("values",))
 def gae(*, token_level_rewards, response_mask, values, gamma=1.0, lam=1.0, **_):
     """δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}; masked positions carry V and A through;
     returns = A + V; A is then whitened over the mask."""

@@ -46,7 +46,7 @@ def _zero_tail_row(lengths: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
-@register_adv_estimator("optimal_token_baseline")
+@register_adv_estimator("optimal_token_baseline", needs=("old_log_probs", "sum_pi_squared"))
 def optimal_token_baseline(*, token_level_rewards, response_mask, index, old_log_probs=None, sum_pi_squared=None,
                            rollout_is_weights=None, handle_zero_tail=True, epsilon=1e-8, **_):
     """OTB aligned by position t in the padded response (a group of one gets no baseline)."""
@@ -70,7 +70,7 @@ def optimal_token_baseline(*, token_level_rewards, response_mask, index, old_log
         return (returns - baselines) * mask, returns
 
 
-@register_adv_estimator("tir_optimal_token_baseline")
+@register_adv_estimator("tir_optimal_token_baseline", needs=("old_log_probs", "sum_pi_squared"))
 def tir_optimal_token_baseline(*, token_level_rewards, response_mask, index, old_log_probs=None,
                                sum_pi_squared=None, rollout_is_weights=None, handle_zero_tail=True, epsilon=1e-8,
                                **_):

@@ -13,13 +13,16 @@ class Registry(Generic[F]):
         self.what = what
         self.config_key = config_key
         self._entries: dict[str, F] = {}
+        self._needs: dict[str, tuple[str, ...]] = {}
 
-    def register(self, *names: str) -> Callable[[F], F]:
-        """Decorator: `@ADV_ESTIMATORS.register("my_estimator")`. Re-registering a name replaces it."""
+    def register(self, *names: str, needs: tuple[str, ...] = ()) -> Callable[[F], F]:
+        """Decorator: `@ADV_ESTIMATORS.register("my_estimator")`. Re-registering a name replaces it. `needs`: the
+        inputs beyond the common ones the caller must pass (an estimator's `values`, `reward_baselines`, ...)."""
 
         def add(fn: F) -> F:
             for name in names:
                 self._entries[name] = fn
+                self._needs[name] = tuple(needs)
             return fn
 
         return add
@@ -31,6 +34,9 @@ class Registry(Generic[F]):
             raise ValueError(
                 f"unknown {self.what} {name!r} ({self.config_key}); valid: {', '.join(self.names())}"
             ) from None
+
+    def needs(self, name: str) -> tuple[str, ...]:
+        return self._needs.get(name, ())
 
     def names(self) -> list[str]:
         return sorted(self._entries)

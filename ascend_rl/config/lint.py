@@ -54,12 +54,14 @@ LINT_RULES = (
 DIFFERENCES = tuple(rule for rule in LINT_RULES if rule.doc)
 
 
-# Estimators whose function is built (algorithms/) but whose input the trainer does not compute yet.
-ESTIMATOR_INPUTS = {
-    "optimal_token_baseline": "the actor's per-token sum of squared probabilities",
-    "tir_optimal_token_baseline": "the actor's per-token sum of squared probabilities",
-    "gdpo": "per-component reward scores (verl's algorithm.gdpo_reward_keys)",
-}
+# The estimator inputs the trainer computes (trainer/loop.py, RLTrainer.ESTIMATOR_INPUTS; a test keeps the two
+# equal). An estimator needing another input is not built in the trainer.
+TRAINER_INPUTS = ("old_log_probs", "reward_baselines", "values")
+
+
+def _inputs_missing(cfg: DictConfig) -> list[str]:
+    needs = ADV_ESTIMATORS.needs(cfg.algorithm.adv_estimator) if cfg.algorithm.adv_estimator in ADV_ESTIMATORS else ()
+    return [need for need in needs if need not in TRAINER_INPUTS]
 
 
 @dataclass(frozen=True)
@@ -79,14 +81,11 @@ UNSUPPORTED = (
     Feature(key_status.VEOMNI.name, lambda c, w: key_status.VEOMNI.in_use(c), key_status.VEOMNI.instead),
     Feature(lambda c: f"the {c[A].rollout.name} rollout (rollout.name; native and sglang are built)",
             lambda c, w: c[A].rollout.name not in ("native", "sglang"), f"{A}.rollout.name=native"),
-    Feature(key_status.CRITIC.name, lambda c, w: key_status.critic_in_use(c), key_status.CRITIC.instead),
-    Feature("ReMax in the trainer (it needs a greedy baseline rollout)",
-            lambda c, w: c.algorithm.adv_estimator == "remax", "algorithm.adv_estimator=grpo"),
     Feature("greedy training rollouts (rollout.do_sample=false: a group's samples would all be the same)",
             lambda c, w: not c[A].rollout.do_sample, f"{A}.rollout.do_sample=true with rollout.temperature > 0"),
     Feature(lambda c: f"the {c.algorithm.adv_estimator} estimator in the trainer (it needs "
-                      f"{ESTIMATOR_INPUTS[c.algorithm.adv_estimator]}, which the trainer does not produce yet)",
-            lambda c, w: c.algorithm.adv_estimator in ESTIMATOR_INPUTS, "algorithm.adv_estimator=grpo"),
+                      f"{', '.join(_inputs_missing(c))}, which the trainer does not compute yet)",
+            lambda c, w: bool(_inputs_missing(c)), "algorithm.adv_estimator=grpo"),
     Feature(lambda c: f"verl's advantage estimator {c.algorithm.adv_estimator!r}",
             lambda c, w: c.algorithm.adv_estimator in _verl_only(verl_names.ADV_ESTIMATORS, ADV_ESTIMATORS.names()),
             f"one of {', '.join(ADV_ESTIMATORS.names())} (algorithm.adv_estimator)"),

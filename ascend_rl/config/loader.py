@@ -73,13 +73,16 @@ def parse_overrides(overrides: Sequence[str]) -> list:
 
 
 def check_override_keys(overrides: Sequence[str]) -> None:
-    """Reject overrides of keys that do not exist, with suggestions, before Hydra sees them."""
+    """Reject overrides of keys that do not exist, with suggestions, before Hydra sees them. Hydra (so verl) adds
+    a `+key` anywhere: one verl's tree lacks is taken (load_config warns and drops it) unless it is close to a
+    key that exists (`+...engine_kwargs.sglnag.x`): that is a typo, which would silently do nothing."""
     errors = [
         schema.unknown_key_message(o.key_or_group)
         for o in parse_overrides(overrides)
         if not o.key_or_group.startswith("hydra.") and not schema.is_known(o.key_or_group)
         and not sources.is_config_group(o.key_or_group)
-        and not (legacy.is_legacy(o.key_or_group) and (o.is_add() or o.is_force_add()))
+        and not ((o.is_add() or o.is_force_add()) and (legacy.is_legacy(o.key_or_group)
+                                                        or not schema.suggest(o.key_or_group)))
     ]
     if errors:
         raise ConfigError(errors)
@@ -103,6 +106,12 @@ def load_config(
         log.warning("%s: verl %s has no such key; dropped with the legacy %s section", path, VERL_VERSION,
                     path.split(".")[0])
     unknown = [p for p in unknown if not legacy.is_legacy(p)]
+    added = {o.key_or_group for o in parse_overrides(overrides) if o.is_add() or o.is_force_add()}
+    for path in [p for p in unknown if p in added]:
+        # Hydra (so verl) adds a `+key` anywhere; nothing here reads one verl's tree lacks: say so, drop it
+        log.warning("%s: verl %s has no such key; added with '+', it has no effect here", path, VERL_VERSION)
+        _drop(cfg, path)
+    unknown = [p for p in unknown if p not in added and not any(p.startswith(a + ".") for a in added)]
     if unknown:
         where = f" (in {config_path or schema.CONFIG_DIR}/{config_name})" if config_name else ""
         raise ConfigError([schema.unknown_key_message(p) + where for p in unknown])
@@ -124,6 +133,14 @@ def load_config(
     OmegaConf.set_struct(cfg, True)
     import_external_lib(cfg.actor_rollout_ref.model.external_lib)
     return cfg
+
+
+def _drop(cfg: DictConfig, path: str) -> None:
+    parent, _, key = path.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if isinstance(node, DictConfig):
+        with open_dict(node):
+            node.pop(key, None)
 
 
 def import_external_lib(module: str | None) -> None:

@@ -20,14 +20,15 @@ from ascend_rl.distributed.fsdp import FsdpSettings
 from ascend_rl.rollout.protocol import GenerateOutput, per_prompt
 from ascend_rl.rollout.weight_sync import PushStats
 from ascend_rl.workers.actor import ReferenceSettings
+from ascend_rl.workers.critic import CriticSpec
 
 
 class _ActorWorker:
-    """Runs in each worker process: one FSDP2 shard of the actor, and of the reference policy when there is
-    one (colocated on the same device, as in verl)."""
+    """Runs in each worker process: one FSDP2 shard of the actor, and of the reference policy and the critic
+    when there are (colocated on the same device, as in verl's hybrid engine)."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, device: str, settings, optim,
-                 gradient_checkpointing: bool, fsdp, ref, rollout):
+                 gradient_checkpointing: bool, fsdp, ref, rollout, critic=None):
         from torch.distributed.device_mesh import init_device_mesh
 
         from ascend_rl.platform import select_worker_device
@@ -37,6 +38,7 @@ class _ActorWorker:
         mesh = init_device_mesh(device, (world_size,))
         self.actor = Actor(model_path, own_device, settings, optim, gradient_checkpointing, mesh=mesh, fsdp=fsdp)
         self.ref = ReferencePolicy(model_path, own_device, ref, mesh=mesh) if ref is not None else None
+        self.critic = critic.build(own_device, mesh) if critic is not None else None
         # A whole model for generation on the first worker of each replica, loaded from the shards at each sync.
         self.engine = rollout.engine_for(rank, model_path, own_device) if rollout is not None else None
         self.rollout, self.device, self.rank = rollout, own_device, rank
@@ -46,6 +48,12 @@ class _ActorWorker:
 
     def ref_log_probs(self, rows: TensorDict):
         return self.ref.log_probs(rows)
+
+    def critic_call(self, method: str, *args):
+        return getattr(self.critic, method)(*args)
+
+    def critic_values(self, rows: TensorDict):
+        return self.critic.values(rows)
 
     def generate(self, prompts, params, return_logprob: bool):
         if self.engine is None or not prompts:
@@ -88,15 +96,18 @@ class _ActorWorker:
 
 class ActorGroup:
     def __init__(self, make_group, model_path: str, device: str, settings, optim, gradient_checkpointing: bool = False,
-                 fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None, rollout=None):
+                 fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None, rollout=None,
+                 critic: CriticSpec | None = None):
         """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`). With `ref`, every
-        worker also holds a shard of the reference policy (`reference`); with `rollout` (a
-        `rollout.colocated.WorkerRolloutSpec`), the first worker of each replica its engine (`WorkerEngines`)."""
+        worker also holds a shard of the reference policy (`reference`); with `critic`, of the critic
+        (`critic`); with `rollout` (a `rollout.colocated.WorkerRolloutSpec`), the first worker of each replica
+        its engine (`WorkerEngines`)."""
         self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
                                 dict(model_path=model_path, device=device, settings=settings, optim=optim,
                                      gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, ref=ref,
-                                     rollout=rollout))
+                                     rollout=rollout, critic=critic))
         self.reference = _WorkerReference(self) if ref is not None else None
+        self.critic = _WorkerCritic(self) if critic is not None else None
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs, entropy = self._by_rows("log_probs", batch)
@@ -176,3 +187,27 @@ class _WorkerReference:
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
         (log_probs,) = self.actors._by_rows("ref_log_probs", batch)
         return log_probs
+
+
+class _WorkerCritic:
+    """The critic's interface over the shards the actor's workers hold."""
+
+    def __init__(self, actors: ActorGroup):
+        self.group = actors.group
+        self.actors = actors
+
+    def values(self, batch: TensorDict) -> torch.Tensor:
+        (values,) = self.actors._by_rows("critic_values", batch)
+        return values
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        return self.group.call_all("critic_call", "update", batch)[0]  # reduced over the ranks already
+
+    def save(self, path: Path) -> None:
+        self.group.call_all("critic_call", "save", path)
+
+    def state_dict(self) -> dict:
+        return self.group.call_all("critic_call", "state_dict")[0]
+
+    def load_state(self, path: Path, state: dict) -> None:
+        self.group.call_all("critic_call", "load_state", path, state)

@@ -15,6 +15,7 @@ class RolloutBatch:
     ground_truth: list
     extra_info: list[dict] = field(default_factory=list)
     response_text: list[str] = field(default_factory=list)
+    baseline_outputs: list | None = None  # ReMax: one greedy GenerateOutput per prompt
 
     def __len__(self) -> int:
         return self.tensors.batch_size[0]

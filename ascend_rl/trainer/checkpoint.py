@@ -109,9 +109,9 @@ def verify(directory: Path, only: str = "") -> str | None:
 
 # --- saving ------------------------------------------------------------------------------------------
 
-def save_checkpoint(root: Path, step: int, write_model: Callable[[Path], None], state: dict,
+def save_checkpoint(root: Path, step: int, write_models: Callable[[Path], None], state: dict,
                     max_to_keep: int | None = None) -> Path:
-    """Write `global_step_{step}`; a failure (full disk, read-only directory) removes the partial checkpoint,
+    """Write `global_step_{step}`: `write_models(dir)` writes `dir/actor` (and `dir/critic`); a failure (full disk, read-only directory) removes the partial checkpoint,
     keeps every earlier one and raises a one-line UserError."""
     final = root / f"global_step_{step}"
     try:
@@ -120,7 +120,7 @@ def save_checkpoint(root: Path, step: int, write_model: Callable[[Path], None], 
     except OSError as err:
         raise UserError(f"trainer.default_local_dir={root}: cannot write checkpoints there: {err.strerror}") from None
     try:
-        write_model(partial / "actor")
+        write_models(partial)
         torch.save({**state, "step": step}, partial / STATE_FILE)
         write_manifest(partial, step)
         _publish(root, partial, final)
@@ -229,14 +229,16 @@ def _refuse_earlier_run(root: Path, mode: str) -> None:
                     f"or move the earlier run away")
 
 
-def load_state(path: Path) -> dict:
-    """trainer_state.pt of a verified checkpoint, as plain types and tensors (no code runs on load)."""
-    from ascend_rl.workers.actor import DCP_DIR
+def load_state(path: Path, roles: tuple[str, ...] = ("actor",)) -> dict:
+    """trainer_state.pt of a verified checkpoint, as plain types and tensors (no code runs on load), after
+    checking each role's shards (`actor`, and `critic` in PPO with a critic) are there."""
+    from ascend_rl.workers.trained import DCP_DIR
 
-    if not (path / "actor" / DCP_DIR / ".metadata").is_file():
-        raise UserError(f"{path}: no actor/{DCP_DIR}/ shards (model and optimizer state): the checkpoint is incomplete "
-                        f"or from an ascend-rl before sharded checkpoints; its actor/ weights can still be exported "
-                        f"or used as actor_rollout_ref.model.path")
+    for role in roles:
+        if not (path / role / DCP_DIR / ".metadata").is_file():
+            raise UserError(f"{path}: no {role}/{DCP_DIR}/ shards (model and optimizer state): the checkpoint is "
+                            f"incomplete, from an ascend-rl before sharded checkpoints, or from a run without a "
+                            f"{role}; its actor/ weights can still be exported or used as actor_rollout_ref.model.path")
     try:
         return torch.load(path / STATE_FILE, weights_only=True)
     except Exception as err:  # unpickling refuses anything but plain types: the file is not one we wrote

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ascend_rl.algorithms import make_kl_controller, policy_loss_kwargs
+from ascend_rl.config.key_status import critic_in_use
 from ascend_rl.config.validate import data_files
 from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.model_dir import check_model_dir, load_tokenizer
@@ -34,7 +35,9 @@ from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.tracking import make_sinks
 from ascend_rl.trainer.validation import run_validation
 from ascend_rl.workers.actor import Actor, ActorSettings, ReferencePolicy, ReferenceSettings
+from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
 from ascend_rl.workers.optimizer import OptimSettings
+from ascend_rl.workers.trained import Batching
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Components:
     tokenizer: object
     actor: Actor | ActorGroup
     ref: ReferencePolicy | None  # or the shards in the actor's workers (same interface)
+    critic: Critic | None  # PPO's value function, likewise
     rollout: Rollout
     rewards: RewardRunner
     reward_manager: RewardManager  # scores → rewards (reward.reward_manager.name)
@@ -76,9 +80,12 @@ class Components:
         if self.cfg.actor_rollout_ref.rollout.free_cache_engine:
             self.engine.release_memory_occupation(["kv_cache", "weights"])
 
-    def save_model(self, path: Path) -> None:
-        self.actor.save(path)  # HF weights (and generation_config.json) + sharded model and optimizer state
-        self.tokenizer.save_pretrained(path)
+    def save_models(self, step_dir: Path) -> None:
+        """`actor/` (HF weights and tokenizer + sharded model and optimizer state) and, with a critic, `critic/`."""
+        self.actor.save(step_dir / "actor")
+        self.tokenizer.save_pretrained(step_dir / "actor")
+        if self.critic is not None:
+            self.critic.save(step_dir / "critic")
 
     def validate(self) -> dict[str, float]:
         ro = self.cfg.actor_rollout_ref.rollout
@@ -168,16 +175,18 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     ref_settings = ReferenceSettings(arr.rollout.temperature, arr.ref.log_prob_micro_batch_size_per_gpu,
                                      fsdp_settings(arr.ref.fsdp_config, device, "actor_rollout_ref.ref.fsdp_config"))
     rollout_spec = worker_rollout_spec(cfg, device) if colocated(cfg) else None
-    actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None, rollout_spec)
-    if isinstance(actor, ActorGroup):  # the workers hold the reference policy beside the actor
-        ref = actor.reference
+    critic_spec = _critic_spec(cfg, device, total) if critic_in_use(cfg) else None
+    actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None, rollout_spec, critic_spec)
+    if isinstance(actor, ActorGroup):  # the workers hold the reference policy and the critic beside the actor
+        ref, critic = actor.reference, actor.critic
     else:
         ref = ReferencePolicy(arr.model.path, device, ref_settings) if needs_ref else None
+        critic = critic_spec.build(device) if critic_spec else None
     kl = cfg.algorithm.kl_ctrl
     kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
         if cfg.algorithm.use_kl_in_reward else None
     return Components(
-        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref,
+        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, critic=critic,
         # last: a launched server must not outlive a failed build
         rollout=colocated_rollout(actor, rollout_spec) if rollout_spec else build_rollout(cfg, device, out_dir),
         # scoring is light: more processes than a few only add start-up time
@@ -189,15 +198,39 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     )
 
 
-def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceSettings | None,
-                 rollout: WorkerRolloutSpec | None) -> Actor | ActorGroup:
-    """One process, or one FSDP2 worker process per device (`trainer.n_gpus_per_node`) holding the actor and,
-    with `ref`, the reference policy, and with `rollout`, the rollout engines."""
-    arr = cfg.actor_rollout_ref
-    actor_cfg, optim = arr.actor, arr.actor.optim
+def _optim_settings(optim: DictConfig, total_steps: int) -> OptimSettings:
+    """`*.optim` (the actor's or the critic's) as the workers take it."""
     warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total_steps)
+    return OptimSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
+                         lr_scheduler_type=optim.lr_scheduler_type, warmup_steps=warmup, total_steps=total_steps,
+                         min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles,
+                         optimizer_impl=optim.get("optimizer_impl", "torch.optim"),
+                         optimizer=optim.get("optimizer", "AdamW"),
+                         overrides=_plain(optim.get("override_optimizer_config")))
+
+
+def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec:
+    """`critic.*`: its own model (critic.model.path), batches counted in prompts as the actor's, optimizer."""
+    critic, n = cfg.critic, cfg.actor_rollout_ref.rollout.n
+    path = str(Path(critic.model.path).expanduser())
+    check_model_dir(path, "critic.model.path")
+    batching = Batching(critic.ppo_mini_batch_size * n, critic.ppo_micro_batch_size_per_gpu, critic.ppo_epochs,
+                        critic.shuffle, critic.data_loader_seed, cfg.trainer.balance_batch)
+    settings = CriticSettings(batching, critic.forward_micro_batch_size_per_gpu, critic.cliprange_value,
+                              critic.loss_agg_mode, critic.get("loss_scale_factor"), critic.grad_clip)
+    return CriticSpec(path, settings, _optim_settings(critic.optim, total_steps),
+                      fsdp_settings(critic.fsdp, device, "critic.fsdp"), critic.model.enable_gradient_checkpointing)
+
+
+def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceSettings | None,
+                 rollout: WorkerRolloutSpec | None, critic: CriticSpec | None) -> Actor | ActorGroup:
+    """One process, or one FSDP2 worker process per device (`trainer.n_gpus_per_node`) holding the actor and,
+    with `ref`, the reference policy, with `critic` the critic, and with `rollout`, the rollout engines."""
+    arr = cfg.actor_rollout_ref
+    actor_cfg = arr.actor
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    make = Actor if world == 1 else partial(ActorGroup, worker_group_factory(cfg, device), ref=ref, rollout=rollout)
+    make = Actor if world == 1 else partial(ActorGroup, worker_group_factory(cfg, device), ref=ref, rollout=rollout,
+                                            critic=critic)
     return make(
         arr.model.path, device,
         ActorSettings(
@@ -212,11 +245,7 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceS
             log_prob_micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu,
             balance_batch=cfg.trainer.balance_batch, loss_scale_factor=actor_cfg.get("loss_scale_factor"),
             policy_loss_kwargs=policy_loss_kwargs(actor_cfg, cfg.algorithm)),
-        OptimSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-                      lr_scheduler_type=optim.lr_scheduler_type, warmup_steps=warmup, total_steps=total_steps,
-                      min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles,
-                      optimizer_impl=optim.get("optimizer_impl", "torch.optim"),
-                      optimizer=optim.get("optimizer", "AdamW"), overrides=_plain(optim.get("override_optimizer_config"))),
+        _optim_settings(actor_cfg.optim, total_steps),
         gradient_checkpointing=arr.model.enable_gradient_checkpointing,
         fsdp=fsdp_settings(actor_cfg.fsdp_config, device),
     )

@@ -1,6 +1,7 @@
 """The RL step loop (verl's single-controller order), one method per stage.
 
-prompts → generate (n per prompt) → rewards → old log-probs → ref log-probs → advantages → actor update
+prompts → generate (n per prompt; ReMax: and a greedy one) → rewards → old log-probs → ref log-probs → values
+→ advantages → critic update → actor update
 → checkpoint → weight sync → validation → metrics
 """
 
@@ -13,6 +14,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages
+from ascend_rl.algorithms.registry import ADV_ESTIMATORS
 from ascend_rl.data.collate import collate
 from ascend_rl.distributed.worker_group import WorkerDied
 from ascend_rl.errors import UserError
@@ -43,18 +45,23 @@ def old_log_probs_needed(cfg) -> bool:
     """A separate old-log-prob pass is needed unless the update is one optimizer step on the whole batch (one
     mini-batch, one epoch): then the old log-probs equal the update's own forward, which supplies them (and
     the entropy and engine-vs-trainer metrics), and a forward over the batch is saved. KL in the reward
-    needs them before the update."""
+    and estimators that read them need them before the update."""
     actor = cfg.actor_rollout_ref.actor
     on_policy = actor.ppo_epochs == 1 and actor.ppo_mini_batch_size >= cfg.data.train_batch_size
-    return not on_policy or cfg.algorithm.use_kl_in_reward
+    needed_by_estimator = "old_log_probs" in ADV_ESTIMATORS.needs(cfg.algorithm.adv_estimator)
+    return not on_policy or cfg.algorithm.use_kl_in_reward or needed_by_estimator
 
 
 class RLTrainer:
+    # What the estimators may ask for beyond rewards, mask and groups (config/lint.py's TRAINER_INPUTS).
+    ESTIMATOR_INPUTS = ("old_log_probs", "reward_baselines", "values")
+
     def __init__(self, components: Components):
         self.c = components
         self.cfg = components.cfg
         self.global_step = 0
         self.needs_old_log_probs = old_log_probs_needed(self.cfg)
+        self.estimator_needs = ADV_ESTIMATORS.needs(self.cfg.algorithm.adv_estimator)
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -104,6 +111,10 @@ class RLTrainer:
             prompts = self.c.next_prompts()
             with timed(timings, "gen"):
                 batch = self.generate(prompts, step)
+            if "reward_baselines" in self.estimator_needs:
+                with timed(timings, "gen_max"):
+                    batch.baseline_outputs = self.generate_greedy(prompts)
+            self.c.sleep_engine()
             with timed(timings, "reward"):
                 metrics.update(self.compute_rewards(batch))
             if self.needs_old_log_probs:
@@ -112,10 +123,17 @@ class RLTrainer:
             if self.c.ref is not None:
                 with timed(timings, "ref"):
                     self.compute_ref_log_probs(batch)
+            if self.c.critic is not None:
+                with timed(timings, "values"):
+                    batch["values"] = self.c.critic.values(batch.tensors)
             with timed(timings, "adv"):
                 metrics.update(self.compute_advantages(batch))
-            with timed(timings, "update_actor"):
-                metrics.update(self.c.actor.update(batch.tensors))
+            if self.c.critic is not None:
+                with timed(timings, "update_critic"):
+                    metrics.update(self.c.critic.update(batch.tensors))
+            if self.c.critic is None or step >= self.cfg.trainer.critic_warmup:  # verl: warm the critic up first
+                with timed(timings, "update_actor"):
+                    metrics.update(self.c.actor.update(batch.tensors))
             last_step = step == self.c.total_steps
             if self._due(self.cfg.trainer.save_freq) or (last_step and self.cfg.trainer.save_freq > 0):
                 with timed(timings, "save_checkpoint"):
@@ -131,7 +149,7 @@ class RLTrainer:
     # --- stages -------------------------------------------------------------------------------------
 
     def generate(self, prompts, step: int) -> RolloutBatch:
-        """n samples per prompt (interleaved), each with its own seed; the engine sleeps afterwards."""
+        """n samples per prompt (interleaved), each with its own seed."""
         ro, n = self.cfg.actor_rollout_ref.rollout, self.cfg.actor_rollout_ref.rollout.n
         params = [SamplingParams(max_new_tokens=self.cfg.data.max_response_length, temperature=ro.temperature,
                                  top_p=ro.top_p, top_k=ro.top_k, ignore_eos=ro.ignore_eos,
@@ -139,7 +157,6 @@ class RLTrainer:
                   for i in range(len(prompts) * n)]
         inputs = [p.input_ids for p in prompts for _ in range(n)]
         outputs = self.c.engine.generate(inputs, params, return_logprob=True)
-        self.c.sleep_engine()
         tensors = collate(inputs, [o.output_ids for o in outputs], self.c.pad_token_id)
         rollout_lp = torch.zeros_like(tensors["response_mask"])
         for row, out in enumerate(outputs):
@@ -155,9 +172,14 @@ class RLTrainer:
             response_text=self.c.decode([o.output_ids for o in outputs]),
         )
 
+    def generate_greedy(self, prompts) -> list:
+        """ReMax's baseline: one greedy response per prompt."""
+        params = SamplingParams(max_new_tokens=self.cfg.data.max_response_length, temperature=0.0)
+        return self.c.engine.generate([p.input_ids for p in prompts], params)
+
     def compute_rewards(self, batch: RolloutBatch) -> dict[str, float]:
-        """Rule/custom scores, shaped by the reward manager, placed on each response's last token; why any
-        failed is logged once a step."""
+        """Rule/custom scores, shaped by the reward manager, placed on each response's last token (and ReMax's
+        greedy baselines scored the same way); why any failed is logged once a step."""
         scored = self.c.rewards.score(batch.data_source, batch.response_text, batch.ground_truth, batch.extra_info)
         mask = batch["response_mask"]
         lengths = mask.sum(-1)
@@ -165,7 +187,21 @@ class RLTrainer:
         scores = torch.zeros_like(mask)
         scores[torch.arange(len(batch)), (lengths.long() - 1).clamp(min=0)] = shaped.rewards
         batch["token_level_scores"] = scores * mask
-        return {"reward/failures": float(log_failures(scored)), **shaped.metrics}
+        failures = log_failures(scored)
+        if batch.baseline_outputs is not None:
+            batch["reward_baselines"], baseline_failures = self._score_baselines(batch)
+            failures += baseline_failures
+        return {"reward/failures": float(failures), **shaped.metrics}
+
+    def _score_baselines(self, batch: RolloutBatch) -> tuple[torch.Tensor, int]:
+        n = self.cfg.actor_rollout_ref.rollout.n
+        first = slice(0, len(batch), n)  # samples are interleaved: prompt i's are rows i·n … i·n + n − 1
+        outputs = batch.baseline_outputs
+        scored = self.c.rewards.score(batch.data_source[first], self.c.decode([o.output_ids for o in outputs]),
+                                      batch.ground_truth[first], batch.extra_info[first])
+        lengths = torch.tensor([len(o.output_ids) for o in outputs])
+        shaped = self.c.reward_manager(torch.tensor([s.score for s in scored]), lengths)
+        return shaped.rewards.to(batch["response_mask"].dtype).repeat_interleave(n), log_failures(scored)
 
     def compute_old_log_probs(self, batch: RolloutBatch) -> dict[str, float]:
         old, entropy = self.c.actor.log_probs(batch.tensors)
@@ -183,9 +219,11 @@ class RLTrainer:
                 self.c.kl_controller, alg.kl_penalty)
         else:
             batch["token_level_rewards"] = batch["token_level_scores"]
+        inputs = {name: batch[name] for name in self.estimator_needs}  # start-up checks guarantee they exist
         batch["advantages"], batch["returns"] = compute_advantages(
             alg.adv_estimator, token_level_rewards=batch["token_level_rewards"], response_mask=batch["response_mask"],
-            index=batch.uid, gamma=alg.gamma, lam=alg.lam, norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo)
+            index=batch.uid, gamma=alg.gamma, lam=alg.lam, norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo,
+            **inputs)
         return metrics
 
     def sync_weights(self, timings: dict[str, float] | None = None) -> dict[str, float]:
@@ -209,8 +247,9 @@ class RLTrainer:
     def save_checkpoint(self) -> None:
         c = self.c
         state = {"actor": c.actor.state_dict(), "sampler": c.sampler.state_dict(), "rng": checkpoint.rng_state(),
-                 "kl_coef": c.kl_controller.value if c.kl_controller else None}
-        checkpoint.save_checkpoint(c.out_dir, self.global_step, lambda path: c.save_model(path), state,
+                 "kl_coef": c.kl_controller.value if c.kl_controller else None,
+                 **({"critic": c.critic.state_dict()} if c.critic else {})}
+        checkpoint.save_checkpoint(c.out_dir, self.global_step, c.save_models, state,
                                    self.cfg.trainer.max_actor_ckpt_to_keep)
 
     def resume(self) -> int:
@@ -219,13 +258,15 @@ class RLTrainer:
                                                self.cfg.trainer.resume_from_path)
         if path is None:
             return 0
-        state = checkpoint.load_state(path)
+        state = checkpoint.load_state(path, ("actor", "critic") if c.critic else ("actor",))
         try:
             c.sampler.load_state_dict(state["sampler"])
         except ValueError as err:  # another dataset or data.seed than the checkpoint's run
             raise UserError(f"cannot resume from {path}: {err}") from None
         try:
             c.actor.load_state(path / "actor", state["actor"])
+            if c.critic:
+                c.critic.load_state(path / "critic", state["critic"])
         except (RuntimeError, ValueError, KeyError, CheckpointException) as err:  # shards of another model
             raise UserError(f"cannot resume from {path}: its model or optimizer state does not fit this run's "
                             f"model ({_last_line(err)})") from None

@@ -40,7 +40,15 @@ def data_metrics(batch: RolloutBatch, max_response_length: int) -> dict[str, flo
         **_stats("response_length", lengths),
         "response_length/clip_ratio": (lengths >= max_response_length).float().mean().item(),
         **_stats("prompt_length", prompt_lengths),
+        **(value_metrics(batch["values"][valid], batch["returns"][valid]) if "values" in batch.tensors else {}),
     }
+
+
+def value_metrics(values: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+    """The critic's values over response tokens, and the share of the returns' variance they explain (verl's
+    definition: 1 − Var(R − V) / (Var(R) + 1e-5))."""
+    explained = 1.0 - torch.var(returns - values) / (torch.var(returns) + 1e-5)
+    return {**_stats("critic/values", values), "critic/vf_explained_var": explained.item()}
 
 
 def throughput_metrics(batch: RolloutBatch, step_seconds: float, n_devices: int) -> dict[str, float]:

@@ -1,0 +1,110 @@
+"""The critic (PPO's value function): its own model from `critic.model.path` with a one-output head on every
+position (transformers' token-classification model, as verl builds it), the values of the sampled responses,
+and the clipped value-loss update over mini- and micro-batches."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict
+
+from ascend_rl.algorithms import global_counts, masked_mean, value_loss
+from ascend_rl.distributed.fsdp import FsdpSettings
+from ascend_rl.workers.optimizer import OptimSettings
+from ascend_rl.workers.trained import Batching, TrainedModel, load_model, micro_batches, place
+
+VALUE_HEAD_SEED = 0
+
+
+@dataclass(frozen=True)
+class CriticSettings:
+    """What the critic needs from `critic.*` (names as in the config)."""
+
+    batching: Batching
+    forward_micro_batch_size_per_gpu: int | None = None
+    cliprange_value: float = 0.5
+    loss_agg_mode: str = "token-mean"
+    loss_scale_factor: float | None = None
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class CriticSpec:
+    """Everything to build a critic, in one process or in each worker (it pickles)."""
+
+    model_path: str
+    settings: CriticSettings
+    optim: OptimSettings
+    fsdp: FsdpSettings | None = None
+    gradient_checkpointing: bool = False
+
+    def build(self, device: str, mesh=None) -> Critic:
+        return Critic(self.model_path, device, self.settings, self.optim, self.gradient_checkpointing, mesh, self.fsdp)
+
+
+def load_value_model(path: str, device: str, fsdp: FsdpSettings | None, mesh=None,
+                     gradient_checkpointing: bool = False):
+    """A causal LM's body with a fresh scalar head (a critic's own checkpoint keeps its trained head); no dropout
+    on the head, as verl sets it, so a value is a function of the tokens. The fresh head is drawn from a fixed
+    seed: every rank of a sharded critic, and every run, starts from the same one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(VALUE_HEAD_SEED)
+        model = load_model(path, device, gradient_checkpointing, (fsdp or FsdpSettings()).model_dtype,
+                           auto_class="AutoModelForTokenClassification", num_labels=1, classifier_dropout=0.0)
+    return model, place(model, device, fsdp, mesh)
+
+
+def response_values(model, batch: TensorDict) -> torch.Tensor:
+    """V(s_t) for each response token t: the head's output at the position before it (the state the token was
+    chosen in), [B, R] — the positions whose logits predict the response in the actor."""
+    response_length = batch["responses"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=False)
+    return out.logits[:, -response_length - 1:-1, 0].float()
+
+
+class Critic(TrainedModel):
+    def __init__(self, model_path: str, device: str, settings: CriticSettings, optim: OptimSettings,
+                 gradient_checkpointing: bool = False, mesh=None, fsdp: FsdpSettings | None = None):
+        model, compute = load_value_model(model_path, device, fsdp, mesh, gradient_checkpointing)
+        super().__init__(model, compute, device, optim, settings.batching, mesh)
+        self.settings = settings
+
+    @torch.no_grad()
+    def values(self, batch: TensorDict) -> torch.Tensor:
+        """The values of the sampled responses under the current weights, masked (on the CPU)."""
+        self.model.eval()
+        with self._compute():
+            parts = [response_values(self.model, mb.to(self.device))
+                     for mb in micro_batches(batch, self.settings.forward_micro_batch_size_per_gpu)]
+        return (torch.cat(parts).cpu() * batch["response_mask"]).to(batch["response_mask"].dtype)
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        """`ppo_epochs` passes over mini-batches, fitting the values to the returns; one LR step per call."""
+        self.model.train()
+        metrics: dict[str, list[float]] = defaultdict(list)
+        for mini in self.mini_batches(batch.to(self.device)):
+            self._update_mini_batch(mini, metrics)
+        self.scheduler.step()
+        return self.reduced(metrics, "critic", summed=("vf_loss",))
+
+    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
+        s = self.settings
+        counts = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
+        mini = mini[torch.tensor(self.rows_of_rank(mini))]
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in micro_batches(mini, self.batching.ppo_micro_batch_size_per_gpu):
+            mask = micro["response_mask"]
+            with self._compute():
+                vpreds = response_values(self.model, micro)
+            loss, clipfrac = value_loss(vpreds, micro["values"], micro["returns"], mask, s.cliprange_value,
+                                        s.loss_agg_mode, **counts)
+            (loss * self.world_size).backward()  # FSDP averages gradients over the ranks; we want their sum
+            total += loss.item()
+            metrics["vf_clipfrac"].append(clipfrac.item())
+            metrics["vpred_mean"].append(masked_mean(vpreds.detach(), mask).item())
+        metrics["grad_norm"].append(self.optimizer_step(s.grad_clip))
+        metrics["vf_loss"].append(total)

@@ -1,0 +1,158 @@
+"""What the actor and the critic share: a model being trained with its optimizer and LR schedule, FSDP2-sharded
+over a device mesh when given; the PPO mini-batch loop (epochs, seeded shuffle, each rank's rows of a
+mini-batch); clipped optimizer steps; and sharded checkpoints any number of ranks can resume from."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
+from ascend_rl.distributed.fsdp import FsdpSettings, place_for_compute, reduce_over_ranks
+from ascend_rl.workers.optimizer import OptimSettings, build_optimizer, build_scheduler
+
+DCP_DIR = "dcp"  # inside a checkpoint's actor/ (or critic/) directory
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How an update walks a batch (`ppo_mini_batch_size` in samples, as the trainer passes it)."""
+
+    ppo_mini_batch_size: int
+    ppo_micro_batch_size_per_gpu: int | None
+    ppo_epochs: int = 1
+    shuffle: bool = False
+    data_loader_seed: int = 42
+    balance_batch: bool = True  # several ranks: even token counts per rank (trainer.balance_batch)
+
+
+def load_model(path: str, device: str, gradient_checkpointing: bool = False, dtype: torch.dtype = torch.float32,
+               auto_class: str = "AutoModelForCausalLM", **config_overrides):
+    import transformers
+
+    extra = {}
+    if config_overrides:  # set on the config: not every model class takes them as keyword arguments
+        config = transformers.AutoConfig.from_pretrained(path)
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
+        extra["config"] = config
+    model = getattr(transformers, auto_class).from_pretrained(path, dtype=dtype, **extra).to(device)
+    if gradient_checkpointing:  # renamed in transformers 5
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    return model
+
+
+def place(model, device: str, fsdp: FsdpSettings | None, mesh=None):
+    """The model sharded over `mesh` when given, and the context its forwards run in."""
+    return place_for_compute(model, mesh, fsdp or FsdpSettings(), torch.device(device).type)
+
+
+def micro_batches(batch: TensorDict, size: int | None) -> list[TensorDict]:
+    return list(batch.split(size)) if size else [batch]
+
+
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """DCP warns when it runs without a process group; one process is how the single-device path runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+class TrainedModel:
+    """A model, its optimizer and schedule. With a device mesh every rank takes its slice of each mini-batch;
+    losses are normalised by the whole mini-batch's counts, so N ranks make the update one process would."""
+
+    def __init__(self, model, compute, device: str, optim: OptimSettings, batching: Batching, mesh=None):
+        self.model, self._compute = model, compute
+        self.device = torch.device(device)
+        self.batching = batching
+        self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+        self.optimizer = build_optimizer(self.model.parameters(), optim)
+        self.scheduler = build_scheduler(self.optimizer, optim)
+
+    def mini_batches(self, batch: TensorDict) -> Iterator[TensorDict]:
+        """`ppo_epochs` passes over the batch in mini-batches (a seeded shuffle per epoch when asked)."""
+        b = self.batching
+        for epoch in range(b.ppo_epochs):
+            order = torch.arange(batch.batch_size[0])
+            if b.shuffle:
+                order = torch.randperm(len(order), generator=torch.Generator().manual_seed(b.data_loader_seed + epoch))
+            yield from batch[order].split(b.ppo_mini_batch_size)
+
+    def rows_of_rank(self, batch: TensorDict) -> list[int]:
+        """This rank's rows of a batch every rank holds (the order of rows does not change the update)."""
+        if self.batching.balance_batch and self.world_size > 1:
+            tokens = batch["attention_mask"].sum(-1).tolist()
+            return balanced_partition(tokens, self.world_size)[self.rank]
+        return contiguous_partition(batch.batch_size[0], self.world_size)[self.rank]
+
+    def optimizer_step(self, grad_clip: float) -> float:
+        """Clip and step; a non-finite gradient would poison the weights: that mini-batch's step is skipped."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item()
+
+    def reduced(self, metrics: dict[str, list[float]], section: str, summed: tuple[str, ...]) -> dict[str, float]:
+        """Per-mini-batch metrics as one number each over every rank: a "_max" metric is a maximum, the others
+        means; the `summed` losses are each rank's share of the mini-batch loss, so they add up."""
+        local = {(k if "/" in k else f"{section}/{k}"): max(v) if k.endswith("_max") else sum(v) / len(v)
+                 for k, v in metrics.items()}
+        out = reduce_over_ranks(local, maxed=frozenset(k for k in local if k.endswith("_max")))
+        for name in summed:
+            if f"{section}/{name}" in out:
+                out[f"{section}/{name}"] *= self.world_size
+        out[f"{section}/lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def save(self, path: Path) -> None:
+        """`path`: an HF model directory (rank 0 writes the weights gathered from every rank) and `path/dcp`, the
+        model and optimizer as torch.distributed.checkpoint shards (every rank writes its own, nothing is
+        gathered), which any number of ranks can resume from."""
+        import torch.distributed.checkpoint as dcp
+
+        state = None
+        if self.world_size > 1:
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        with _one_process_is_intended():
+            dcp.save(self._sharded_state(), checkpoint_id=path / DCP_DIR, no_dist=not dist.is_initialized())
+
+    def state_dict(self) -> dict:
+        """What the trainer keeps beside the shards (the same on every rank)."""
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, path: Path, state: dict) -> None:
+        """Resume from `save`'s shards, whatever the number of ranks that wrote them (DCP reshards on load)."""
+        import torch.distributed.checkpoint as dcp
+
+        sharded = self._sharded_state()  # trainer/checkpoint.load_state checked the shards are there
+        with _one_process_is_intended():
+            dcp.load(sharded, checkpoint_id=path / DCP_DIR, no_dist=not dist.is_initialized())
+        set_model_state_dict(self.model, sharded["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, sharded["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _sharded_state(self) -> dict:
+        """Model and optimizer state keyed by parameter name; under FSDP each rank holds its shards (DTensors)."""
+        return {"model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
