@@ -34,7 +34,8 @@ GROUP_TIMEOUT_S = 2.0
 G, INIT, DIST, DISK = "/generate", "/init_weights_update_group", "/update_weights_from_distributed", \
     "/update_weights_from_disk"
 POSTS = [G, "/abort_request", "/pause_generation", "/continue_generation", "/release_memory_occupation",
-         "/resume_memory_occupation", "/flush_cache", DISK, INIT, DIST, "/destroy_weights_update_group"]
+         "/resume_memory_occupation", "/flush_cache", DISK, INIT, DIST, "/destroy_weights_update_group",
+         "/v1/completions", "/v1/chat/completions"]
 
 
 @contextlib.contextmanager
@@ -138,7 +139,10 @@ BAD = [  # (path, body, status, a fragment of the message)
     (G, {"input_ids": [[]]}, 400, "input_ids must be a non-empty list"),
     (G, {"input_ids": "1 2 3"}, 400, "input_ids must be a non-empty list"),
     (G, {}, 400, "input_ids must be a non-empty list"),
-    (G, {"text": "hello"}, 400, "send input_ids, not text"),
+    (G, {"text": ["hello", 5]}, 400, "text must be a string or a non-empty list of strings"),
+    (G, {"text": ""}, 400, "text '' has no tokens"),
+    (G, {**gen(), "logprob_start_len": "0"}, 400, "logprob_start_len must be an integer or a list of integers"),
+    (G, {**gen(), "return_logprob": True, "top_logprobs_num": VOCAB + 1}, 400, "top_logprobs_num=129 is outside"),
     # ranges
     (G, gen(max_new_tokens=-1), 400, "max_new_tokens must be at least 0, got -1."),
     (G, gen(temperature=float("nan")), 400, "temperature must be a non-negative finite number, got nan."),

@@ -18,6 +18,11 @@ def port_number(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     positive = int_at_least(1)
     parser.add_argument("--model-path", required=True, help="HF model directory")
+    parser.add_argument("--tokenizer-path", default=None, help="the tokenizer's directory (default: the model's)")
+    parser.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="token ids in and out only: no text on /generate, no OpenAI API (what RL needs)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model's name in the OpenAI API (/v1/models; default: the model path)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port_number, default=30000, help="0: any free port")
     parser.add_argument("--device", default=None, help="cpu | cuda | npu (default: what this machine has)")
@@ -31,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: no KV cache limit")
     parser.add_argument("--context-length", type=positive, default=None,
                         help="longest prompt + max_new_tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true",
+                        help="keep a host copy of released weights; resume_memory_occupation(['weights']) restores "
+                             "them (SGLang's flag)")
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                         help="dummy: build the model without reading its weights; they arrive by a weight update")
     key = parser.add_mutually_exclusive_group()
@@ -81,24 +89,33 @@ def run(args: argparse.Namespace) -> int:
     from ascend_rl.rollout.http_server import make_server
     from ascend_rl.rollout.native import NativeEngine
     from ascend_rl.rollout.request_checks import Limits
+    from ascend_rl.rollout.server_info import ServedModel
+    from ascend_rl.rollout.text_codec import TextCodec
 
     check_model_dir(args.model_path, "--model-path", weights=args.load_format != "dummy")
     key = api_key(args)
     quiet_transformers()
+    if not args.skip_tokenizer_init:  # a missing tokenizer stops here, before minutes of loading weights
+        TextCodec.load(args.tokenizer_path or args.model_path,
+                       "--tokenizer-path" if args.tokenizer_path else "--model-path")
     engine = NativeEngine.from_pretrained(args.model_path, resolve_device(args.device),
                                           max_num_seqs=args.max_running_requests,
                                           max_num_batched_tokens=args.max_prefill_tokens,
                                           memory_utilization=args.mem_fraction_static,
-                                          context_length=args.context_length, load_format=args.load_format)
+                                          context_length=args.context_length, load_format=args.load_format,
+                                          enable_weights_cpu_backup=args.enable_weights_cpu_backup)
     given = {"max_body_bytes": args.max_request_bytes, "max_samples": args.max_request_samples,
              "max_tokens": args.max_request_tokens}
     limits = Limits(**{name: value for name, value in given.items() if value is not None})
+    served = ServedModel(args.model_path, args.tokenizer_path, args.served_model_name, args.skip_tokenizer_init,
+                         {name: value for name, value in vars(args).items() if name != "run"})
     try:
-        server = make_server(engine, args.model_path, args.host, args.port, key, weights_roots=args.weights_root,
+        server = make_server(engine, served, args.host, args.port, key, weights_roots=args.weights_root,
                              limits=limits, group_timeout_s=args.weights_group_timeout)
     except OSError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
-    print(f"serving {args.model_path} on http://{args.host}:{server.server_port} (SGLang endpoints, token in/out)",
+    mode = "token in/out" if args.skip_tokenizer_init else "text and token ids; OpenAI API under /v1"
+    print(f"serving {args.model_path} on http://{args.host}:{server.server_port} (SGLang endpoints, {mode})",
           flush=True)
     try:
         server.serve_forever()

@@ -13,7 +13,7 @@ from functools import cache
 from omegaconf import DictConfig, OmegaConf
 
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, POLICY_LOSSES
-from ascend_rl.config import key_status, schema, verl_names
+from ascend_rl.config import features, key_status, schema, verl_names
 from ascend_rl.config.validate import LOGGERS, PROFILER_TOOLS
 from ascend_rl.reward.managers import REWARD_MANAGERS
 
@@ -74,11 +74,11 @@ class Feature:
 # Values (not keys) a config can choose that this build does not have; key_status.TABLE has the keys' features.
 # `train` stops at start-up on these.
 UNSUPPORTED = (
-    Feature(key_status.MEGATRON.name,
-            lambda c, w: c[A].actor.strategy == "megatron" or key_status.MEGATRON.in_use(c),
-            key_status.MEGATRON.instead),
-    Feature(key_status.TORCHTITAN.name, lambda c, w: key_status.TORCHTITAN.in_use(c), key_status.TORCHTITAN.instead),
-    Feature(key_status.VEOMNI.name, lambda c, w: key_status.VEOMNI.in_use(c), key_status.VEOMNI.instead),
+    Feature(features.MEGATRON.name,
+            lambda c, w: c[A].actor.strategy == "megatron" or features.MEGATRON.in_use(c),
+            features.MEGATRON.instead),
+    Feature(features.TORCHTITAN.name, lambda c, w: features.TORCHTITAN.in_use(c), features.TORCHTITAN.instead),
+    Feature(features.VEOMNI.name, lambda c, w: features.VEOMNI.in_use(c), features.VEOMNI.instead),
     Feature(lambda c: f"the {c[A].rollout.name} rollout (rollout.name; native and sglang are built)",
             lambda c, w: c[A].rollout.name not in ("native", "sglang"), f"{A}.rollout.name=native"),
     Feature("greedy training rollouts (rollout.do_sample=false: a group's samples would all be the same)",

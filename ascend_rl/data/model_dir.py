@@ -25,14 +25,18 @@ def check_model_dir(path: str | Path, key: str, weights: bool = True) -> None:
         _check_weights(where, key)
 
 
-def check_tokenizer(tokenizer, path: str | Path, key: str) -> None:
+TOKENIZER_HINT = "copy the tokenizer files next to the model or set data.tokenizer"
+
+
+def check_tokenizer(tokenizer, path: str | Path, key: str, hint: str = TOKENIZER_HINT) -> None:
     """A tokenizer that turns text into no ids (no tokenizer files in the directory) is refused."""
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES) or not tokenizer(PROBE_TEXT)["input_ids"]:
         raise UserError(f"{key}={path}: no usable tokenizer (none of {', '.join(TOKENIZER_FILES)}; it encodes "
-                        f"text as no tokens); copy the tokenizer files next to the model or set data.tokenizer")
+                        f"text as no tokens); {hint}")
 
 
-def load_tokenizer(path: str | Path, key: str):
+def load_tokenizer(path: str | Path, key: str, hint: str = TOKENIZER_HINT):
+    """`hint`: how to fix a missing tokenizer, in the words of the command that needs it."""
     from transformers import AutoTokenizer
 
     try:
@@ -40,7 +44,7 @@ def load_tokenizer(path: str | Path, key: str):
     except Exception as err:  # transformers raises many kinds for a broken tokenizer: all are the files' fault
         raise UserError(f"{key}={path}: cannot load the tokenizer: {type(err).__name__}: "
                         f"{first_line(err)}") from None
-    check_tokenizer(tokenizer, path, key)
+    check_tokenizer(tokenizer, path, key, hint)
     return tokenizer
 
 

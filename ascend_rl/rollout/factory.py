@@ -80,6 +80,7 @@ def _native_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
             "--port", str(port), "--device", device, "--max-running-requests", str(ro.max_num_seqs),
             "--max-prefill-tokens", str(ro.max_num_batched_tokens),
             "--mem-fraction-static", str(ro.gpu_memory_utilization), "--load-format", ro.load_format,
+            "--skip-tokenizer-init",  # the trainer sends and reads token ids: no text to decode per output
             # the server loads pushed weights only from where the trainer writes them (DiskPush)
             "--weights-root", str((out_dir / "rollout_weights").resolve())]
     if ro.max_model_len:

@@ -1,12 +1,14 @@
 """An SGLang-compatible HTTP server for any engine of the protocol (`ascend-rl serve`).
 
-Endpoint names and JSON shapes are SGLang's (token in, token out: the `skip_tokenizer_init` mode RL
-uses), so one client (`http_client.HttpEngine`) talks to a real SGLang server and to this one. Served by
-FastAPI on uvicorn, as SGLang is: each request runs the engine call in a worker thread, so concurrent
-/generate requests join one running batch (the engine's continuous batching), and abort/pause reach it
-while it decodes. Weight and memory calls run one at a time; a weight-group join waits for its rendezvous
-outside that lock, for a bounded time. Every body is checked (`request_checks`) before the engine sees it: a
-bad one is a 4xx that names the field, never a 500.
+Endpoint names and JSON shapes are SGLang's, so SGLang's own clients, verl's HTTP adapter and our
+`http_client.HttpEngine` talk to a real SGLang server and to this one. With the model's tokenizer (SGLang's
+default) /generate takes `text` and answers with `text` too, and the OpenAI API is served (`openai_api`); with
+--skip-tokenizer-init it is token in, token out (the mode RL uses). Served by FastAPI on uvicorn, as SGLang is:
+each request runs the engine call in a worker thread, so concurrent requests join one running batch (the
+engine's continuous batching), and abort/pause reach it while it decodes. Weight and memory calls run one at a
+time; a weight-group join waits for its rendezvous outside that lock, for a bounded time. Every body is checked
+(`request_checks`, `openai_checks`) before the engine sees it: a bad one is a 4xx that names the field, never
+a 500.
 """
 
 from __future__ import annotations
@@ -18,79 +20,54 @@ import logging
 import signal
 import socket
 import threading
+import time
 import uuid
 from http import HTTPStatus
 from pathlib import Path
 
 from ascend_rl.errors import first_line
 from ascend_rl.rollout import request_checks as checks
-from ascend_rl.rollout.protocol import GenerateOutput, per_sample
+from ascend_rl.rollout import server_info as info
+from ascend_rl.rollout.generate_json import (
+    EventStream,
+    LogprobView,
+    error_chunk,
+    logprob_kwargs,
+    output_json,
+    sample_changes,
+)
+from ascend_rl.rollout.openai_api import OpenAIEndpoints
+from ascend_rl.rollout.protocol import SamplingParams, per_sample
 from ascend_rl.rollout.request_checks import ApiError, Limits
+from ascend_rl.rollout.server_info import ServedModel
+from ascend_rl.rollout.tensor_transfer import decode_update_weights_from_tensor
+from ascend_rl.rollout.text_codec import SampleText, TextCodec
 
 logger = logging.getLogger(__name__)
-
-
-class EventStream:
-    """A streamed answer: the chunks (JSON-able dicts) of an SSE stream that ends with [DONE]. Each line is
-    read in a worker thread (it may drive a decode step); `drain` is for a reader that left: it ends the
-    stream's requests and lets the stream run out (a lock keeps it from racing a read in flight)."""
-
-    def __init__(self, chunks, abort):
-        self._lines = self._all_lines(chunks)
-        self._abort = abort
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _all_lines(chunks):
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    def next_line(self) -> str | None:
-        with self._lock:
-            return next(self._lines, None)
-
-    def drain(self) -> None:
-        self._abort()
-        with self._lock:
-            for _ in self._lines:
-                pass
-
-
-def output_json(out: GenerateOutput, rid: str, return_logprob: bool, weight_version: str) -> dict:
-    """One generation in SGLang's /generate output shape."""
-    meta = {"id": rid, "finish_reason": finish_reason_json(out), "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens, "cached_tokens": 0, "weight_version": weight_version}
-    if return_logprob:
-        meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids)]
-    return {"output_ids": out.output_ids, "meta_info": meta}
-
-
-def finish_reason_json(out: GenerateOutput) -> dict | None:
-    if out.finish_reason is None:  # still streaming
-        return None
-    if out.finish_reason == "stop":
-        return {"type": "stop", "matched": out.matched}
-    if out.finish_reason == "abort":
-        return {"type": "abort", "message": "aborted by request", "status_code": None, "err_type": None}
-    return {"type": out.finish_reason, "length": out.completion_tokens}
+OPEN_PATHS = "/health"  # SGLang leaves /health and /health_generate open under --api-key (probes hold no key)
+HEALTH_CHECK = SamplingParams(max_new_tokens=1, temperature=0.0)  # SGLang's: one token from token 0
 
 
 class EngineService:
     """The endpoints, independent of HTTP plumbing: name → handler(body) → JSON-able result.
 
-    `weights_roots`: the directories /update_weights_from_disk may read under (default: the model path's
-    parent); `group_timeout_s`: how long /init_weights_update_group waits for its rendezvous."""
+    `model`: the model path, or what the server says about the model (`ServedModel`: its tokenizer, served
+    name, ...); `weights_roots`: the directories /update_weights_from_disk may read under (default: the model
+    path's parent); `group_timeout_s`: how long /init_weights_update_group waits for its rendezvous."""
 
-    def __init__(self, engine, model_path: str, weights_roots: list[str] | None = None, limits: Limits | None = None,
-                 group_timeout_s: float = 30.0):
-        self.engine, self.model_path = engine, model_path
-        self.weights_roots = [Path(r).resolve() for r in weights_roots or [Path(model_path).resolve().parent]]
+    def __init__(self, engine, model: str | ServedModel, weights_roots: list[str] | None = None,
+                 limits: Limits | None = None, group_timeout_s: float = 30.0):
+        self.model = model if isinstance(model, ServedModel) else ServedModel(model)
+        self.engine, self.model_path = engine, self.model.model_path
+        flag = "--tokenizer-path" if self.model.tokenizer_path else "--model-path"
+        self.codec = TextCodec.load(self.model.tokenizer, flag) if self.model.tokenizer else None
+        self.openai = OpenAIEndpoints(self)
+        self.weights_roots = [Path(r).resolve() for r in weights_roots or [Path(self.model_path).resolve().parent]]
         self.limits, self.group_timeout_s = limits or Limits(), group_timeout_s
         self.weight_version = "default"
-        model = getattr(engine, "model", None)
-        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-        self.shapes = {name: list(p.shape) for name, p in model.named_parameters()} if model is not None else {}
+        net = getattr(engine, "model", None)
+        self.vocab_size = getattr(getattr(net, "config", None), "vocab_size", None)
+        self.shapes = {name: list(p.shape) for name, p in net.named_parameters()} if net is not None else {}
         self._lock = threading.Lock()  # weight and memory calls: one at a time
         self._request_ids = itertools.count(1)  # next() is atomic: requests arrive on several threads
         self._groups: dict[str, object] = {}  # weight-update process groups by name
@@ -103,21 +80,28 @@ class EngineService:
         rendezvous may take long (it locks for its bookkeeping only)."""
         unlocked = {
             ("GET", "/health"): lambda b: "",
+            ("GET", "/health_generate"): self.health_generate,
             ("GET", "/model_info"): self.model_info,
             ("GET", "/get_model_info"): self.model_info,
+            ("GET", "/server_info"): self.server_info,
+            ("GET", "/get_server_info"): self.server_info,
             ("POST", "/generate"): self.generate,
             ("PUT", "/generate"): self.generate,
             ("POST", "/abort_request"): self.abort_request,
             ("POST", "/pause_generation"): self.pause_generation,
             ("POST", "/continue_generation"): self.continue_generation,
             ("POST", "/init_weights_update_group"): self.init_weights_update_group,
+            **self.openai.routes(),
         }
-        locked = {
+        locked = {  # SGLang takes GET and POST for these
+            ("GET", "/release_memory_occupation"): self.release,
             ("POST", "/release_memory_occupation"): self.release,
+            ("GET", "/resume_memory_occupation"): self.resume,
             ("POST", "/resume_memory_occupation"): self.resume,
             ("GET", "/flush_cache"): self.flush_cache,
             ("POST", "/flush_cache"): self.flush_cache,
             ("POST", "/update_weights_from_disk"): self.update_weights_from_disk,
+            ("POST", "/update_weights_from_tensor"): self.update_weights_from_tensor,
             ("POST", "/update_weights_from_distributed"): self.update_weights_from_distributed,
             ("POST", "/destroy_weights_update_group"): self.destroy_weights_update_group,
         }
@@ -135,7 +119,7 @@ class EngineService:
             with self._lock:
                 return handler(body)
         except ValueError as err:  # the request's fault: a field's type or value, too long, unknown tags
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(err), getattr(err, "param", None)) from None
         except RuntimeError as err:  # the engine's state: memory released, requests running
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(err)) from None
 
@@ -160,23 +144,45 @@ class EngineService:
         return {"message": "Generation continued successfully.", "status": "ok"}
 
     def model_info(self, body: dict) -> dict:
-        return {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
-                "weight_version": self.weight_version}
+        return info.model_info(self.model, self.engine, self.weight_version)
+
+    def server_info(self, body: dict) -> dict:
+        return info.server_info(self.model, self.engine, self.weight_version, info.sglang_version())
+
+    def health_generate(self, body: dict) -> str:
+        """SGLang's deep probe: one token from the engine. A busy engine is healthy without it (SGLang counts any
+        output), a paused one is not (a probe would wait until it continues)."""
+        if self._closing.is_set():
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down")
+        if getattr(getattr(self.engine, "scheduler", None), "busy", False):
+            return ""
+        if getattr(getattr(self.engine, "control", None), "paused", False):
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "generation is paused (/continue_generation)")
+        self.engine.generate([[0]], HEALTH_CHECK, rids=[f"HEALTH_CHECK_{time.time()}"])
+        return ""
 
     def generate(self, body: dict):
-        req = checks.generate_request(body, self.vocab_size, self.limits)
+        req = checks.generate_request(body, self.vocab_size, self.limits, self.codec and self.codec.encode)
         rids = req.rids
+        extra = logprob_kwargs(self.engine, logprob_start_len=req.logprob_start_len,
+                               top_logprobs_num=req.top_logprobs_num, token_ids_logprob=req.token_ids_logprob)
+        view = LogprobView(req.return_logprob, "top_logprobs_num" in extra, "token_ids_logprob" in extra,
+                           self.codec.token_texts if self.codec and req.return_text_in_logprobs else None)
+        texts = [SampleText(self.codec, ids, p) for ids, p in zip(req.prompts, req.params) for _ in range(p.n)] \
+            if self.codec else None  # each sample's text, in the engine's output order
         if req.stream:
             stream = getattr(self.engine, "generate_stream", None)
             if stream is None:
                 raise ApiError(HTTPStatus.BAD_REQUEST, "stream=true: this engine does not stream")
             rids = rids or [f"stream-{uuid.uuid4().hex}" for _ in req.prompts]  # so a reader that leaves can abort
-            updates = stream(req.prompts, req.params, rids=rids)  # a bad request raises here: 400, not a broken stream
-            return EventStream(self._stream_chunks(updates, self._names(rids, req.params), req.return_logprob),
+            # a bad request raises here: a 400, not a broken stream
+            updates = stream(req.prompts, req.params, rids=rids, return_logprob=req.return_logprob, **extra)
+            return EventStream(self._stream_chunks(updates, self._names(rids, req.params), view, texts),
                                abort=lambda: [self.engine.abort_request(rid) for rid in set(rids)])
-        outputs = self.engine.generate(req.prompts, req.params, return_logprob=req.return_logprob, rids=rids)
+        outputs = self.engine.generate(req.prompts, req.params, return_logprob=req.return_logprob, rids=rids, **extra)
         names = self._names(rids, req.params)
-        results = [output_json(out, name, req.return_logprob, self.weight_version) for out, name in zip(outputs, names)]
+        results = [output_json(out, name, self.weight_version, view, texts[i].update(out) if texts else None)
+                   for i, (out, name) in enumerate(zip(outputs, names))]
         return results[0] if req.single and len(results) == 1 else results
 
     def _names(self, rids, params) -> list[str]:
@@ -185,29 +191,21 @@ class EngineService:
             return per_sample(rids, params)
         return [f"req-{next(self._request_ids)}" for p in params for _ in range(p.n)]
 
-    def _stream_chunks(self, updates, names: list[str], return_logprob: bool):
-        """SGLang's stream: a chunk whenever a sample has more tokens or ends, each the sample's output so far
-        (with "index" when there are several); an error becomes an error chunk."""
-        last: list[tuple | None] = [None] * len(names)
+    def _stream_chunks(self, updates, names: list[str], view: LogprobView, texts: list[SampleText] | None):
+        """SGLang's stream: a chunk whenever a sample has more tokens or ends, each the sample's output (and
+        text) so far, with "index" when there are several; an error becomes an error chunk."""
         try:
-            for outputs in updates:
-                for i, out in enumerate(outputs):
-                    state = (len(out.output_ids), out.finish_reason)
-                    if state == last[i] or state == (0, None):
-                        continue
-                    last[i] = state
-                    chunk = output_json(out, names[i], return_logprob, self.weight_version)
-                    yield {**chunk, "index": i} if len(names) > 1 else chunk
+            for i, out in sample_changes(updates):
+                chunk = output_json(out, names[i], self.weight_version, view, texts[i].update(out) if texts else None)
+                yield {**chunk, "index": i} if len(names) > 1 else chunk
         except (ValueError, RuntimeError) as err:
-            yield {"error": {"message": str(err), "type": type(err).__name__, "code": 500, "retryable": False}}
+            yield error_chunk(err)
 
-    def release(self, body: dict) -> str:
+    def release(self, body: dict) -> None:  # SGLang answers null
         self.engine.release_memory_occupation(checks.memory_tags(body))
-        return ""
 
-    def resume(self, body: dict) -> str:
+    def resume(self, body: dict) -> None:
         self.engine.resume_memory_occupation(checks.memory_tags(body))
-        return ""
 
     def flush_cache(self, body: dict) -> str:
         self.engine.flush_cache()
@@ -233,6 +231,24 @@ class EngineService:
         self.engine.update_weights_from_tensor(known.items())
         self._weights_updated(version, flush)
         return {"success": True, "message": f"Succeeded to update model weights from {path}.", "num_paused_requests": 0}
+
+    def update_weights_from_tensor(self, body: dict) -> dict:
+        """SGLang's body: base64 of serialized (name, tensor) pairs per TP rank, decoded without running code
+        (rollout/tensor_transfer.py); every name and shape is checked before any weight is copied."""
+        update = decode_update_weights_from_tensor(body)
+        tensors = dict(update.named_tensors)
+        unknown = sorted(set(tensors) - set(self.shapes))
+        if unknown:
+            raise ValueError(f"serialized_named_tensors: {len(unknown)} name(s) the model does not have, e.g. "
+                             f"{unknown[0]!r}")
+        checks.check_shapes(tensors, self.shapes)
+        if update.abort_all_requests:
+            self.engine.abort_request(None, True)
+        self.engine.update_weights_from_tensor(update.named_tensors, load_format=update.load_format,
+                                               flush_cache=False)
+        self._weights_updated(update.weight_version, update.flush_cache)
+        label = f" Weight version updated to {update.weight_version}." if update.weight_version else ""
+        return {"success": True, "message": f"Success.{label}"}
 
     def _weights_updated(self, version: str | None, flush: bool) -> None:
         """What every weight update ends with: the new version label, and the cache flushed unless asked not to."""
@@ -289,8 +305,8 @@ class EngineService:
 
 
 def create_app(service: EngineService, api_key: str | None = None):
-    """The FastAPI app: every route of the service, SGLang's error shape, and with `api_key`, SGLang's
-    bearer check (the health probe stays open, as in SGLang)."""
+    """The FastAPI app: every route of the service, SGLang's error shape (OpenAI's under /v1/), and with
+    `api_key`, SGLang's bearer check (the health probes stay open, as in SGLang)."""
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -326,7 +342,7 @@ def create_app(service: EngineService, api_key: str | None = None):
         @app.middleware("http")
         async def check_api_key(request: Request, call_next):
             given = request.headers.get("Authorization", "").encode("latin-1")  # the header's own bytes
-            if request.url.path != "/health" and not hmac.compare_digest(given, expected):  # constant time
+            if not request.url.path.startswith(OPEN_PATHS) and not hmac.compare_digest(given, expected):
                 return JSONResponse({"error": "Unauthorized"}, status_code=HTTPStatus.UNAUTHORIZED)
             return await call_next(request)
 
@@ -355,18 +371,26 @@ def create_app(service: EngineService, api_key: str | None = None):
                 result = await anyio.to_thread.run_sync(service.handle, method, path, raw, abandon_on_cancel=True)
                 return answer(HTTPStatus.OK, result)
             except ApiError as err:
-                return answer(err.status, {"error": {"message": str(err)}})
+                return answer(err.status, error_json(path, err))
         return serve
 
     async def no_endpoint(request: Request, exc) -> Response:  # 404 / 405 in SGLang's error shape
-        message = f"no endpoint {request.method} {request.url.path}"
-        return answer(HTTPStatus(exc.status_code), {"error": {"message": message}})
+        error = ApiError(HTTPStatus(exc.status_code), f"no endpoint {request.method} {request.url.path}")
+        return answer(error.status, error_json(request.url.path, error))
 
     app.add_exception_handler(HTTPStatus.NOT_FOUND, no_endpoint)
     app.add_exception_handler(HTTPStatus.METHOD_NOT_ALLOWED, no_endpoint)
     for method, path in service.routes():
         app.add_route(path, endpoint(method, path), methods=[method])  # plain Starlette routes: no DI
     return app
+
+
+def error_json(path: str, err: ApiError) -> dict:
+    """SGLang's error body, or OpenAI's (type, param, code) for the OpenAI API."""
+    if not path.startswith("/v1/"):
+        return {"error": {"message": str(err)}}
+    kind = "invalid_request_error" if err.status < 500 else "server_error"
+    return {"error": {"message": str(err), "type": kind, "param": err.param, "code": err.code or err.status}}
 
 
 class HttpServer:
@@ -411,8 +435,9 @@ class HttpServer:
         self.socket.close()
 
 
-def make_server(engine, model_path: str, host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None,
-                weights_roots: list[str] | None = None, limits: Limits | None = None, group_timeout_s: float = 30.0,
-                grace_s: float = 5.0) -> HttpServer:
-    service = EngineService(engine, model_path, weights_roots, limits, group_timeout_s)
+def make_server(engine, model: str | ServedModel, host: str = "127.0.0.1", port: int = 30000,
+                api_key: str | None = None, weights_roots: list[str] | None = None, limits: Limits | None = None,
+                group_timeout_s: float = 30.0, grace_s: float = 5.0) -> HttpServer:
+    """`model`: the model path (its tokenizer loaded from there), or a `ServedModel`."""
+    service = EngineService(engine, model, weights_roots, limits, group_timeout_s)
     return HttpServer(create_app(service, api_key), host, port, on_exit=service.close, grace_s=grace_s)

@@ -50,6 +50,13 @@ class LeanDecoder:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KVRows]:
         """Run left-padded prompts [B, P] apart from the running rows; returns the last position's logits
         [B, V] and their cache, to be joined to the running rows by `merge`."""
+        hidden, rows = self.prefill_hidden(input_ids, attention_mask)
+        return self.logits(hidden[:, -1]), rows
+
+    @torch.no_grad()
+    def prefill_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KVRows]:
+        """As `prefill`, but the final hidden states of every position [B, P, H]: `logits` of any of them
+        scores the prompt (SGLang's input log-probs) without a second forward."""
         batch, width = input_ids.shape
         dtype, device = self.model.dtype, input_ids.device
         shape = (batch, self.n_kv_heads, width, self.head_dim)
@@ -62,8 +69,7 @@ class LeanDecoder:
         mask = causal[None, None] & rows.key_mask[:, None, None, :]
         # Rows that are all padding before their first token attend to nothing; let them see themselves.
         mask |= torch.eye(width, dtype=torch.bool, device=device)[None, None]
-        hidden = self._forward(input_ids, positions, mask, rows, start=0)
-        return self._logits(hidden[:, -1]), rows
+        return self._forward(input_ids, positions, mask, rows, start=0), rows
 
     @torch.no_grad()
     def merge(self, keep: torch.Tensor, new: KVRows | None, room: int) -> None:
@@ -109,7 +115,7 @@ class LeanDecoder:
         mask = cache.key_mask[:, None, None, :self.length]
         hidden = self._forward(next_ids[:, None], cache.positions[:, None], mask, cache, start=column)
         cache.positions = cache.positions + 1
-        return self._logits(hidden[:, -1])
+        return self.logits(hidden[:, -1])
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVRows,
                  start: int) -> torch.Tensor:
@@ -148,7 +154,7 @@ class LeanDecoder:
         out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # [B, KVH, G, D]
         return out.view(batch, heads, 1, dim)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

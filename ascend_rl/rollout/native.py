@@ -13,9 +13,12 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from ascend_rl.errors import UserError
+from ascend_rl.rollout.logprob_outputs import logprob_requests
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples, per_sample
 from ascend_rl.rollout.scheduler import Budget, GenerationControl, Request, Scheduler
 from ascend_rl.rollout.steppers import stepper_for
+from ascend_rl.rollout.tensor_transfer import TENSOR_LOAD_FORMATS
+from ascend_rl.rollout.weights_backup import EngineWeights
 
 MEMORY_TAGS = ("weights", "kv_cache")
 LOAD_FORMATS = ("auto", "dummy")
@@ -24,17 +27,19 @@ PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's; retract keeps the KV
 
 class NativeEngine:
     def __init__(self, model, eos_token_ids: Iterable[int], pad_token_id: int, budget: Budget | None = None,
-                 decode=None, context_length: int | None = None):
+                 decode=None, context_length: int | None = None, enable_weights_cpu_backup: bool = False,
+                 weights_loaded: bool = True):
         """Serve `model` (a transformers causal LM, used in place: the caller may share it). `decode` (token
         ids → text, e.g. a tokenizer's) is what stop strings are matched against. A request's prompt and
-        max_new_tokens together must fit `context_length` (default: the model's max_position_embeddings)."""
+        max_new_tokens together must fit `context_length` (default: the model's max_position_embeddings).
+        `enable_weights_cpu_backup` (SGLang's): released weights come back on resume, no push needed.
+        `weights_loaded` False: the model's values are placeholders until pushed (load_format=dummy)."""
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.context_length = context_length or getattr(model.config, "max_position_embeddings", None)
         self.budget = budget or Budget()
         self._released: set[str] = set()
-        self._weights_stale = False
-        self._buffers: dict[str, torch.Tensor] = {}
+        self.weights = EngineWeights(model, self.device, enable_weights_cpu_backup, weights_loaded)
         self.control = GenerationControl()
         self.stepper = stepper_for(model, pad_token_id)
         self.scheduler = Scheduler(self.stepper, self.budget, self.control, frozenset(eos_token_ids), decode)
@@ -44,11 +49,11 @@ class NativeEngine:
                         max_num_seqs: int = Budget.max_num_seqs,
                         max_num_batched_tokens: int = Budget.max_num_batched_tokens,
                         memory_utilization: float | None = None, context_length: int | None = None,
-                        load_format: str = "auto") -> NativeEngine:
+                        load_format: str = "auto", enable_weights_cpu_backup: bool = False) -> NativeEngine:
         """`memory_utilization` (verl's gpu_memory_utilization, SGLang's mem_fraction_static): the share of
         the device's memory (RAM on CPU) for weights and KV cache; None: no cache limit. `load_format`: auto
         reads the weights; dummy (verl's default, as in SGLang) only builds the model, whose weights the trainer
-        pushes before the first generation."""
+        pushes before the first generation. `enable_weights_cpu_backup`: see `__init__`."""
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
         if load_format not in LOAD_FORMATS:
@@ -62,19 +67,25 @@ class NativeEngine:
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         kv_tokens = None if memory_utilization is None else kv_cache_tokens(model, device, memory_utilization)
         budget = Budget(max_num_seqs, max_num_batched_tokens, kv_tokens)
-        engine = cls(model, eos_ids, model.config.pad_token_id or 0, budget, _tokenizer_decode(model_path),
-                     context_length)
-        engine._weights_stale = load_format == "dummy"
-        return engine
+        return cls(model, eos_ids, model.config.pad_token_id or 0, budget, _tokenizer_decode(model_path),
+                   context_length, enable_weights_cpu_backup, weights_loaded=load_format != "dummy")
 
     # --- generation ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams],
-                 return_logprob: bool = False, rids: Sequence[str] | None = None) -> list[GenerateOutput]:
+                 return_logprob: bool = False, rids: Sequence[str] | None = None,
+                 logprob_start_len: int | Sequence[int] = -1, top_logprobs_num: int | Sequence[int] = 0,
+                 token_ids_logprob: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+                 ) -> list[GenerateOutput]:
         """`rids` (one per prompt) name requests for `abort_request`. Calls from several threads share the
-        running batch (continuous batching)."""
-        tickets, rids = self._submit(input_ids, sampling_params, rids)
+        running batch (continuous batching). `output_logprobs` are always filled; with `return_logprob`, SGLang's
+        other log-prob outputs too (`GenerateOutput`), from its request-level fields: `logprob_start_len`,
+        `top_logprobs_num`, `token_ids_logprob` (each one value, or one per prompt; ignored without
+        return_logprob, as in SGLang)."""
+        logprobs = _logprob_args(return_logprob, len(input_ids), logprob_start_len, top_logprobs_num,
+                                 token_ids_logprob)
+        tickets, rids = self._submit(input_ids, sampling_params, rids, logprobs)
         try:
             return self.scheduler.run(tickets)
         finally:
@@ -82,12 +93,17 @@ class NativeEngine:
 
     def generate_stream(self, input_ids: Sequence[Sequence[int]],
                         sampling_params: SamplingParams | Sequence[SamplingParams],
-                        rids: Sequence[str] | None = None) -> Iterator[list[GenerateOutput]]:
+                        rids: Sequence[str] | None = None, return_logprob: bool = False,
+                        logprob_start_len: int | Sequence[int] = -1, top_logprobs_num: int | Sequence[int] = 0,
+                        token_ids_logprob: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+                        ) -> Iterator[list[GenerateOutput]]:
         """As `generate`, but yields every sample's output so far after each decode step (finish reason None
         until it ends). Bad requests raise here, before anything is yielded; closing the iterator early
         aborts what is still running."""
         rids = list(rids) if rids else [f"stream-{uuid.uuid4().hex}" for _ in input_ids]  # so closing can abort
-        tickets, sample_rids = self._submit(input_ids, sampling_params, rids)
+        logprobs = _logprob_args(return_logprob, len(input_ids), logprob_start_len, top_logprobs_num,
+                                 token_ids_logprob)
+        tickets, sample_rids = self._submit(input_ids, sampling_params, rids, logprobs)
         return self._stream(tickets, sample_rids)
 
     @torch.no_grad()
@@ -101,16 +117,19 @@ class NativeEngine:
                 self.scheduler.run(tickets)
             self.control.forget(rids)
 
-    def _submit(self, input_ids, sampling_params, rids):
+    def _submit(self, input_ids, sampling_params, rids, logprobs=None):
         self._check_ready()
         prompts, params = expand_samples(input_ids, sampling_params)
         rids = per_sample(rids, sampling_params) if rids else [None] * len(prompts)
+        logprobs = per_sample(logprobs, sampling_params) if logprobs else [None] * len(prompts)
         vocab = getattr(self.model.config, "vocab_size", None)
-        for ids, p in zip(prompts, params):
+        for ids, p, lp in zip(prompts, params, logprobs):
             p.verify(vocab)
             self._check_length(len(ids), p.max_new_tokens)
+            if lp is not None:
+                lp.check(len(ids), vocab)
         epoch = self.control.epoch
-        requests = [Request(ids, p, rid, epoch) for ids, p, rid in zip(prompts, params, rids)]
+        requests = [Request(ids, p, rid, epoch, lp) for ids, p, rid, lp in zip(prompts, params, rids, logprobs)]
         return self.scheduler.submit(requests, [_seed_of(p.sampling_seed) for p in params]), rids
 
     def _check_length(self, prompt: int, max_new_tokens: int) -> None:
@@ -143,38 +162,36 @@ class NativeEngine:
 
     # --- weights and memory -------------------------------------------------------------------------
 
-    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Between decode steps: running requests go on with the new weights (as in SGLang)."""
-        if "weights" in self._released:
-            raise RuntimeError("weights are released: call resume_memory_occupation(['weights']) first")
-        params = dict(self.model.named_parameters())
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                   load_format: str | None = None, flush_cache: bool = True) -> None:
+        """SGLang's Engine.update_weights_from_tensor: (name, tensor) pairs by HF parameter name, copied in
+        between decode steps (running requests go on with the new weights, as in SGLang). `flush_cache`: after
+        the update (a no-op here: no prefix cache). Over HTTP, decode the body with
+        `tensor_transfer.decode_update_weights_from_tensor`."""
+        if load_format not in TENSOR_LOAD_FORMATS:
+            raise ValueError(f"load_format={load_format!r}: the native engine loads named tensors directly "
+                             f"(None or 'direct'), not SGLang's flattened buckets or custom loaders")
         with self.scheduler.step_lock:
-            for name, tensor in named_tensors:
-                if name not in params:
-                    raise KeyError(f"update_weights_from_tensor: the engine's model has no parameter {name!r}")
-                params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
-        self._weights_stale = False
+            self.weights.load(named_tensors)
+        if flush_cache:
+            self.flush_cache()
 
     def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
-        """Free the weights (their content is lost, as in SGLang without a CPU backup) and/or the KV cache
-        (this engine keeps none between calls)."""
+        """Free the weights (their content is lost unless `enable_weights_cpu_backup`, as in SGLang) and/or
+        the KV cache (this engine keeps none between calls)."""
         tags = _check_tags(tags)
         if self.scheduler.busy:  # SGLang asserts the same
             raise RuntimeError("release_memory_occupation while requests run: pause or abort them first")
-        if "weights" in tags and "weights" not in self._released:
-            # Buffers (rotary frequencies) are not weights a trainer pushes: keep them.
-            self._buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-            self.model.to("meta")
+        if "weights" in tags:
+            self.weights.release()
         self._released |= set(tags)
 
     def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """The memory comes back; the weights' values too with `enable_weights_cpu_backup`, otherwise only
+        after a push (generating before it is an error)."""
         tags = _check_tags(tags)
-        if "weights" in tags and "weights" in self._released:
-            self.model.to_empty(device=self.device)
-            for name, buffer in self.model.named_buffers():
-                buffer.copy_(self._buffers[name])
-            self.model.tie_weights()
-            self._weights_stale = True  # memory is back, content is not: push weights before generating
+        if "weights" in tags:
+            self.weights.resume()
         self._released -= set(tags)
 
     def flush_cache(self) -> None:
@@ -184,9 +201,14 @@ class NativeEngine:
         if self._released:
             raise RuntimeError(f"engine memory released ({', '.join(sorted(self._released))}): "
                                f"call resume_memory_occupation first")
-        if self._weights_stale:
-            raise RuntimeError("the weights are not loaded (load_format=dummy, or resumed after a release): call "
-                               "update_weights_from_tensor first")
+        self.weights.check_loaded()
+
+
+def _logprob_args(return_logprob: bool, prompts: int, logprob_start_len, top_logprobs_num, token_ids_logprob):
+    """One LogprobRequest per prompt, or None without return_logprob (SGLang ignores the other fields then)."""
+    if not return_logprob:
+        return None
+    return logprob_requests(prompts, logprob_start_len, top_logprobs_num, token_ids_logprob)
 
 
 def _check_tags(tags: Sequence[str] | None) -> tuple[str, ...]:

@@ -47,11 +47,25 @@ def per_sample(values: Sequence, sampling_params: SamplingParams | Sequence[Samp
 
 @dataclass
 class GenerateOutput:
+    """One sample. With return_logprob, SGLang's log-prob outputs (`logprob_outputs`) as (logprob, token_id)
+    pairs, SGLang's order (its meta_info adds the token's text, None without return_text_in_logprobs):
+    input_* from logprob_start_len, one per prompt token from there, the first None (as SGLang's);
+    *_top_logprobs with top_logprobs_num, *_token_ids_logprobs with token_ids_logprob, one list per position.
+    Empty when not asked for."""
+
     output_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort"; None while streaming
     prompt_tokens: int
     output_logprobs: list[float] = field(default_factory=list)
     matched: int | str | None = None  # what ended a "stop": the token id or the stop string
+    input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    input_token_ids_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    output_token_ids_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    # Seconds from arrival to finish (SGLang's meta_info e2e_latency); None while running. Timing, not
+    # content: outputs compare equal without it.
+    e2e_latency: float | None = field(default=None, compare=False)
 
     @property
     def completion_tokens(self) -> int:

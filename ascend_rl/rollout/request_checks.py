@@ -27,9 +27,11 @@ _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*|\[[0-9A-Fa-f:.]+\]")  # a name, 
 
 
 class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
+    """A 4xx/5xx answer; `param` and `code` fill OpenAI's error fields (the field at fault, a code name)."""
+
+    def __init__(self, status: HTTPStatus, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.param, self.code = status, param, code
 
 
 @dataclass(frozen=True)
@@ -138,13 +140,17 @@ class GenerateRequest:
     rids: list[str] | None  # one per prompt
     return_logprob: bool
     stream: bool
+    # SGLang's log-prob fields (each one value or one per prompt), with return_logprob; the engine checks ranges
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    token_ids_logprob: list | None = None
+    return_text_in_logprobs: bool = False
 
 
-def generate_request(body: dict, vocab_size: int | None, limits: Limits) -> GenerateRequest:
-    if body.get("text") is not None:
-        raise ValueError("this server runs token-in/token-out (skip_tokenizer_init): send input_ids, not text")
+def generate_request(body: dict, vocab_size: int | None, limits: Limits, tokenize=None) -> GenerateRequest:
+    """`tokenize` (text → ids): the server's tokenizer; None: token ids only (--skip-tokenizer-init)."""
     _no_custom_logit_processor(body.get("custom_logit_processor"))
-    prompts, single = _prompts(body.get("input_ids"), vocab_size)
+    prompts, single = _inputs(body, vocab_size, tokenize)
     raw = body.get("sampling_params")
     raw_list = raw if isinstance(raw, list) else [raw] * len(prompts)
     if len(raw_list) != len(prompts):
@@ -154,6 +160,32 @@ def generate_request(body: dict, vocab_size: int | None, limits: Limits) -> Gene
     rids = None if rid is None else [rid] * len(prompts) if isinstance(rid, str) else rid
     if rids is not None and len(rids) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(rids)} rids")
+    check_size(prompts, params, limits)
+    return GenerateRequest(prompts, params, single, rids, flag(body, "return_logprob"), flag(body, "stream"),
+                           _per_prompt_int(body, "logprob_start_len", -1), _per_prompt_int(body, "top_logprobs_num", 0),
+                           _token_ids_logprob(body), flag(body, "return_text_in_logprobs"))
+
+
+def _per_prompt_int(body: dict, key: str, default: int) -> int | list[int]:
+    value = body.get(key)
+    if value is None:
+        return default
+    if type(value) is int or (isinstance(value, list) and value and all(type(v) is int for v in value)):
+        return value
+    raise ValueError(f"{key} must be an integer or a list of integers (one per prompt), got {show(value)}")
+
+
+def _token_ids_logprob(body: dict) -> list | None:
+    """Token ids for every prompt, or one list (or null) per prompt."""
+    value = body.get("token_ids_logprob")
+    if value is None or (isinstance(value, list) and all(
+            type(v) is int or v is None or (isinstance(v, list) and all(type(t) is int for t in v)) for v in value)):
+        return value
+    raise ValueError(f"token_ids_logprob must be a list of token ids, or one such list per prompt, got {show(value)}")
+
+
+def check_size(prompts: list[list[int]], params: list[SamplingParams], limits: Limits) -> None:
+    """The request's samples and tokens within the server's limits."""
     samples = sum(p.n for p in params)
     if samples > limits.max_samples:
         raise ValueError(f"{samples} samples (prompts × n) in one request: this server takes at most "
@@ -162,7 +194,24 @@ def generate_request(body: dict, vocab_size: int | None, limits: Limits) -> Gene
     if tokens > limits.max_tokens:
         raise ValueError(f"{tokens} tokens (prompt + max_new_tokens, every sample) in one request: this server takes "
                          f"at most {limits.max_tokens} (--max-request-tokens)")
-    return GenerateRequest(prompts, params, single, rids, flag(body, "return_logprob"), flag(body, "stream"))
+
+
+def _inputs(body: dict, vocab_size: int | None, tokenize) -> tuple[list[list[int]], bool]:
+    """The prompts as token ids: `input_ids`, or `text` (a string or a list of them) through the tokenizer."""
+    text = body.get("text")
+    if text is None:
+        return token_prompts(body.get("input_ids"), vocab_size)
+    if body.get("input_ids") is not None:
+        raise ValueError("send text or input_ids, not both")
+    if tokenize is None:
+        raise ValueError("this server runs token-in/token-out (--skip-tokenizer-init): send input_ids, not text")
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"text must be a string or a non-empty list of strings, got {show(text)}")
+    prompts = [tokenize(t) for t in texts]
+    if not all(prompts):
+        raise ValueError(f"text {show(texts[prompts.index([])])} has no tokens: a prompt needs at least one")
+    return token_prompts(prompts, vocab_size)[0], isinstance(text, str)
 
 
 def _no_custom_logit_processor(processor) -> None:
@@ -174,7 +223,7 @@ def _no_custom_logit_processor(processor) -> None:
                          "--enable-custom-logit-processor); send sampling_params.custom_params without one")
 
 
-def _prompts(ids, vocab_size: int | None) -> tuple[list[list[int]], bool]:
+def token_prompts(ids, vocab_size: int | None) -> tuple[list[list[int]], bool]:
     """input_ids: one prompt (token ids) or a list of prompts; each non-empty, each id in the vocabulary."""
     single = isinstance(ids, list) and bool(ids) and type(ids[0]) is int
     prompts = [ids] if single else ids

@@ -48,7 +48,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, st
     those of the penalized distribution before top-k/top-p/min-p: what SGLang's sampler returns (it applies
     them to the logits in place before its log-softmax). Without penalties they are the model's, which the
     trainer recomputes; with them, the trainer's recomputation differs, as it would against SGLang."""
-    scaled = logits / params.temperature if params.temperature > 0 else logits
+    scaled = _scaled(logits, params.temperature)
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     if params.temperature == 0:
         tokens = logits.argmax(-1)
@@ -58,6 +58,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, st
         uniform = uniform_noise(seeds, steps, logits.shape[-1]).to(filtered.device)
         tokens = (filtered - torch.log(-torch.log(uniform)).to(filtered.dtype)).argmax(-1)
     return tokens.cpu(), logprobs_all.gather(-1, tokens[:, None].to(logits.device)).squeeze(-1).cpu()
+
+
+def token_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[rows, V] log-probs under the distribution `sample` reports its tokens' log-probs under (one definition
+    for the sampled, top-N and chosen-id log-probs of `logprob_outputs`)."""
+    return torch.log_softmax(_scaled(logits, temperature), dim=-1)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits at the temperature; greedy (0) reports log-probs at temperature 1."""
+    return logits / temperature if temperature > 0 else logits
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:

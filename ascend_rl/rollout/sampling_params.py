@@ -5,8 +5,8 @@ Where each key takes effect here:
 - per row in the batched sampler (`penalties.py`): frequency_penalty, presence_penalty, repetition_penalty,
   min_new_tokens, logit_bias;
 - the scheduler's stop checks: max_new_tokens, stop, stop_regex, stop_token_ids, ignore_eos;
-- text output only (detokenization, which this token-in/token-out server does not do yet): skip_special_tokens,
-  spaces_between_special_tokens, no_stop_trim; they are checked and kept, and passed on to a real SGLang;
+- text output only (`text_codec`, where the server has the tokenizer): skip_special_tokens,
+  spaces_between_special_tokens, no_stop_trim; they are passed on to a real SGLang too;
 - stream_interval: checked and kept (passed on to a real SGLang); `ascend-rl serve` streams after every token;
 - custom_params: carried for a custom logit processor (the native engine has none);
 - json_schema, regex, ebnf, structural_tag (structured output): checked here, refused by the native engine.
@@ -72,7 +72,7 @@ class SamplingParams:
     regex: str | None = None
     ebnf: str | None = None
     structural_tag: str | None = None
-    # Text output only (detokenization): kept and passed on, no effect on token ids.
+    # Text output only (detokenization, `text_codec`): no effect on token ids.
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False  # keep the matched stop string at the end of the text

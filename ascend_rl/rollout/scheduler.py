@@ -15,16 +15,18 @@ lone caller (the trainer) runs its rollout on its own thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 from ascend_rl.rollout import penalties
+from ascend_rl.rollout.logprob_outputs import LogprobRecord, LogprobRequest, prompt_logprobs, step_logprobs
 from ascend_rl.rollout.penalties import RowPenalties
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
-from ascend_rl.rollout.sampling import sample
+from ascend_rl.rollout.sampling import sample, token_logprobs
 from ascend_rl.rollout.stop_text import first_hit, tail_tokens
 
 # Joining copies the running cache; with rows waiting, join once a quarter of the batch is free.
@@ -39,6 +41,7 @@ class Request(NamedTuple):
     params: SamplingParams  # n = 1: one request per sample
     rid: str | None  # for abort_request
     epoch: int  # GenerationControl.epoch when it arrived (abort_all ends the requests sent before it)
+    logprobs: LogprobRequest | None = None  # return_logprob: SGLang's log-prob outputs beyond the sampled tokens'
 
 
 @dataclass
@@ -49,6 +52,25 @@ class Ticket:
     seed: int
     output: GenerateOutput | None = None
     error: BaseException | None = None
+    record: LogprobRecord | None = None  # the log-prob outputs gathered so far (return_logprob)
+    created: float = field(default_factory=time.monotonic)  # for e2e_latency
+
+    def __post_init__(self):
+        spec = self.request.logprobs
+        if spec is not None and self.record is None:
+            ids, limit = self.request.input_ids, self.request.params.max_new_tokens
+            self.record = LogprobRecord(spec, spec.start(len(ids), limit))
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prefill has prompt positions to report for this request."""
+        return self.record is not None and self.record.start < len(self.request.input_ids)
+
+    def result(self, reason: str | None, ids: list[int], logprobs: list[float], matched=None) -> GenerateOutput:
+        """Its output with what it has so far; finish reason None: still running."""
+        extra = self.record.fields() if self.record is not None else {}
+        latency = None if reason is None else time.monotonic() - self.created
+        return GenerateOutput(ids, reason, len(self.request.input_ids), logprobs, matched, e2e_latency=latency, **extra)
 
     @property
     def done(self) -> bool:
@@ -145,9 +167,9 @@ class Scheduler:
             raise ValueError(f"{', '.join(grammar)}: structured output is not available in this build (the native "
                              f"engine has no grammar backend)")
         tickets = [Ticket(r, s) for r, s in zip(requests, seeds)]
-        for ticket in tickets:
-            if ticket.request.params.max_new_tokens <= 0:
-                ticket.output = GenerateOutput([], "length", len(ticket.request.input_ids))
+        for ticket in tickets:  # nothing to generate; a prompt to score still needs its prefill
+            if ticket.request.params.max_new_tokens <= 0 and not ticket.scores_prompt:
+                ticket.output = ticket.result("length", [], [])
         with self._queue_lock:
             self._waiting.extend(t for t in tickets if not t.done)
         return tickets
@@ -179,13 +201,12 @@ class Scheduler:
     def _snapshot(self, ticket: Ticket) -> GenerateOutput:
         if ticket.output is not None:
             return ticket.output
-        prompt = len(ticket.request.input_ids)
         batch = self._batch
         row = next((r for r, t in enumerate(batch.tickets) if t is ticket), None) if batch else None
         if row is None:  # still waiting
-            return GenerateOutput([], None, prompt)
+            return ticket.result(None, [], [])
         count = int(batch.generated[row])
-        return GenerateOutput(batch.tokens[row, :count].tolist(), None, prompt, batch.logprobs[row, :count].tolist())
+        return ticket.result(None, batch.tokens[row, :count].tolist(), batch.logprobs[row, :count].tolist())
 
     # --- one step ---------------------------------------------------------------------------------------
 
@@ -233,6 +254,7 @@ class Scheduler:
             logits = penalties.adjust(logits, batch.penalties, rows, batch.generated[rows],
                                       set(params.stop_token_ids) | self.eos_ids)
         ids, logprobs = sample(logits, params, batch.seeds[rows], batch.generated[rows])
+        self._record_steps(batch, rows, logits)
         penalties.record(batch.penalties, rows, ids)
         columns = batch.generated[rows]
         batch.tokens[rows, columns], batch.logprobs[rows, columns] = ids, logprobs
@@ -253,6 +275,16 @@ class Scheduler:
         next_ids[rows] = ids
         return next_ids
 
+    @staticmethod
+    def _record_steps(batch: _Batch, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        """Top-N and token-id log-probs of this step, for the rows that asked (`logits`: the live rows' as
+        sampled, penalties included), from the sampler's own distribution."""
+        records = [batch.tickets[row].record for row in rows.tolist()]
+        wanted = [i for i, r in enumerate(records) if r is not None and r.per_step]
+        if wanted:
+            local = torch.tensor(wanted, dtype=torch.long, device=logits.device)
+            step_logprobs(token_logprobs(logits[local], batch.params.temperature), [records[i] for i in wanted])
+
     def _stop_string_hit(self, batch: _Batch, row: int) -> str | None:
         """The stop string or stop regex the row's text now contains (decoding only its tail)."""
         stop, patterns = batch.params.stop, batch.params.stop_regex
@@ -264,8 +296,8 @@ class Scheduler:
         """The row's result goes to its ticket now (its caller may return while the batch runs on)."""
         batch.finished[row] = True
         ticket, count = batch.tickets[row], int(batch.generated[row])
-        ticket.output = GenerateOutput(batch.tokens[row, :count].tolist(), reason, len(ticket.request.input_ids),
-                                       batch.logprobs[row, :count].tolist(), matched)
+        ticket.output = ticket.result(reason, batch.tokens[row, :count].tolist(), batch.logprobs[row, :count].tolist(),
+                                      matched)
 
     def _end_aborted(self) -> None:
         """Aborted requests end with the tokens they have (none, if still waiting)."""
@@ -273,7 +305,7 @@ class Scheduler:
             aborted = [t for t in self._waiting if self.control.aborted(t.request)]
             self._waiting = [t for t in self._waiting if not self.control.aborted(t.request)]
         for ticket in aborted:
-            ticket.output = GenerateOutput([], "abort", len(ticket.request.input_ids))
+            ticket.output = ticket.result("abort", [], [])
         batch = self._batch
         if batch is not None:
             for row in batch.alive().tolist():
@@ -301,8 +333,13 @@ class Scheduler:
         with self._queue_lock:
             self._waiting = [t for t in self._waiting if all(t is not j for j in joining)]
         room = max(batch.room(alive) if batch else 0, max(t.request.params.max_new_tokens for t in joining))
-        logits = self.stepper.admit(alive, [t.request.input_ids for t in joining], room)
+        prompts, scorer = [t.request.input_ids for t in joining], _prompt_scorer(joining)
+        # on_prefill only when asked for: the plain call is the steppers' (and their stand-ins') minimal one
+        logits = (self.stepper.admit(alive, prompts, room) if scorer is None
+                  else self.stepper.admit(alive, prompts, room, on_prefill=scorer))
         self._batch = _joined(_select(batch, alive) if batch else None, joining, logits)
+        for row in (self._batch.limits <= 0).nonzero().flatten().tolist():  # scored prompts, nothing to generate
+            self._finish(self._batch, row, "length")
 
     def _fitting(self, candidates: list[Ticket], alive: torch.Tensor, batch: _Batch | None) -> list[Ticket]:
         """The longest prefix of `candidates` within the prefill and KV budgets (at least one if nothing runs)."""
@@ -322,6 +359,19 @@ class Scheduler:
             prompts, longest = prompts_after, longest_after
             room = max(room, params.max_new_tokens)
         return joining
+
+
+def _prompt_scorer(joining: list[Ticket]):
+    """The stepper's on_prefill for the joining requests that asked for prompt log-probs; None: none did. Prompt
+    log-probs are of the model's raw distribution (temperature 1), as SGLang 0.5.8 reports them (its
+    temp_scaled_logprobs is off); output log-probs are at the sampling temperature."""
+    jobs = [(t.record, t.request.input_ids, j) for j, t in enumerate(joining) if t.scores_prompt]
+    temperature = 1.0
+    if all(record.start >= len(ids) - 1 for record, ids, _ in jobs):
+        # SGLang's default start (the last prompt token) reports it with None: no logits needed
+        prompt_logprobs(None, 1, jobs, temperature)
+        return None
+    return lambda position_logits, vocab: prompt_logprobs(position_logits, vocab, jobs, temperature)
 
 
 def _batch_key(p: SamplingParams) -> tuple:

@@ -8,11 +8,15 @@ batch at a time (no joining: transformers' cache cannot merge rows of different 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 
 from ascend_rl.data.collate import pad_rows, position_ids_from_mask
 from ascend_rl.rollout.lean_decoder import LeanDecoder
+
+# Called during a prefill with position_logits(prompt index, position) → [N, V] logits and the vocabulary size.
+OnPrefill = Callable[[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int], None]
 
 
 class LeanStepper:
@@ -26,14 +30,25 @@ class LeanStepper:
         """Cache columns the running rows use (their longest prompt and output so far, at most)."""
         return self.decoder.length
 
-    def admit(self, keep: torch.Tensor, prompts: list[list[int]], room: int) -> torch.Tensor:
+    def admit(self, keep: torch.Tensor, prompts: list[list[int]], room: int,
+              on_prefill: OnPrefill | None = None) -> torch.Tensor:
         """The running rows `keep` stay, `prompts` join; returns the joining rows' next-token logits. The n
-        samples of a prompt share it: each distinct prompt is prefilled once and its KV rows copied."""
+        samples of a prompt share it: each distinct prompt is prefilled once and its KV rows copied.
+        `on_prefill(position_logits, vocab)` runs while the prefill's hidden states are at hand (prompt scoring)."""
         device = self.decoder.model.device
         ids, mask = pad_rows(prompts, self.pad_token_id, "left")
         distinct, inverse = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
         width = ids.shape[1]
-        logits, rows = self.decoder.prefill(distinct[:, :width].to(device), distinct[:, width:].to(device))
+        hidden, rows = self.decoder.prefill_hidden(distinct[:, :width].to(device), distinct[:, width:].to(device))
+        logits = self.decoder.logits(hidden[:, -1])
+        if on_prefill is not None:
+            lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+
+            def position_logits(prompt: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+                column = width - lengths[prompt] + position  # left padding
+                return self.decoder.logits(hidden[inverse[prompt].to(device), column.to(device)])
+
+            on_prefill(position_logits, logits.shape[-1])
         inverse = inverse.to(device)
         self.decoder.merge(keep.to(device), rows.take(inverse, 0, width), room)
         return logits[inverse]
@@ -58,13 +73,22 @@ class TransformersStepper:
         self.cache = None
         self.width = 0
 
-    def admit(self, keep: torch.Tensor, prompts: list[list[int]], room: int) -> torch.Tensor:
+    def admit(self, keep: torch.Tensor, prompts: list[list[int]], room: int,
+              on_prefill: OnPrefill | None = None) -> torch.Tensor:
         if len(keep):
             raise RuntimeError("this architecture decodes one batch at a time: requests cannot join a running one")
         ids, self.mask = (t.to(self.model.device) for t in pad_rows(prompts, self.pad_token_id, "left"))
         self.positions = position_ids_from_mask(self.mask)
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions, use_cache=True)
         self.cache, self.width = out[self.cache_key], ids.shape[1]
+        if on_prefill is not None:  # transformers returns every position's logits
+            lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+
+            def position_logits(prompt: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+                column = self.width - lengths[prompt] + position  # left padding
+                return out.logits[prompt.to(ids.device), column.to(ids.device)]
+
+            on_prefill(position_logits, out.logits.shape[-1])
         return out.logits[:, -1]
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:

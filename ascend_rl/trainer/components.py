@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ascend_rl.algorithms import make_kl_controller, policy_loss_kwargs
-from ascend_rl.config.key_status import critic_in_use
+from ascend_rl.config.features import critic_in_use
 from ascend_rl.config.validate import data_files
 from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.model_dir import check_model_dir, load_tokenizer

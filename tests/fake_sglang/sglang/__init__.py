@@ -18,13 +18,13 @@ class Engine:
         CALLS.append(("__init__", sorted(kwargs)))
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False, **_):
-        from ascend_rl.rollout.http_server import output_json
+        from ascend_rl.rollout.generate_json import LogprobView, output_json
         from ascend_rl.rollout.protocol import SamplingParams
 
         params = [SamplingParams.from_dict(p) for p in sampling_params]
         CALLS.append(("generate", len(input_ids)))
         outs = self.native.generate(input_ids, params, return_logprob=return_logprob)
-        return [output_json(o, str(i), return_logprob, "default") for i, o in enumerate(outs)]
+        return [output_json(o, str(i), "default", LogprobView(return_logprob)) for i, o in enumerate(outs)]
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
         CALLS.append(("update_weights_from_tensor", len(named_tensors)))
