@@ -29,3 +29,13 @@ def ascend_version_key(text: str) -> tuple:
 
 def ascend_at_least(found: str, minimum: str) -> bool:
     return ascend_version_key(found) >= ascend_version_key(minimum)
+
+
+def installed_version(package: str) -> str | None:
+    """The installed distribution's version, or None: what an optional dependency (sglang) is here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

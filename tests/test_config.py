@@ -150,7 +150,7 @@ def test_missing_user_config_is_one_line(tmp_path):
 
 def test_external_lib_registers_names_before_validation(tmp_path, monkeypatch):
     from ascend_rl.algorithms import ADV_ESTIMATORS
-    from ascend_rl.config.plan import make_plan
+    from ascend_rl.plan import make_plan
 
     (tmp_path / "my_estimators.py").write_text(
         "from ascend_rl.algorithms import register_adv_estimator\n"

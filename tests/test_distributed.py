@@ -78,7 +78,7 @@ def test_workers_hold_the_reference_policy_beside_the_actor(tiny_model_dir):
 @pytest.mark.timeout(300)
 def test_engines_in_the_workers_generate_what_one_engine_generates_and_follow_the_actor(tiny_model_dir):
     from ascend_rl.distributed.actor_group import WorkerEngines
-    from ascend_rl.rollout.colocated import WorkerRolloutSpec
+    from ascend_rl.distributed.colocated import WorkerRolloutSpec
     from ascend_rl.rollout.native import NativeEngine
     from ascend_rl.rollout.protocol import SamplingParams
 
@@ -241,7 +241,7 @@ def two_actor_weights(model_dir):
 
 def test_plan_places_cpu_and_npu_worker_groups():
     from ascend_rl.config import load_config
-    from ascend_rl.config.plan import make_plan
+    from ascend_rl.plan import make_plan
 
     base = ["actor_rollout_ref.model.path=/m", "trainer.n_gpus_per_node=2", "data.train_batch_size=8",
             "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
@@ -328,7 +328,7 @@ def test_ray_worker_death_names_worker_and_node(ray_two_nodes):
 
 
 def test_balanced_partition_evens_tokens_with_equal_row_counts():
-    from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
+    from ascend_rl.workers.balance import balanced_partition, contiguous_partition
 
     tokens = [100, 90, 80, 70, 10, 9, 8, 7]  # long rows first, as a contiguous split would see them
     groups = balanced_partition(tokens, 2)
@@ -343,8 +343,8 @@ def test_fsdp_config_maps_to_mixed_precision_and_offload_on_accelerators_only():
     from omegaconf import OmegaConf
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-    from ascend_rl.distributed.fsdp import fsdp_settings, shard_kwargs
     from ascend_rl.errors import UserError
+    from ascend_rl.workers.fsdp import fsdp_settings, shard_kwargs
 
     cfg = OmegaConf.create({"model_dtype": "fp32", "dtype": "bfloat16", "param_offload": True,
                             "optimizer_offload": False, "reshard_after_forward": False})
@@ -364,7 +364,7 @@ def test_fsdp_config_maps_to_mixed_precision_and_offload_on_accelerators_only():
 def test_bf16_compute_keeps_fp32_master_weights_in_workers_and_in_one_process(tiny_model_dir):
     """FSDP2's mixed precision (workers) and autocast (one process) compute in bf16, update fp32 weights,
     and land near the fp32 update."""
-    from ascend_rl.distributed.fsdp import FsdpSettings
+    from ascend_rl.workers.fsdp import FsdpSettings
 
     settings, optim = ActorSettings(**SETTINGS, balance_batch=False), OptimSettings(lr=1e-2, total_steps=4)
     bf16 = FsdpSettings(compute_dtype=torch.bfloat16)

@@ -13,8 +13,8 @@ import torch
 
 from ascend_rl.config import load_config
 from ascend_rl.config.key_status import Honoured, NoEffect, NotBuilt, status_of
-from ascend_rl.config.plan import make_plan
 from ascend_rl.data.dataset import DataError, read_prompt_rows
+from ascend_rl.plan import make_plan
 from ascend_rl.reward.managers import check_reward_kwargs, make_reward_manager
 
 A = "actor_rollout_ref"

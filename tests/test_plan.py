@@ -10,7 +10,7 @@ import pytest
 
 from ascend_rl.config import load_config
 from ascend_rl.config.environment import check_environment
-from ascend_rl.config.plan import make_plan
+from ascend_rl.plan import make_plan
 
 A = "actor_rollout_ref"
 ROOT = Path(__file__).resolve().parents[1]

@@ -243,7 +243,7 @@ def test_sglang_engines_in_the_actor_workers(task, tmp_path, fake_sglang, tp, en
 
 
 def test_colocated_sglang_plans_one_engine_per_replica_on_its_devices(fake_sglang):
-    from ascend_rl.rollout.colocated import worker_rollout_spec
+    from ascend_rl.distributed.colocated import worker_rollout_spec
 
     spec = worker_rollout_spec(load_config([*NPU, "trainer.n_gpus_per_node=16"]), "npu")
     assert (spec.name, spec.devices_per_replica, len(spec.sglang)) == ("sglang", 4, 4)
@@ -290,7 +290,7 @@ def test_sglang_missing_is_a_startup_error(task, tmp_path, capsys):
 
 
 def test_weight_transport_without_http_is_an_error():
-    from ascend_rl.config.plan import make_plan
+    from ascend_rl.plan import make_plan
 
     plan = make_plan(load_config([f"{A}.model.path=/m", f"{A}.rollout.launch.weight_transport=disk"]), environ={})
     assert any("weight_transport=disk applies over HTTP" in e for e in plan.errors)

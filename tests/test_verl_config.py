@@ -10,8 +10,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ascend_rl.config import ConfigError, load_config, schema
 from ascend_rl.config.loader import compose_tree
-from ascend_rl.config.plan import make_plan
 from ascend_rl.config.sources import is_verl_config_dir
+from ascend_rl.plan import make_plan
 
 A = "actor_rollout_ref"
 MODEL = f"{A}.model.path=/models/m"

@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ascend_rl.config.loader import cache_dir, choose_config_name
-    from ascend_rl.config.plan import format_plan, make_plan
     from ascend_rl.config.schema import EMBEDDED_CONFIG_NAME
+    from ascend_rl.plan import format_plan, make_plan
 
     plan = make_plan(load_from_args(args))
     if choose_config_name(args.overrides, args.config_name) == EMBEDDED_CONFIG_NAME and plan.missing_inputs:

@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ascend_rl.cli.quiet import quiet_transformers
     from ascend_rl.config.loader import choose_config_name
-    from ascend_rl.config.plan import make_plan
     from ascend_rl.config.schema import EMBEDDED_CONFIG_NAME
+    from ascend_rl.plan import make_plan
 
     cfg = load_from_args(args)
     quiet_transformers()

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ascend_rl.config import legacy, schema, sources
 from ascend_rl.errors import UserError
-from ascend_rl.stack import versions
+from ascend_rl.stack import installed_version, versions
 
 ENTRY_CONFIG = "_ascend_rl_entry"  # see compose_tree
 VERL_VERSION = versions()["verl"]["version"]
@@ -39,9 +39,7 @@ def default_rollout(device: str | None) -> str:
     """`rollout.name` when the config does not say: sglang where it is installed and a GPU or NPU runs the
     job; native otherwise (CPU, tests, the embedded default)."""
     from ascend_rl.platform import resolve_device
-    from ascend_rl.rollout.sglang.fields import installed_version
-
-    if installed_version() is None:
+    if installed_version("sglang") is None:
         return "native"
     return "native" if resolve_device(device) == "cpu" else "sglang"
 

@@ -16,7 +16,7 @@ from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_CONTROLLERS, KL_EST
 from ascend_rl.config import schema, verl_names
 from ascend_rl.config.layout import Layout
 from ascend_rl.reward.managers import REWARD_MANAGERS, check_reward_kwargs
-from ascend_rl.rollout.sglang.fields import installed_version
+from ascend_rl.stack import installed_version
 
 A = "actor_rollout_ref"
 TRUNCATION_MODES = ("error", "left", "right", "middle")
@@ -214,7 +214,7 @@ def missing_inputs(cfg: DictConfig) -> list[str]:
             out.append("data.train_files is not set")
         out += [f"{key}: {f}: no such file" for f in files if not Path(f).is_file()]
     rollout = cfg[A].rollout
-    if rollout.name == "sglang" and not rollout.launch.url and installed_version() is None:
+    if rollout.name == "sglang" and not rollout.launch.url and installed_version("sglang") is None:
         out.append(f"{A}.rollout.name=sglang: SGLang is not installed here (install it as DEVELOPERS.md "
                    f"says for GPUs and Ascend NPUs), or attach to a running server with "
                    f"{A}.rollout.launch.url=http://host:port, or use {A}.rollout.name=native")

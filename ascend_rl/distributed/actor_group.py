@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
-from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
-from ascend_rl.distributed.fsdp import FsdpSettings
 from ascend_rl.rollout.protocol import GenerateOutput, per_prompt
 from ascend_rl.rollout.weight_sync import PushStats
 from ascend_rl.workers.actor import ReferenceSettings
+from ascend_rl.workers.balance import balanced_partition, contiguous_partition
 from ascend_rl.workers.critic import CriticSpec
+from ascend_rl.workers.fsdp import FsdpSettings
 
 
 class _ActorWorker:

@@ -17,30 +17,6 @@ def uses_ray(cfg: DictConfig) -> bool:
     return cfg.trainer.nnodes > 1 or bool(cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS"))
 
 
-def describe_workers(cfg: DictConfig, device: str) -> str:
-    """Where the training processes go, in one line (for `plan`)."""
-    t = cfg.trainer
-    world = t.nnodes * t.n_gpus_per_node
-    if world == 1:
-        return "one process: actor, reference and rollout engine"
-    from ascend_rl.rollout.colocated import colocated
-
-    held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
-    if not colocated(cfg):
-        held += "; the driver holds the rollout engine"
-    elif cfg.actor_rollout_ref.rollout.name == "native":
-        held += " and a native engine generating its share of the prompts"
-    else:
-        held += "; the first worker of each rollout replica holds its sglang.Engine"
-    if device != "cpu":  # say it where people look before a run
-        held += f" (worker groups are tested with gloo on CPU; on {device} they have not run on hardware yet)"
-    if uses_ray(cfg):
-        resource = get_platform(device).ray_resource or "CPU"
-        return (f"Ray: {t.nnodes} STRICT_PACK placement group(s) of {t.n_gpus_per_node} worker(s) ({resource} each), "
-                f"{held}")
-    return f"{world} worker processes on this machine ({get_platform(device).process_group_backend}), {held}"
-
-
 def worker_group_factory(cfg: DictConfig, device: str):
     """A callable (factory, kwargs) → worker group for `trainer.nnodes × trainer.n_gpus_per_node` workers."""
     t, platform = cfg.trainer, get_platform(device)

@@ -25,7 +25,7 @@ def diagnose(device: str | None = None, config=None, environ=None, site_paths=No
     if config is not None:
         from omegaconf import OmegaConf
 
-        from ascend_rl.config.plan import make_plan
+        from ascend_rl.plan import make_plan
 
         if config.trainer.device is None:  # the config is checked for the device being diagnosed
             config = config.copy()

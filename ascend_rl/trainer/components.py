@@ -21,13 +21,12 @@ from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.model_dir import check_model_dir, load_tokenizer
 from ascend_rl.data.sampler import ResumableBatchSampler
 from ascend_rl.distributed.actor_group import ActorGroup
-from ascend_rl.distributed.fsdp import fsdp_settings
+from ascend_rl.distributed.colocated import WorkerRolloutSpec, colocated, colocated_rollout, worker_rollout_spec
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, resolve_device
 from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
-from ascend_rl.rollout.colocated import WorkerRolloutSpec, colocated, colocated_rollout, worker_rollout_spec
 from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.checkpoint import check_run_dir
 from ascend_rl.trainer.plots import plot_curves
@@ -36,6 +35,7 @@ from ascend_rl.trainer.tracking import make_sinks
 from ascend_rl.trainer.validation import run_validation
 from ascend_rl.workers.actor import Actor, ActorSettings, ReferencePolicy, ReferenceSettings
 from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
+from ascend_rl.workers.fsdp import fsdp_settings
 from ascend_rl.workers.optimizer import OptimSettings
 from ascend_rl.workers.trained import Batching
 

@@ -11,7 +11,7 @@ import torch
 from tensordict import TensorDict
 
 from ascend_rl.algorithms import agg_loss, compute_policy_loss, global_counts, kl_penalty
-from ascend_rl.distributed.fsdp import FsdpSettings, full_tensor
+from ascend_rl.workers.fsdp import FsdpSettings, full_tensor
 from ascend_rl.workers.model_io import logprob_metrics, response_log_probs
 from ascend_rl.workers.optimizer import OptimSettings
 from ascend_rl.workers.trained import DCP_DIR, Batching, TrainedModel, load_model, micro_batches, place

@@ -11,7 +11,7 @@ import torch
 from tensordict import TensorDict
 
 from ascend_rl.algorithms import global_counts, masked_mean, value_loss
-from ascend_rl.distributed.fsdp import FsdpSettings
+from ascend_rl.workers.fsdp import FsdpSettings
 from ascend_rl.workers.optimizer import OptimSettings
 from ascend_rl.workers.trained import Batching, TrainedModel, load_model, micro_batches, place
 

@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ascend_rl.distributed.balance import balanced_partition, contiguous_partition
-from ascend_rl.distributed.fsdp import FsdpSettings, place_for_compute, reduce_over_ranks
+from ascend_rl.workers.balance import balanced_partition, contiguous_partition
+from ascend_rl.workers.fsdp import FsdpSettings, place_for_compute, reduce_over_ranks
 from ascend_rl.workers.optimizer import OptimSettings, build_optimizer, build_scheduler
 
 DCP_DIR = "dcp"  # inside a checkpoint's actor/ (or critic/) directory

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from ascend_rl import stack
 from ascend_rl.stack import versions
 
 SNAPSHOT_DIR = Path(__file__).with_name("fields")
@@ -64,12 +65,7 @@ def field_names(server_args_cls) -> frozenset[str]:
 
 
 def installed_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sglang")
-    except PackageNotFoundError:
-        return None
+    return stack.installed_version("sglang")
 
 
 @lru_cache(maxsize=1)

@@ -14,8 +14,9 @@ from ascend_rl.config.layout import Layout, compute_layout
 from ascend_rl.config.lint import lint, unsupported_features
 from ascend_rl.config.memory import MemoryEstimate, estimate_memory
 from ascend_rl.config.validate import data_files, missing_inputs, validate
-from ascend_rl.distributed.launch import describe_workers
-from ascend_rl.platform import resolve_device
+from ascend_rl.distributed.colocated import colocated
+from ascend_rl.distributed.launch import uses_ray
+from ascend_rl.platform import get_platform, resolve_device
 from ascend_rl.rollout.sglang.server_args import ServerArgsPlan
 
 
@@ -84,6 +85,28 @@ def _add_sglang_server_args(plan: Plan, cfg: DictConfig, environ: Mapping[str, s
     plan.sglang_fields = fields.describe()
     plan.errors += plan.sglang[0].errors  # the same for every replica
     plan.warnings += plan.sglang[0].warnings
+
+
+def describe_workers(cfg: DictConfig, device: str) -> str:
+    """Where the training processes go, in one line (for `plan`)."""
+    t = cfg.trainer
+    world = t.nnodes * t.n_gpus_per_node
+    if world == 1:
+        return "one process: actor, reference and rollout engine"
+    held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
+    if not colocated(cfg):
+        held += "; the driver holds the rollout engine"
+    elif cfg.actor_rollout_ref.rollout.name == "native":
+        held += " and a native engine generating its share of the prompts"
+    else:
+        held += "; the first worker of each rollout replica holds its sglang.Engine"
+    if device != "cpu":  # say it where people look before a run
+        held += f" (worker groups are tested with gloo on CPU; on {device} they have not run on hardware yet)"
+    if uses_ray(cfg):
+        resource = get_platform(device).ray_resource or "CPU"
+        return (f"Ray: {t.nnodes} STRICT_PACK placement group(s) of {t.n_gpus_per_node} worker(s) ({resource} each), "
+                f"{held}")
+    return f"{world} worker processes on this machine ({get_platform(device).process_group_backend}), {held}"
 
 
 def total_steps(cfg: DictConfig) -> tuple[int | None, str]:

@@ -10,8 +10,14 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
+from ascend_rl.config.layout import compute_layout
+from ascend_rl.distributed.actor_group import WorkerEngines
+from ascend_rl.distributed.launch import uses_ray
 from ascend_rl.errors import UserError
+from ascend_rl.platform import get_platform, worker_env
 from ascend_rl.rollout.factory import Rollout, bucket_megabytes, native_engine_kwargs
+from ascend_rl.rollout.sglang.fields import current_fields
+from ascend_rl.rollout.sglang.server_args import plan_server_args
 from ascend_rl.rollout.weight_sync import PushStats
 
 
@@ -54,12 +60,6 @@ def worker_rollout_spec(cfg: DictConfig, device: str) -> WorkerRolloutSpec:
     ro = cfg.actor_rollout_ref.rollout
     if ro.name == "native":  # one engine per device: it has no tensor parallelism
         return WorkerRolloutSpec("native", 1, 0, native=native_engine_kwargs(cfg))
-    from ascend_rl.config.layout import compute_layout
-    from ascend_rl.distributed.launch import uses_ray
-    from ascend_rl.platform import get_platform, worker_env
-    from ascend_rl.rollout.sglang.fields import current_fields
-    from ascend_rl.rollout.sglang.server_args import plan_server_args
-
     layout = compute_layout(cfg, device).rollout
     if layout.devices_per_replica > cfg.trainer.n_gpus_per_node:
         raise UserError(f"a rollout replica of {layout.devices_per_replica} devices spans nodes: engines inside the "
@@ -90,8 +90,6 @@ class ColocatedRollout(Rollout):
 
 
 def colocated_rollout(actors, spec: WorkerRolloutSpec) -> Rollout:
-    from ascend_rl.distributed.actor_group import WorkerEngines
-
     engines = WorkerEngines(actors.group, spec)
     where = f"the first of every {spec.devices_per_replica} " if spec.devices_per_replica > 1 else ""
     return ColocatedRollout(engines, None, f"{len(engines.leaders)} {spec.name} engine(s) in {where}actor workers "
