@@ -1,12 +1,12 @@
-"""Everything the loop uses, built from the config: data, sampler, actor, reference, engine, rewards,
-KL controller, metric sinks and the progress bar. The loop itself never reads devices or engine details."""
+"""Everything the loop uses, built from the config: data, sampler, actor, reference, critic, engine, rewards,
+KL controller and the reporter (sinks, progress bar). The loop itself never reads devices or engine details."""
 
 from __future__ import annotations
 
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,9 +29,8 @@ from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
 from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.checkpoint import check_run_dir
-from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.profiler import StepProfiler
-from ascend_rl.trainer.tracking import make_sinks
+from ascend_rl.trainer.reporting import Reporter
 from ascend_rl.trainer.validation import run_validation
 from ascend_rl.workers.actor import Actor, ActorSettings, ReferencePolicy, ReferenceSettings
 from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
@@ -58,9 +57,8 @@ class Components:
     seed: int
     out_dir: Path
     profiler: StepProfiler
+    report: Reporter  # sinks, progress bar, messages, curves
     n_devices: int = 1
-    show_progress: bool = True
-    sinks: list = field(default_factory=list)
 
     @property
     def engine(self):
@@ -92,48 +90,13 @@ class Components:
         return run_validation(self.engine, self.val_records, self.decode, self.rewards, ro.val_kwargs,
                               self.cfg.data.max_response_length, seed=self.seed + 7_777_777)
 
-    # --- output -----------------------------------------------------------------------------------------
-
-    def open_sinks(self, step: int) -> None:
-        t = self.cfg.trainer
-        loggers = [t.logger] if isinstance(t.logger, str) else list(t.logger)
-        self.sinks = make_sinks(loggers, self.out_dir, t.project_name, t.experiment_name,
-                                OmegaConf.to_container(self.cfg), self.write, step)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for sink in self.sinks:
-            sink.log(metrics, step)
-
-    def progress(self, initial: int):
-        from tqdm import tqdm
-
-        return tqdm(total=self.total_steps, initial=initial, desc=self.cfg.algorithm.adv_estimator, unit="step",
-                    disable=not self.show_progress, dynamic_ncols=True)
-
-    def postfix(self, metrics: dict[str, float], val_metrics: dict[str, float]) -> dict[str, str]:
-        shown = {"score": f"{metrics['critic/score/mean']:.3f}"}
-        shown.update({k.split("/")[1] + "_acc": f"{v:.3f}" for k, v in val_metrics.items() if k.startswith("val-core/")})
-        if metrics.get("reward/failures"):
-            shown["fail"] = f"{metrics['reward/failures']:.0f}"  # failed rewards scored 0; the log says why
-        return shown
-
-    def write(self, message: str) -> None:
-        from tqdm import tqdm
-
-        if self.show_progress:
-            tqdm.write(message)
-
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
-        self.sinks = []
+        self.report.close()
         self.rewards.close()
         self.rollout.close()
         if isinstance(self.actor, ActorGroup):
             self.actor.close()
 
-    def plot(self) -> Path | None:
-        return plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
 
 
 def total_training_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
@@ -193,7 +156,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
         rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
         reward_manager=make_reward_manager(cfg.reward.reward_manager.name, _plain(cfg.reward.get("reward_kwargs"))),
         kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
-        total_steps=total, seed=seed, out_dir=out_dir, show_progress=show_progress, profiler=StepProfiler(cfg, device),
+        total_steps=total, seed=seed, out_dir=out_dir, profiler=StepProfiler(cfg, device),
+        report=Reporter(cfg, out_dir, total, show_progress),
         n_devices=t.nnodes * t.n_gpus_per_node,
     )
 

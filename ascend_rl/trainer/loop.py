@@ -71,14 +71,14 @@ class RLTrainer:
             resumed_step = self.global_step = self.resume()
             if resumed_step >= c.total_steps:
                 return FitResult(resumed_step, {}, {}, c.out_dir, resumed_step)
-            c.open_sinks(self.global_step)
+            c.report.open(self.global_step)
             self.sync_weights()
             val_before = {}
             if trainer_cfg.val_before_train and c.val_records:
                 val_before = self.validate()
-                c.log(val_before, self.global_step)
+                c.report.log(val_before, self.global_step)
             val_metrics = val_before
-            bar = c.progress(self.global_step)
+            bar = c.report.progress(self.global_step)
             while self.global_step < c.total_steps:
                 self.global_step += 1
                 with c.profiler.step(self.global_step):
@@ -86,14 +86,14 @@ class RLTrainer:
                 if self._due(trainer_cfg.test_freq) and c.val_records:
                     val_metrics = self.validate()
                     metrics.update(val_metrics)
-                c.log(metrics, self.global_step)
+                c.report.log(metrics, self.global_step)
                 bar.update(1)
-                bar.set_postfix(c.postfix(metrics, val_metrics))
+                bar.set_postfix(c.report.postfix(metrics, val_metrics))
             bar.close()
             wants_final = trainer_cfg.test_freq > 0 or trainer_cfg.val_before_train
             if c.val_records and wants_final and not self._due(trainer_cfg.test_freq):
                 val_metrics = self.validate()
-                c.log(val_metrics, self.global_step)
+                c.report.log(val_metrics, self.global_step)
         except WorkerDied as err:
             latest = checkpoint.latest_checkpoint(c.out_dir)
             raise WorkerDied(f"{err} at step {self.global_step}; " + (
@@ -101,7 +101,7 @@ class RLTrainer:
                 "yet (trainer.save_freq)")) from None
         finally:
             c.close()  # scorer processes, worker processes and metric files, also when a step fails
-        c.plot()
+        c.report.plot()
         return FitResult(self.global_step, val_before, val_metrics, c.out_dir, resumed_step)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -273,7 +273,7 @@ class RLTrainer:
         checkpoint.restore_rng_state(state["rng"])
         if c.kl_controller is not None and state.get("kl_coef") is not None:
             c.kl_controller.value = state["kl_coef"]
-        c.write(f"resumed from {path} (step {state['step']})")
+        c.report.write(f"resumed from {path} (step {state['step']})")
         return state["step"]
 
     def _due(self, freq: int) -> bool:

@@ -1,0 +1,59 @@
+"""What a run shows and keeps: metric sinks (console, metrics.jsonl, TensorBoard, wandb), the progress bar with
+its postfix, one-line messages that do not break the bar, and the curves PNG at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ascend_rl.trainer.plots import plot_curves
+from ascend_rl.trainer.tracking import make_sinks
+
+
+@dataclass
+class Reporter:
+    cfg: DictConfig
+    out_dir: Path
+    total_steps: int
+    show_progress: bool = True
+    sinks: list = field(default_factory=list)
+
+    def open(self, step: int) -> None:
+        t = self.cfg.trainer
+        loggers = [t.logger] if isinstance(t.logger, str) else list(t.logger)
+        self.sinks = make_sinks(loggers, self.out_dir, t.project_name, t.experiment_name,
+                                OmegaConf.to_container(self.cfg), self.write, step)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def progress(self, initial: int):
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=initial, desc=self.cfg.algorithm.adv_estimator, unit="step",
+                    disable=not self.show_progress, dynamic_ncols=True)
+
+    @staticmethod
+    def postfix(metrics: dict[str, float], val_metrics: dict[str, float]) -> dict[str, str]:
+        shown = {"score": f"{metrics['critic/score/mean']:.3f}"}
+        shown.update({k.split("/")[1] + "_acc": f"{v:.3f}" for k, v in val_metrics.items() if k.startswith("val-core/")})
+        if metrics.get("reward/failures"):
+            shown["fail"] = f"{metrics['reward/failures']:.0f}"  # failed rewards scored 0; the log says why
+        return shown
+
+    def write(self, message: str) -> None:
+        from tqdm import tqdm
+
+        if self.show_progress:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+    def plot(self) -> Path | None:
+        return plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
