@@ -17,6 +17,7 @@ from ascend_rl.config.validate import data_files, missing_inputs, validate
 from ascend_rl.distributed.colocated import colocated
 from ascend_rl.distributed.launch import uses_ray
 from ascend_rl.platform import get_platform, resolve_device
+from ascend_rl.preflight import preflight
 from ascend_rl.rollout.sglang.server_args import ServerArgsPlan
 
 
@@ -65,12 +66,22 @@ def make_plan(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> Plan
         warnings=lint(cfg),
         unsupported=unsupported_features(cfg, layout.world_size),
         environment=check_environment(cfg, layout.device, environ),
-        missing_inputs=missing_inputs(cfg),
+        missing_inputs=missing_inputs(cfg) + preflight(cfg),  # train stops on these; plan lists them
         workers=describe_workers(cfg, layout.device),
     )
+    plan.warnings += machine_warnings(layout)
     if cfg.actor_rollout_ref.rollout.name == "sglang" and not cfg.actor_rollout_ref.rollout.launch.url:
         _add_sglang_server_args(plan, cfg, environ)
     return plan
+
+
+def machine_warnings(layout: Layout, cores: int | None = None) -> list[str]:
+    """More CPU worker processes than this machine's cores make every step slower than one process."""
+    cores = cores or os.cpu_count() or 1
+    if layout.device != "cpu" or layout.devices_per_node <= cores:
+        return []
+    return [f"trainer.n_gpus_per_node={layout.devices_per_node}: {layout.devices_per_node} CPU worker processes on "
+            f"{cores} core(s) share them, slower than fewer; set trainer.n_gpus_per_node to at most {cores}"]
 
 
 def _add_sglang_server_args(plan: Plan, cfg: DictConfig, environ: Mapping[str, str]) -> None:

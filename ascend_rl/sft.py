@@ -2,12 +2,14 @@
 
 Used to warm up a model before RL (RL needs a model that is sometimes right, and a model that is always
 right has nothing left to learn): with a holdout and `stop_at_exact_match`, training stops as soon as
-greedy answers on the holdout reach that accuracy. Input: parquet with a `prompt` column (chat messages,
-or a string taken as one user message) and a `response` string column.
+greedy answers on the holdout reach that accuracy (measured every `eval_every` steps; the last measure is
+logged). Input: parquet with a `prompt` column (chat messages, or a string taken as one user message) and a
+`response` string column.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from ascend_rl.data.dataset import DataError, is_messages, tokenize_prompt
 from ascend_rl.data.model_dir import check_model_dir, load_tokenizer
 from ascend_rl.files import new_dir
 from ascend_rl.workers.model_io import response_log_probs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,11 @@ class SFTSettings:
     threads: int | None = None
     holdout: int = 0  # pairs kept out of training to measure exact-match accuracy on
     stop_at_exact_match: float | None = None  # stop once greedy answers on the holdout reach this accuracy
-    eval_every: int = 10
+    eval_every: int = 10  # steps between holdout checks (with stop_at_exact_match)
+
+    def __post_init__(self):
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ValueError(f"eval_every must be an integer >= 1, got {self.eval_every!r}")
 
 
 def read_sft_pairs(files, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -104,6 +112,7 @@ def run_sft(settings: SFTSettings, progress: bool = True) -> Path:
 
         evaluator = NativeEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     bar = tqdm(range(steps), desc="sft", disable=not progress, unit="step")
+    measured = None  # (step, accuracy) of the last holdout check
     for step in bar:
         model.train()
         if len(order) < settings.batch_size:
@@ -123,10 +132,16 @@ def run_sft(settings: SFTSettings, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if evaluator is not None and (step + 1) % settings.eval_every == 0:
             accuracy = exact_match(model, tokenizer, holdout, evaluator)
+            measured = step + 1, accuracy
             bar.set_postfix(loss=f"{loss.item():.3f}", holdout_exact=f"{accuracy:.3f}")
             if accuracy >= settings.stop_at_exact_match:
                 break
     bar.close()
+    if measured is not None:
+        done, accuracy = measured
+        stopped = "reached" if accuracy >= settings.stop_at_exact_match else "not reached"
+        log.info("sft: holdout exact match %.3f at step %d of %d (target %g %s)", accuracy, done, steps,
+                 settings.stop_at_exact_match, stopped)
     return _save(model, tokenizer, settings.model_path, Path(settings.out_dir))
 
 

@@ -146,3 +146,26 @@ def test_a_reward_file_that_fails_at_import_is_named(task, tmp_path, capsys, bod
                                                                   f"reward.custom_reward_function.path={reward}")],
                         capsys)
     assert_one_line_error(code, err, fragment)
+
+
+def test_the_final_line_names_only_what_the_run_wrote(tmp_path):
+    from ascend_rl.cli.train_cmd import summary_line
+    from ascend_rl.trainer.loop import FitResult
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    line = summary_line(FitResult(3, {"val-core/a/acc": 0.1}, {"val-core/a/acc": 0.5}, tmp_path))
+    assert line.endswith(f"(metrics.jsonl in {tmp_path})") and "a/acc: 0.100 → 0.500" in line
+    (tmp_path / "global_step_3").mkdir()
+    assert summary_line(FitResult(3, {}, {}, tmp_path)).endswith(f"(metrics.jsonl, checkpoints in {tmp_path})")
+
+
+def test_log_level_from_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ascend_rl", "plan", "actor_rollout_ref.model.path=/m", "+data.enable_thinking=1"]
+    shown = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ASCEND_RL_LOG_LEVEL": "info"})
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ASCEND_RL_LOG_LEVEL": "ERROR"})
+    assert "data.enable_thinking: verl 0.9.1 has no such key" in shown.stderr
+    assert "enable_thinking" not in quiet.stderr and quiet.returncode == shown.returncode == 0

@@ -180,3 +180,14 @@ def test_a_plus_key_verl_lacks_is_added_then_dropped_with_a_warning(caplog):
     assert "data.enable_thinking: verl 0.9.1 has no such key; added with '+', it has no effect here" in caplog.text
     with pytest.raises(ConfigError, match="unknown config key 'data.enable_thinking'"):
         load_config([MODEL, "data.enable_thinking=True"])  # without '+', Hydra refuses it too
+
+
+def test_the_cpu_preset_is_verls_tree_with_one_process_settings():
+    """`--config-name cpu`: any model and data on one CPU process; the embedded default is built on it."""
+    cfg = load_config([MODEL, "data.train_files=/t.parquet"], config_name="cpu")
+    assert (cfg.trainer.device, cfg.trainer.n_gpus_per_node, cfg[A].rollout.n, cfg[A].rollout.name) == ("cpu", 1, 8, "native")
+    assert list(cfg.trainer.logger) == ["console", "tensorboard"]
+    assert cfg.critic.model.path == "/models/m"  # a critic, when asked for, is a value head on the same model
+    assert cfg.trainer.default_local_dir == "checkpoints/ascend_rl/cpu_grpo"
+    embedded = load_config([])
+    assert (embedded[A].rollout.n, embedded.trainer.device, embedded.data.train_batch_size) == (8, "cpu", 64)

@@ -153,15 +153,16 @@ def test_a_valid_small_config_has_no_errors():
     ([f"{A}.actor.clip_ratio=0.3"], f"{A}.actor.clip_ratio"),
 ])
 def test_each_lint_rule_fires_once(overrides, key):
-    warnings = plan_of(*overrides).warnings
+    warnings = plan_of(*overrides, f"{A}.rollout.n=2").warnings
     assert [w.split(": ")[0] for w in warnings] == [key]
 
 
 def test_lint_is_silent_where_the_key_matters():
     # True asks for what weight sync always does; False would not be honoured
-    assert plan_of(f"{A}.rollout.multi_stage_wake_up=True").warnings == []
-    assert plan_of("data.truncation=left", "data.filter_overlong_prompts=True").warnings == []
-    assert plan_of().warnings == []
+    two = f"{A}.rollout.n=2"
+    assert plan_of(f"{A}.rollout.multi_stage_wake_up=True", two).warnings == []
+    assert plan_of("data.truncation=left", "data.filter_overlong_prompts=True", two).warnings == []
+    assert plan_of(two).warnings == []
 
 
 def test_unsupported_features_are_named():
@@ -287,3 +288,49 @@ def test_verls_loggers_and_profiler_tools_are_not_unknown():
     assert any("verl's loggers file, mlflow is not built yet" in u for u in plan.unsupported)
     assert any("verl's profiler tool 'nsys' is not built yet" in u for u in plan.unsupported)
     assert any("unknown logger 'consle'" in e for e in plan_of("trainer.logger=[consle]").errors)
+
+
+def test_plan_lists_every_start_up_problem_at_once(tiny_model_dir, tmp_path, monkeypatch):
+    """What `train` would stop on one at a time, `plan` names together, each with the key to change: the context
+    (from the model's config.json), a logger's package, the reward function's name, a data_source without a
+    scorer, an import that fails."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ascend_rl import preflight
+
+    monkeypatch.setitem(preflight.LOGGER_PACKAGES, "tensorboard", "no_such_package_here")
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"prompt": [[{"role": "user", "content": "x"}]], "data_source": ["mystery"],
+                             "reward_model": [{"ground_truth": "1"}]}), data)
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(data_source, solution_str, ground_truth, extra_info=None):\n    return 1.0\n")
+    base = [f"{A}.model.path={tiny_model_dir}", f"data.train_files={data}", "data.val_files=null",
+            "trainer.logger=[console,tensorboard]", "data.max_prompt_length=100000"]
+    inputs = make_plan(load_config([*SMALL[1:], *base, f"reward.custom_reward_function.path={reward}"])).missing_inputs
+    assert any(m.startswith("data.max_prompt_length=100000 + data.max_response_length=") and
+               "max_position_embeddings" in m for m in inputs)
+    assert any("trainer.logger includes tensorboard but no_such_package_here is not installed" in m for m in inputs)
+    assert any("reward.custom_reward_function.name=compute_score: " in m and "defines no function" in m
+               for m in inputs)
+    # without the custom function, the data's source needs a built-in scorer
+    inputs = make_plan(load_config([*SMALL[1:], *base])).missing_inputs
+    assert any("no scorer for data_source 'mystery'" in m and "reward.custom_reward_function.path" in m
+               for m in inputs)
+    reward.write_text("import no_such_module\n")
+    inputs = make_plan(load_config([*SMALL[1:], *base, f"reward.custom_reward_function.path={reward}"])).missing_inputs
+    assert any("importing it failed: ModuleNotFoundError: No module named 'no_such_module'" in m for m in inputs)
+
+
+def test_warnings_for_groups_of_one_and_more_workers_than_cores():
+    from ascend_rl.plan import machine_warnings
+
+    assert any(w.startswith(f"{A}.rollout.n=1: every group of grpo holds one sample")
+               for w in plan_of(f"{A}.rollout.n=1").warnings)
+    assert not any("rollout.n=1" in w for w in plan_of(f"{A}.rollout.n=1", "algorithm.adv_estimator=reinforce_plus_plus"
+                                                       ).warnings)
+    layout = plan_of("trainer.device=cpu", "trainer.n_gpus_per_node=8").layout
+    assert machine_warnings(layout, cores=2) == [
+        "trainer.n_gpus_per_node=8: 8 CPU worker processes on 2 core(s) share them, slower than fewer; set "
+        "trainer.n_gpus_per_node to at most 2"]
+    assert machine_warnings(layout, cores=16) == []

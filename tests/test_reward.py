@@ -253,3 +253,14 @@ def test_tasks_the_pool_loses_are_rerun_once_then_failed(tmp_path, monkeypatch):
         out = runner.score(["x"] * 3, ["a", "lost", "a"], ["a", "lost", "a"])
         assert [(s.score, s.error) for s in out] == [
             (1.0, None), (0.0, "no result from the scorer pool, twice (compute_score)"), (1.0, None)]
+
+
+def test_validation_reports_verls_core_and_aux_values():
+    """verl: `acc` is the headline when present (a plain-number score is its own acc), else `reward`; every
+    other numeric key a scorer returns is reported under val-aux."""
+    from ascend_rl.trainer.validation import sample_values
+
+    assert sample_values(0.5, {}) == {"reward": 0.5, "acc": 0.5}
+    assert sample_values(1.0, {"acc": True, "format_ok": 0.0, "note": "x"}) == {"reward": 1.0, "acc": 1.0,
+                                                                               "format_ok": 0.0}
+    assert sample_values(0.2, {"format_ok": 1}) == {"reward": 0.2, "format_ok": 1.0}

@@ -3,6 +3,7 @@ logit_bias applied per row in the batched sampler, checked against a direct comp
 
 import json
 import re
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -217,9 +218,12 @@ def test_stop_regex_ends_a_sample_where_the_text_first_matches(engine, tokenizer
         assert out.finish_reason == "stop" and out.matched == pattern
 
 
-def test_structured_output_is_refused_and_custom_params_carried(engine):
+def test_structured_output_without_xgrammar_is_refused_and_custom_params_carried(engine, monkeypatch):
+    """With xgrammar, tests/test_structured_output.py; without it (as here), a 400 that says how to get it."""
+    monkeypatch.setitem(sys.modules, "xgrammar", None)
     for key in ("json_schema", "regex", "ebnf", "structural_tag"):
-        with pytest.raises(ValueError, match=f"{key}: structured output is not available in this build"):
+        with pytest.raises(ValueError, match=rf"{key}: structured output is not available in this build: it needs "
+                                             rf"xgrammar \(pip install ascend-rl\[structured\]\)"):
             engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2, **{key: "x"}))
     carried = SamplingParams(max_new_tokens=3, sampling_seed=1, custom_params={"shift": 2})
     assert len(engine.generate([PROMPTS[0]], carried)[0].output_ids) >= 1
@@ -266,16 +270,18 @@ def test_the_body_verl_sends_generates(server, engine):
     assert [e[0] for e in answer["meta_info"]["output_token_logprobs"]] == pytest.approx(greedy.output_logprobs)
 
 
-def test_penalties_over_http_equal_the_engine_and_bad_ones_are_400(server, engine):
+def test_penalties_over_http_equal_the_engine_and_bad_ones_are_400(server, engine, monkeypatch):
     sampling = {"max_new_tokens": 6, "temperature": 0, "frequency_penalty": 1.0, "logit_bias": {"40": 2.0},
                 "min_new_tokens": 2, "repetition_penalty": 1.2, "skip_special_tokens": False}
     status, answer = post(server, {"input_ids": PROMPTS[2], "sampling_params": sampling})
     direct = engine.generate([PROMPTS[2]], SamplingParams.from_dict(sampling))[0]
     assert status == 200 and answer["output_ids"] == direct.output_ids
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # structured output as where xgrammar is not installed
     for body, message in [
         ({"sampling_params": {"repetition_penalty": 0}}, "repetition_penalty must be in (0, 2], got 0.0."),
         ({"sampling_params": {"logit_bias": {"500": 1}}}, "logit_bias must have keys in [0, 127], got 500."),
-        ({"sampling_params": {"json_schema": "{}"}}, "json_schema: structured output is not available in this build"),
+        ({"sampling_params": {"json_schema": "{}"}}, "json_schema: structured output is not available in this build: "
+                                                     "it needs xgrammar (pip install ascend-rl[structured])"),
         ({"custom_logit_processor": "{\"callable\": \"x\"}"}, "custom_logit_processor: this server runs no custom"),
     ]:
         status, answer = post(server, {"input_ids": PROMPTS[0], **body})

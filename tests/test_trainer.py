@@ -285,7 +285,7 @@ def test_prompt_and_response_longer_than_the_context_stop_at_start_up(task, tmp_
     from ascend_rl.errors import UserError
 
     with pytest.raises(UserError, match=r"data.max_prompt_length=500 \+ data.max_response_length=16 exceeds the "
-                                        r"rollout context of 512 tokens \(the model's max_position_embeddings\)"):
+                                        r"rollout context of 512 tokens \(the model's max_position_embeddings"):
         fit(task, tmp_path / "run", "data.max_prompt_length=500", "data.max_response_length=16")
 
 
@@ -351,3 +351,13 @@ def test_ppo_with_a_critic_trains_logs_value_metrics_and_resumes_exactly(task, t
         return [{k: v for k, v in r.items() if not k.startswith(("timing_s", "perf/"))} for r in read_metrics(out)]
 
     assert comparable(tmp_path / "straight") == comparable(tmp_path / "split")
+
+
+def test_a_run_keeps_its_log_lines_in_train_log(task, tmp_path):
+    """ascend-rl's log records (here: a failing scorer's reason) go to the run directory's train.log too."""
+    reward = tmp_path / "reward.py"
+    reward.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                      "    raise RuntimeError('scorer broke')\n")
+    fit(task, tmp_path / "run", f"reward.custom_reward_function.path={reward}", "trainer.total_training_steps=1")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "scorer broke" in log and " WARNING " in log

@@ -30,3 +30,13 @@ def float_in(low: float, high: float, low_open: bool = False):
         return value
 
     return parse
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` ends each option's line with its default; an option without one (None, a flag's False) or whose
+    help already says it is left as written. Descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)

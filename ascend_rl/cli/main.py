@@ -51,14 +51,23 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def show_logs() -> None:
-    """ascend-rl's own log lines on stderr (INFO and up); other libraries keep their own settings."""
+LOG_LEVEL_VAR = "ASCEND_RL_LOG_LEVEL"
+
+
+def show_logs(environ=os.environ) -> None:
+    """ascend-rl's own log lines on stderr, INFO and up unless ASCEND_RL_LOG_LEVEL says (DEBUG, WARNING, ...);
+    other libraries keep their own settings."""
     logger = logging.getLogger("ascend_rl")
     if not logger.handlers:
         handler = _StderrHandler()
         handler.setFormatter(_LevelPrefix())
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        level = environ.get(LOG_LEVEL_VAR, "INFO").upper()
+        if not isinstance(logging.getLevelName(level), int):
+            print(f"warning: {LOG_LEVEL_VAR}={environ[LOG_LEVEL_VAR]}: not a log level (DEBUG, INFO, WARNING, "
+                  f"ERROR); using INFO", file=sys.stderr)
+            level = "INFO"
+        logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:

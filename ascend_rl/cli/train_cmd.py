@@ -40,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def written(out_dir) -> str:
+    """What the run left in its directory, as found there (no checkpoint when trainer.save_freq is off)."""
+    found = [name for name, present in (("metrics.jsonl", (out_dir / "metrics.jsonl").is_file()),
+                                        ("curves.png", (out_dir / "curves.png").is_file()),
+                                        ("TensorBoard events", (out_dir / "tensorboard").is_dir()),
+                                        ("checkpoints", any(out_dir.glob("global_step_*")))) if present]
+    return ", ".join(found) or "nothing"
+
+
 def summary_line(result) -> str:
     if result.resumed_step >= result.steps:
         return (f"the run in {result.out_dir} had already trained its {result.steps} steps: nothing to do (raise "
@@ -48,5 +57,5 @@ def summary_line(result) -> str:
     accs = [k for k in keys if k.startswith("val-core/")]
     parts = [f"{k.removeprefix('val-core/')}: {result.val_before.get(k, float('nan')):.3f} → "
              f"{result.val_after.get(k, float('nan')):.3f}" for k in accs]
-    where = f"metrics, curves.png and checkpoints in {result.out_dir}"
+    where = f"{written(result.out_dir)} in {result.out_dir}"
     return f"validation accuracy before → after {result.steps} steps: {'; '.join(parts) or 'no validation data'} ({where})"

@@ -163,10 +163,23 @@ def changed_keys(cfg: DictConfig) -> set[str]:
     return changed
 
 
+# Estimators whose baseline comes from the other samples of a prompt's group.
+GROUP_ESTIMATORS = ("grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "opo", "grpo_passk", "gdpo",
+                    "reinforce_plus_plus_baseline", "optimal_token_baseline", "tir_optimal_token_baseline")
+
+
+def _single_sample_groups(cfg: DictConfig) -> list[str]:
+    estimator = cfg.algorithm.adv_estimator
+    if cfg[A].rollout.n != 1 or estimator not in GROUP_ESTIMATORS:
+        return []
+    return [f"{A}.rollout.n=1: every group of {estimator} holds one sample, so there is no baseline (the advantage "
+            f"is the sample's own score); set {A}.rollout.n to 2 or more (8 is usual)"]
+
+
 def lint(cfg: DictConfig) -> list[str]:
     changed = changed_keys(cfg)
     _, idle = key_status.missing_features(cfg, changed)
-    return [*key_status.no_effect_warnings(cfg, changed), *idle,
+    return [*key_status.no_effect_warnings(cfg, changed), *idle, *_single_sample_groups(cfg),
             *(f"{r.key}: {r.message(cfg)}" for r in LINT_RULES if r.key in changed and r.applies(cfg))]
 
 

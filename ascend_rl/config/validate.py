@@ -184,9 +184,10 @@ def _check_batches(cfg: DictConfig, layout: Layout) -> list[str]:
 def _check_rollout(cfg: DictConfig, layout: Layout) -> list[str]:
     ro, errors = layout.rollout, []
     if layout.world_size % ro.devices_per_replica:
-        errors.append(f"{layout.world_size} devices do not divide into rollout replicas of "
-                      f"tensor_model_parallel_size·data_parallel_size·pipeline_model_parallel_size = "
-                      f"{ro.devices_per_replica}")
+        errors.append(f"{layout.world_size} devices do not divide into rollout replicas of {ro.devices_per_replica} "
+                      f"({A}.rollout.tensor_model_parallel_size={ro.tp} × data_parallel_size={ro.dp} × "
+                      f"pipeline_model_parallel_size={ro.pp}; devices: trainer.nnodes × trainer.n_gpus_per_node); "
+                      f"set {A}.rollout.tensor_model_parallel_size to a divisor of {layout.world_size}")
     if ro.ep > 1 and ro.ep != ro.tp * ro.dp:
         errors.append(f"{A}.rollout.expert_parallel_size={ro.ep} must equal tensor_model_parallel_size × "
                       f"data_parallel_size = {ro.tp * ro.dp}")

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from ascend_rl.errors import UserError
+from ascend_rl.rollout.grammar import Grammars
 from ascend_rl.rollout.logprob_outputs import logprob_requests
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples, per_sample
 from ascend_rl.rollout.scheduler import Budget, GenerationControl, Request, Scheduler
@@ -28,9 +29,10 @@ PAUSE_MODES = ("abort", "retract", "in_place")  # SGLang's; retract keeps the KV
 class NativeEngine:
     def __init__(self, model, eos_token_ids: Iterable[int], pad_token_id: int, budget: Budget | None = None,
                  decode=None, context_length: int | None = None, enable_weights_cpu_backup: bool = False,
-                 weights_loaded: bool = True):
+                 weights_loaded: bool = True, tokenizer=None):
         """Serve `model` (a transformers causal LM, used in place: the caller may share it). `decode` (token
-        ids → text, e.g. a tokenizer's) is what stop strings are matched against. A request's prompt and
+        ids → text, e.g. a tokenizer's) is what stop strings are matched against; `tokenizer` (the model's, a
+        transformers tokenizer) is what structured output's grammars are matched against (None: refused). A request's prompt and
         max_new_tokens together must fit `context_length` (default: the model's max_position_embeddings).
         `enable_weights_cpu_backup` (SGLang's): released weights come back on resume, no push needed.
         `weights_loaded` False: the model's values are placeholders until pushed (load_format=dummy)."""
@@ -42,7 +44,10 @@ class NativeEngine:
         self.weights = EngineWeights(model, self.device, enable_weights_cpu_backup, weights_loaded)
         self.control = GenerationControl()
         self.stepper = stepper_for(model, pad_token_id)
-        self.scheduler = Scheduler(self.stepper, self.budget, self.control, frozenset(eos_token_ids), decode)
+        vocab = getattr(model.config, "vocab_size", None)
+        grammars = None if tokenizer is None else Grammars(tokenizer, vocab, eos_token_ids)
+        self.scheduler = Scheduler(self.stepper, self.budget, self.control, frozenset(eos_token_ids), decode,
+                                   grammars)
 
     @classmethod
     def from_pretrained(cls, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -67,8 +72,10 @@ class NativeEngine:
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         kv_tokens = None if memory_utilization is None else kv_cache_tokens(model, device, memory_utilization)
         budget = Budget(max_num_seqs, max_num_batched_tokens, kv_tokens)
-        return cls(model, eos_ids, model.config.pad_token_id or 0, budget, _tokenizer_decode(model_path),
-                   context_length, enable_weights_cpu_backup, weights_loaded=load_format != "dummy")
+        tokenizer = _load_tokenizer(model_path)
+        decode = None if tokenizer is None else lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+        return cls(model, eos_ids, model.config.pad_token_id or 0, budget, decode, context_length,
+                   enable_weights_cpu_backup, weights_loaded=load_format != "dummy", tokenizer=tokenizer)
 
     # --- generation ---------------------------------------------------------------------------------
 
@@ -248,12 +255,11 @@ def _kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
 
 
-def _tokenizer_decode(model_path: str):
-    """The model directory's tokenizer as ids → text, or None when it has none."""
+def _load_tokenizer(model_path: str):
+    """The model directory's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError):
         return None
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)

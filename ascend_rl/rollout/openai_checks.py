@@ -8,10 +8,11 @@ default everywhere."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from ascend_rl.rollout.request_checks import show
-from ascend_rl.rollout.sampling_params import SamplingParams
+from ascend_rl.rollout.sampling_params import GRAMMAR_KEYS, SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
@@ -131,6 +132,36 @@ def _top_logprobs(name: str, value) -> int:
     return _integer(name, value, 0, MAX_TOP_LOGPROBS)
 
 
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "structural_tag")
+
+
+def _response_format(draft: Draft, name: str, value) -> None:
+    """SGLang's mapping (CompletionRequest and ChatCompletionRequest.to_sampling_params): json_object → json_schema
+    {"type": "object"}; json_schema → its schema, as JSON text; structural_tag → the whole object, as JSON text;
+    text → nothing. Kept aside until every field is read (`read_fields`)."""
+    fmt = _object(name, value)
+    kind = fmt.get("type")
+    if kind == "text":
+        return
+    if kind == "json_object":
+        draft.fields[name] = ("json_schema", '{"type": "object"}')
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if spec is None and isinstance(fmt.get("schema"), dict):  # SGLang's set_json_schema: a bare schema
+            spec = {"name": fmt["schema"].get("title", "Schema"), "schema": fmt["schema"]}
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise FieldError(name, f"response_format.json_schema must be an object with a name and a schema, got "
+                                   f"{show(spec)}")
+        if not isinstance(spec.get("schema"), dict):
+            raise FieldError(name, "response_format.json_schema.schema is required for a json_schema response "
+                                   f"format and must be an object, got {show(spec.get('schema'))}")
+        draft.fields[name] = ("json_schema", json.dumps(spec["schema"]))
+    elif kind == "structural_tag":
+        draft.fields[name] = ("structural_tag", json.dumps(fmt))
+    else:
+        raise FieldError(name, f"response_format.type must be one of {', '.join(RESPONSE_FORMATS)}, got {show(kind)}")
+
+
 def _messages(name: str, value) -> list:
     if not isinstance(value, list) or not value:
         raise FieldError(name, "messages must be a non-empty list of messages")
@@ -182,6 +213,7 @@ COMMON_FIELDS = {
     "top_k": sampling(), "min_p": sampling(), "repetition_penalty": sampling(), "stop_token_ids": sampling(),
     "stop_regex": sampling(), "no_stop_trim": sampling(), "ignore_eos": sampling(), "skip_special_tokens": sampling(),
     "regex": sampling(), "json_schema": sampling(), "ebnf": sampling(), "custom_params": sampling(),
+    "response_format": _response_format,
     "min_tokens": sampling("min_new_tokens", _at_least_zero),
     "rid": keep(_rid),
 }
@@ -202,8 +234,6 @@ CHAT_FIELDS = {
     "logprobs": keep(_boolean),
     "top_logprobs": keep(_top_logprobs),
     "chat_template_kwargs": keep(_object),
-    "response_format": refused("only {'type': 'text'} here: structured output is not available in this build",
-                               lambda v: v == {"type": "text"}),
     "tools": refused(NO_TOOLS, lambda v: v == []),
     "tool_choice": refused(NO_TOOLS, lambda v: v == "none"),
     "parallel_tool_calls": refused(NO_TOOLS, lambda v: isinstance(v, bool)),  # means nothing without tools
@@ -236,4 +266,11 @@ def read_fields(body: dict, table: dict, endpoint: str, vocab_size: int | None) 
                                    f"SGLang's extensions)")
         if value is not None:
             reader(draft, name, value)
+    constraint = draft.fields.pop("response_format", None)
+    if constraint is not None:
+        given = [key for key in GRAMMAR_KEYS if key in draft.sampling]
+        if given:  # SGLang lets response_format override json_schema and refuses it with regex or ebnf
+            raise FieldError("response_format", f"response_format and {given[0]} both constrain the output: "
+                                                f"send one")
+        draft.sampling[constraint[0]] = constraint[1]
     return draft

@@ -1,7 +1,8 @@
 """Choosing the next token: temperature, top-k, top-p, min-p (shared by a batch's rows), and seeded noise
 that is a pure function of (sample seed, step, token), so a sample does not depend on what else is in the
 batch and a whole batch draws its noise in a few tensor ops (one generator per sample cost a call per sample
-per token). Per-row penalties and logit bias come before, in `penalties`."""
+per token). Per-row penalties and logit bias come before, in `penalties`, then structured output's grammar
+masks (`grammar`)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, st
     recomputes them); greedy at temperature 0, where log-probs are under temperature 1. `steps`: each row's
     token index (its noise depends on it and its seed only).
 
-    `logits` come with the rows' penalties and logit bias applied (`penalties.adjust`), so the log-probs are
-    those of the penalized distribution before top-k/top-p/min-p: what SGLang's sampler returns (it applies
-    them to the logits in place before its log-softmax). Without penalties they are the model's, which the
-    trainer recomputes; with them, the trainer's recomputation differs, as it would against SGLang."""
+    `logits` come with the rows' penalties and logit bias applied (`penalties.adjust`), and grammar masks
+    (`grammar.constrain`), so the log-probs are those of the penalized, masked distribution before
+    top-k/top-p/min-p: what SGLang's sampler returns (it applies them to the logits in place before its
+    log-softmax). Without penalties or a grammar they are the model's, which the trainer recomputes; with
+    them, the trainer's recomputation differs, as it would against SGLang."""
     scaled = _scaled(logits, params.temperature)
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     if params.temperature == 0:

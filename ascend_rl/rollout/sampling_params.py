@@ -9,7 +9,9 @@ Where each key takes effect here:
   spaces_between_special_tokens, no_stop_trim; they are passed on to a real SGLang too;
 - stream_interval: checked and kept (passed on to a real SGLang); `ascend-rl serve` streams after every token;
 - custom_params: carried for a custom logit processor (the native engine has none);
-- json_schema, regex, ebnf, structural_tag (structured output): checked here, refused by the native engine.
+- json_schema, regex, ebnf, structural_tag (structured output): checked here (strings, at most one of the first
+  three); compiled and applied per row by `grammar.py` with xgrammar (`pip install ascend-rl[structured]`;
+  without it, a 400 that says so).
 """
 
 from __future__ import annotations

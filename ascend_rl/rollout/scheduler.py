@@ -5,7 +5,8 @@ running batch as far as the budget allows (`max_num_seqs` rows, `max_num_batched
 KV cache's token budget), every running row samples one token, finished rows hand their result to whoever
 waits for it, and the model runs one decode step. Rows of one batch share their sampler and stop settings
 (`_batch_key`); requests with other such settings wait until the batch drains. Penalties, min_new_tokens and
-logit_bias are per row (`penalties.RowPenalties`), as are max_new_tokens and the seed.
+logit_bias are per row (`penalties.RowPenalties`), as are structured output (`grammar`: one matcher per row),
+max_new_tokens and the seed.
 
 No thread of our own: every caller of `run` drives steps in turn (one at a time, under `step_lock`) until
 its own requests are done, so requests sent from several threads (the HTTP server's) share one batch, and a
@@ -22,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ascend_rl.rollout import penalties
+from ascend_rl.rollout import grammar, penalties
 from ascend_rl.rollout.logprob_outputs import LogprobRecord, LogprobRequest, prompt_logprobs, step_logprobs
 from ascend_rl.rollout.penalties import RowPenalties
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams
@@ -53,6 +54,7 @@ class Ticket:
     output: GenerateOutput | None = None
     error: BaseException | None = None
     record: LogprobRecord | None = None  # the log-prob outputs gathered so far (return_logprob)
+    matcher: object | None = None  # structured output: the sample's xgrammar GrammarMatcher
     created: float = field(default_factory=time.monotonic)  # for e2e_latency
 
     def __post_init__(self):
@@ -136,6 +138,7 @@ class _Batch:
     finished: torch.Tensor  # [R] bool
     logits: torch.Tensor  # [R, V] next-token logits
     penalties: RowPenalties | None  # per-row penalties and bias; None: no row uses any
+    matchers: grammar.Matchers | None = None  # per-row grammar matchers (None where free); None: no row has one
 
     def alive(self) -> torch.Tensor:
         return (~self.finished).nonzero().squeeze(-1)
@@ -147,9 +150,11 @@ class _Batch:
 
 class Scheduler:
     def __init__(self, stepper, budget: Budget, control: GenerationControl, stop_ids: frozenset[int],
-                 decode: Callable[[list[int]], str] | None):
+                 decode: Callable[[list[int]], str] | None, grammars: grammar.Grammars | None = None):
+        """`grammars`: compiles structured-output constraints; None: such requests are refused (no tokenizer)."""
         self.stepper, self.budget, self.control = stepper, budget, control
         self.eos_ids, self.decode = stop_ids, decode
+        self.grammars = grammars or grammar.Grammars(None, 0, ())
         self.step_lock = threading.Lock()  # one step at a time; weight updates take it to land between steps
         self._queue_lock = threading.Lock()
         self._waiting: list[Ticket] = []
@@ -162,17 +167,17 @@ class Scheduler:
     def submit(self, requests: list[Request], seeds: list[int]) -> list[Ticket]:
         if self.decode is None and any(r.params.stop or r.params.stop_regex for r in requests):
             raise ValueError("stop strings need the engine's tokenizer (stop, stop_regex); give stop_token_ids instead")
-        grammar = next((r.params.grammar_keys() for r in requests if r.params.grammar_keys()), None)
-        if grammar:
-            raise ValueError(f"{', '.join(grammar)}: structured output is not available in this build (the native "
-                             f"engine has no grammar backend)")
-        tickets = [Ticket(r, s) for r, s in zip(requests, seeds)]
+        tickets = [Ticket(r, s, matcher=self._matcher(r)) for r, s in zip(requests, seeds)]  # compiled before any queues
         for ticket in tickets:  # nothing to generate; a prompt to score still needs its prefill
             if ticket.request.params.max_new_tokens <= 0 and not ticket.scores_prompt:
                 ticket.output = ticket.result("length", [], [])
         with self._queue_lock:
             self._waiting.extend(t for t in tickets if not t.done)
         return tickets
+
+    def _matcher(self, request: Request):
+        """The request's grammar matcher (structured output), or None; a ValueError (a 400) when refused."""
+        return self.grammars.matcher(request.params) if request.params.grammar_keys() else None
 
     def run(self, tickets: list[Ticket]) -> list[GenerateOutput]:
         """Drive steps until these tickets are done; raises what ended a ticket with an error."""
@@ -253,18 +258,30 @@ class Scheduler:
         if batch.penalties is not None:  # log-probs are then under the penalized logits, as SGLang's
             logits = penalties.adjust(logits, batch.penalties, rows, batch.generated[rows],
                                       set(params.stop_token_ids) | self.eos_ids)
+        if batch.matchers is not None:
+            # In place: `logits` is this step's copy. Log-probs (sampled, top-N, chosen ids) are then under the
+            # masked logits, as SGLang's: its sampler takes them after apply_logits_bias, which applies the
+            # vocab mask; the allowed tokens' probabilities are renormalized, the others' are -inf.
+            grammar.constrain(logits, batch.matchers, rows)
         ids, logprobs = sample(logits, params, batch.seeds[rows], batch.generated[rows])
         self._record_steps(batch, rows, logits)
         penalties.record(batch.penalties, rows, ids)
         columns = batch.generated[rows]
         batch.tokens[rows, columns], batch.logprobs[rows, columns] = ids, logprobs
         batch.generated[rows] += 1
+        complete, rejected = grammar.advance(batch.matchers, rows, ids, logprobs) if batch.matchers else ([], [])
+        for row in rejected:  # nothing the grammar allows was left to sample (SGLang aborts such a request)
+            self._finish(batch, row, "abort")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         stopped = torch.isin(ids, torch.tensor(sorted(stop_ids), dtype=torch.long))
         for row, token in zip(rows[stopped].tolist(), ids[stopped].tolist()):
-            self._finish(batch, row, "stop", token)
+            if not batch.finished[row]:
+                self._finish(batch, row, "stop", token)
+        for row, token in complete:  # the grammar took a stop token: SGLang's FINISH_MATCHED_TOKEN(that token)
+            if not batch.finished[row]:
+                self._finish(batch, row, "stop", token)
         if params.stop or params.stop_regex:
-            for row in rows[~stopped].tolist():
+            for row in rows[~batch.finished[rows]].tolist():
                 text = self._stop_string_hit(batch, row)
                 if text is not None:
                     self._finish(batch, row, "stop", text)
@@ -382,7 +399,8 @@ def _batch_key(p: SamplingParams) -> tuple:
 def _select(batch: _Batch, rows: torch.Tensor) -> _Batch:
     return _Batch([batch.tickets[r] for r in rows.tolist()], batch.params, batch.seeds[rows], batch.limits[rows],
                   batch.tokens[rows], batch.logprobs[rows], batch.generated[rows], batch.finished[rows],
-                  batch.logits[rows.to(batch.logits.device)], penalties.select(batch.penalties, rows))
+                  batch.logits[rows.to(batch.logits.device)], penalties.select(batch.penalties, rows),
+                  grammar.select(batch.matchers, rows))
 
 
 def _joined(kept: _Batch | None, joining: list[Ticket], logits: torch.Tensor) -> _Batch:
@@ -390,11 +408,13 @@ def _joined(kept: _Batch | None, joining: list[Ticket], logits: torch.Tensor) ->
     count, width = len(joining), max(t.request.params.max_new_tokens for t in joining)
     row_penalties = penalties.joined(kept.penalties if kept else None, len(kept.tickets) if kept else 0,
                                      [t.request.params for t in joining], logits.shape[-1], logits.device)
+    matchers = grammar.joined(kept.matchers if kept else None, len(kept.tickets) if kept else 0,
+                              [t.matcher for t in joining])
     new = _Batch(joining, joining[0].request.params, torch.tensor([t.seed for t in joining], dtype=torch.int64),
                  torch.tensor([t.request.params.max_new_tokens for t in joining], dtype=torch.long),
                  torch.zeros((count, width), dtype=torch.long), torch.zeros((count, width)),
                  torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.bool), logits,
-                 row_penalties if kept is None else None)
+                 row_penalties if kept is None else None, matchers if kept is None else None)
     if kept is None:
         return new
     width = max(width, kept.tokens.shape[1])
@@ -408,4 +428,4 @@ def _joined(kept: _Batch | None, joining: list[Ticket], logits: torch.Tensor) ->
     return _Batch(kept.tickets + joining, kept.params, cat(kept.seeds, new.seeds), cat(kept.limits, new.limits),
                   cat_tables(kept.tokens, new.tokens), cat_tables(kept.logprobs, new.logprobs),
                   cat(kept.generated, new.generated), cat(kept.finished, new.finished), cat(kept.logits, new.logits),
-                  row_penalties)
+                  row_penalties, matchers)

@@ -25,7 +25,8 @@ from ascend_rl.distributed.colocated import WorkerRolloutSpec, colocated, coloca
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, resolve_device
-from ascend_rl.reward import RewardFunction, RewardRunner, scorer_for
+from ascend_rl.preflight import context_problems, scorer_problems
+from ascend_rl.reward import RewardFunction, RewardRunner
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
 from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.checkpoint import check_run_dir
@@ -119,7 +120,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     check_model_dir(arr.model.path, "actor_rollout_ref.model.path")
     tokenizer = load_tokenizer(*((data.tokenizer, "data.tokenizer") if data.tokenizer
                                  else (arr.model.path, "actor_rollout_ref.model.path")))
-    _check_context(cfg)
+    if problems := context_problems(cfg):
+        raise UserError(problems)
     load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,
                 reward_fn_key=data.reward_fn_key, filter_overlong_prompts=data.filter_overlong_prompts,
                 truncation=data.truncation, chat_template_kwargs=OmegaConf.to_container(data.apply_chat_template_kwargs),
@@ -129,8 +131,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
         if data.val_files else []
     reward_fn = RewardFunction(cfg.reward.custom_reward_function.path, cfg.reward.custom_reward_function.name,
                                OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs))
-    if reward_fn.custom_path is None:
-        _check_scorers({r.data_source for r in train_records + val_records})
+    if problems := scorer_problems(cfg):
+        raise UserError(problems)
     sampler = ResumableBatchSampler(len(train_records), data.train_batch_size, shuffle=data.shuffle,
                                     seed=data.seed if data.seed is not None else seed)
     total = total_training_steps(cfg, sampler.batches_per_epoch)
@@ -218,29 +220,3 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceS
 def _plain(node) -> dict:
     """A config map as a plain dict (empty when unset), safe to pickle to worker processes."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
-
-
-def _check_context(cfg: DictConfig) -> None:
-    """A prompt and its response must fit the rollout's context (as verl checks max_model_len): say so at
-    start-up, not when the first long prompt reaches the engine."""
-    from transformers import AutoConfig
-
-    data, ro = cfg.data, cfg.actor_rollout_ref.rollout
-    context = ro.max_model_len or getattr(AutoConfig.from_pretrained(cfg.actor_rollout_ref.model.path),
-                                          "max_position_embeddings", None)
-    if context is not None and data.max_prompt_length + data.max_response_length > context:
-        source = "actor_rollout_ref.rollout.max_model_len" if ro.max_model_len else "the model's max_position_embeddings"
-        raise UserError(f"data.max_prompt_length={data.max_prompt_length} + data.max_response_length="
-                        f"{data.max_response_length} exceeds the rollout context of {context} tokens ({source}); "
-                        f"shorten them or raise actor_rollout_ref.rollout.max_model_len")
-
-
-def _check_scorers(sources: set[str]) -> None:
-    missing = []
-    for source in sorted(sources):
-        try:
-            scorer_for(source)
-        except KeyError as err:
-            missing.append(str(err.args[0]))
-    if missing:
-        raise UserError(missing)

@@ -1,8 +1,10 @@
 """What a run shows and keeps: metric sinks (console, metrics.jsonl, TensorBoard, wandb), the progress bar with
-its postfix, one-line messages that do not break the bar, and the curves PNG at the end."""
+its postfix, one-line messages that do not break the bar, ascend-rl's log lines in `train.log` of the run
+directory (appended to when the run resumes), and the curves PNG at the end."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +21,13 @@ class Reporter:
     total_steps: int
     show_progress: bool = True
     sinks: list = field(default_factory=list)
+    log_file: logging.Handler | None = None
 
     def open(self, step: int) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = logging.FileHandler(self.out_dir / "train.log", encoding="utf-8")
+        self.log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("ascend_rl").addHandler(self.log_file)
         t = self.cfg.trainer
         loggers = [t.logger] if isinstance(t.logger, str) else list(t.logger)
         self.sinks = make_sinks(loggers, self.out_dir, t.project_name, t.experiment_name,
@@ -54,6 +61,10 @@ class Reporter:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+        if self.log_file is not None:
+            logging.getLogger("ascend_rl").removeHandler(self.log_file)
+            self.log_file.close()
+            self.log_file = None
 
     def plot(self) -> Path | None:
         return plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")

@@ -1,5 +1,6 @@
-"""Validation: generate on held-out prompts with `val_kwargs` (greedy by default), score, and report
-verl's `val-core/<data_source>/acc/mean@N`."""
+"""Validation: generate on held-out prompts with `val_kwargs` (greedy by default), score, and report as verl:
+`val-core/<data_source>/acc/mean@N` (or `reward` when a scorer's dict has no `acc`) and `val-aux/...` for the
+reward and every other numeric key a scorer returns."""
 
 from __future__ import annotations
 
@@ -17,12 +18,24 @@ def run_validation(engine, records, decode, rewards, val_kwargs, max_new_tokens:
     outputs = engine.generate([r.input_ids for r in expanded], params)
     scored = rewards.score([r.data_source for r in expanded], decode([o.output_ids for o in outputs]),
                            [r.ground_truth for r in expanded], [r.extra_info for r in expanded])
-    acc, reward = defaultdict(list), defaultdict(list)
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record, result in zip(expanded, scored):
-        reward[record.data_source].append(result.score)
-        acc[record.data_source].append(result.extra.get("acc", float(result.score > 0)))
+        for name, value in sample_values(result.score, result.extra).items():
+            values[record.data_source][name].append(value)
     metrics = {}
-    for source in acc:
-        metrics[f"val-core/{source}/acc/mean@{n}"] = sum(acc[source]) / len(acc[source])
-        metrics[f"val-aux/{source}/reward/mean@{n}"] = sum(reward[source]) / len(reward[source])
+    for source, by_name in values.items():
+        core = "acc" if "acc" in by_name else "reward"  # verl's choice of the headline value
+        for name, column in by_name.items():
+            section = "val-core" if name == core else "val-aux"
+            metrics[f"{section}/{source}/{name}/mean@{n}"] = sum(column) / len(column)
     return metrics
+
+
+def sample_values(score: float, extra: dict) -> dict[str, float]:
+    """What verl's reward managers record for a sample: `reward` (the score), each numeric key a scorer's dict
+    returned, and `acc` = the score when the scorer returned a plain number."""
+    values = {"reward": float(score)}
+    values.update({k: float(v) for k, v in extra.items() if isinstance(v, (int, float))})  # bools count as 0/1
+    if not extra:
+        values["acc"] = float(score)
+    return values

@@ -1,0 +1,108 @@
+"""Start-up checks that need files or packages but no device: `plan` lists them all at once with the missing
+inputs (`train` stops on them before building anything), each naming the key to change.
+
+- the prompt and response fit the model's context (config.json's max_position_embeddings, or rollout.max_model_len);
+- every `trainer.logger` has its package;
+- the custom reward file imports and defines its function (imported in a child process: it is the user's code,
+  and may hang or exit);
+- every `data_source` of the data has a scorer, when no custom reward function scores them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ascend_rl.config.validate import data_files
+from ascend_rl.reward.scorers import scorer_for
+
+A = "actor_rollout_ref"
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # console needs nothing
+REWARD_IMPORT_TIMEOUT_S = 60
+
+
+def preflight(cfg: DictConfig) -> list[str]:
+    return [*context_problems(cfg), *logger_problems(cfg), *reward_function_problems(cfg), *scorer_problems(cfg)]
+
+
+def context_problems(cfg: DictConfig) -> list[str]:
+    """A prompt and its response must fit the rollout's context, as verl checks max_model_len."""
+    data, ro = cfg.data, cfg[A].rollout
+    context, source = ro.max_model_len, f"{A}.rollout.max_model_len"
+    if context is None:
+        config = Path(str(cfg[A].model.path or "")).expanduser() / "config.json"
+        try:
+            context = json.loads(config.read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            return []  # no model here (plan) or not readable: the model check says so
+        source = f"the model's max_position_embeddings ({config})"
+    if context is None or data.max_prompt_length + data.max_response_length <= context:
+        return []
+    return [f"data.max_prompt_length={data.max_prompt_length} + data.max_response_length={data.max_response_length} "
+            f"exceeds the rollout context of {context} tokens ({source}); shorten them or raise "
+            f"{A}.rollout.max_model_len"]
+
+
+def logger_problems(cfg: DictConfig) -> list[str]:
+    loggers = [cfg.trainer.logger] if isinstance(cfg.trainer.logger, str) else list(cfg.trainer.logger)
+    return [f"trainer.logger includes {name} but {package} is not installed: pip install {package}, or drop it "
+            f"from trainer.logger" for name in loggers
+            if (package := LOGGER_PACKAGES.get(name)) and importlib.util.find_spec(package) is None]
+
+
+def reward_function_problems(cfg: DictConfig) -> list[str]:
+    fn = cfg.reward.custom_reward_function
+    if not fn.path or not Path(str(fn.path)).is_file():
+        return []  # unset, or missing: validate.missing_inputs says so
+    probe = ("import importlib.util, sys\n"
+             "spec = importlib.util.spec_from_file_location('ascend_rl_reward_probe', sys.argv[1])\n"
+             "module = importlib.util.module_from_spec(spec)\n"
+             "spec.loader.exec_module(module)\n"
+             "print('\\nascend-rl: imported', callable(getattr(module, sys.argv[2], None)))\n")
+    key = "reward.custom_reward_function"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe, str(fn.path), fn.name], capture_output=True, text=True,
+                              timeout=REWARD_IMPORT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return [f"{key}.path={fn.path}: importing it took over {REWARD_IMPORT_TIMEOUT_S} s"]
+    verdict = next((line for line in done.stdout.splitlines() if line.startswith("ascend-rl: imported")), None)
+    if done.returncode != 0 or verdict is None:  # raised, or exited while importing
+        last = next((line for line in reversed(done.stderr.strip().splitlines()) if line.strip()),
+                    f"SystemExit: {done.returncode}")
+        return [f"{key}.path={fn.path}: importing it failed: {last.strip()}"]
+    if verdict.endswith("False"):
+        return [f"{key}.name={fn.name}: {fn.path} defines no function {fn.name!r}"]
+    return []
+
+
+def scorer_problems(cfg: DictConfig) -> list[str]:
+    """Without a custom reward function, each data_source must have a built-in scorer."""
+    if cfg.reward.custom_reward_function.path:
+        return []
+    sources = set()
+    for key in ("data.train_files", "data.val_files"):
+        for file in data_files(cfg.data.get(key.split(".")[1])):
+            sources |= _sources(file, cfg.data.reward_fn_key)
+    problems = []
+    for source in sorted(sources):
+        try:
+            scorer_for(source)
+        except KeyError as err:
+            problems.append(str(err.args[0]))
+    return problems
+
+
+def _sources(file: str, column: str) -> set[str]:
+    """The data_source values of a parquet file (that one column only); nothing when it is not readable (the
+    data checks say why at start-up)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return {str(v) for v in pq.read_table(file, columns=[column]).column(column).to_pylist()}
+    except Exception:  # noqa: BLE001 - missing file, other layout: reported by the data loader with the row
+        return set()
