@@ -477,3 +477,44 @@ def test_two_workers_hold_the_critic_and_make_the_update_of_one(tiny_model_dir):
         assert torch.allclose(group.critic.values(batch), single.values(batch), atol=1e-4)
     finally:
         group.close()
+
+
+def test_token_budget_groups_cover_every_row_within_the_budget():
+    from ascend_rl.workers.balance import token_budget_groups
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        tokens = torch.randint(1, 40, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        budget = int(torch.randint(30, 120, (1,), generator=g))
+        groups = token_budget_groups(tokens, budget)
+        assert sorted(i for grp in groups for i in grp) == list(range(len(tokens)))
+        assert all(sum(tokens[i] for i in grp) <= budget or len(grp) == 1 for grp in groups)
+        assert len(groups) >= -(-sum(tokens) // budget)
+        forced = token_budget_groups(tokens, budget, groups=min(3, len(tokens)))
+        assert len(forced) == min(3, len(tokens))
+
+
+@pytest.mark.timeout(300)
+def test_token_budget_micro_batches_make_the_same_update(tiny_model_dir):
+    """use_dynamic_bsz: micro-batches by tokens (any split: the losses use the mini-batch's counts) give the update
+    of fixed micro-batches, in one process and over two workers that must agree on the number of passes; log-probs
+    come back in the batch's row order."""
+    fixed = ActorSettings(**SETTINGS, balance_batch=False)
+    dynamic = ActorSettings(**{**SETTINGS, "ppo_micro_batch_size_per_gpu": None}, balance_batch=False,
+                            ppo_max_token_len_per_gpu=40, log_prob_max_token_len=30)
+    optim = OptimSettings(lr=1e-2, total_steps=4)
+    one_fixed = Actor(str(tiny_model_dir), "cpu", fixed, optim)
+    one_dynamic = Actor(str(tiny_model_dir), "cpu", dynamic, optim)
+    batch = fixed_batch(one_fixed)
+    assert len(one_dynamic.micro_batches(batch)) > len(batch) // 8  # the budget splits finer than one pass
+    assert torch.allclose(one_dynamic.log_probs(batch)[0], one_fixed.log_probs(batch)[0], atol=1e-6)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", dynamic, optim)
+    try:
+        assert torch.allclose(group.log_probs(batch)[0], one_fixed.log_probs(batch)[0], atol=1e-6)
+        for _ in range(2):
+            m_fixed, m_dynamic, m_group = one_fixed.update(batch), one_dynamic.update(batch), group.update(batch)
+            for m in (m_dynamic, m_group):
+                assert m["actor/pg_loss"] == pytest.approx(m_fixed["actor/pg_loss"], abs=3e-5)
+                assert m["actor/grad_norm"] == pytest.approx(m_fixed["actor/grad_norm"], rel=3e-5)
+    finally:
+        group.close()

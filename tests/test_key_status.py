@@ -90,9 +90,9 @@ def test_critic_settings_wait_for_a_critic():
 
 
 def test_a_not_built_key_stops_naming_the_feature_and_the_keys():
-    p = plan(f"{A}.actor.use_dynamic_bsz=True", f"{A}.actor.ppo_max_token_len_per_gpu=4096")
-    [line] = [u for u in p.unsupported if "token-budget" in u]
-    assert f"{A}.actor.use_dynamic_bsz" in line and f"{A}.actor.ppo_max_token_len_per_gpu" in line
+    p = plan(f"{A}.model.lora_rank=8", f"{A}.model.lora_alpha=32")
+    [line] = [u for u in p.unsupported if "LoRA" in u]
+    assert f"{A}.model.lora_rank" in line and f"{A}.model.lora_alpha" in line
     assert "for now use" in line
 
 

@@ -361,3 +361,18 @@ def test_a_run_keeps_its_log_lines_in_train_log(task, tmp_path):
     fit(task, tmp_path / "run", f"reward.custom_reward_function.path={reward}", "trainer.total_training_steps=1")
     log = (tmp_path / "run" / "train.log").read_text()
     assert "scorer broke" in log and " WARNING " in log
+
+
+def test_token_budget_micro_batches_train(task, tmp_path):
+    """verl's use_dynamic_bsz keys reach the actor, the reference and the old-log-prob pass (the same update as
+    fixed micro-batches is checked in test_distributed)."""
+    trainer, result = fit(task, tmp_path / "run", f"{A}.actor.use_dynamic_bsz=True",
+                          f"{A}.actor.ppo_max_token_len_per_gpu=64", f"{A}.rollout.log_prob_use_dynamic_bsz=True",
+                          f"{A}.rollout.log_prob_max_token_len_per_gpu=48", f"{A}.actor.use_kl_loss=True",
+                          f"{A}.ref.log_prob_use_dynamic_bsz=True", f"{A}.ref.log_prob_max_token_len_per_gpu=48",
+                          f"{A}.actor.ppo_epochs=2", "trainer.total_training_steps=2")
+    s = trainer.c.actor.settings
+    assert (s.ppo_max_token_len_per_gpu, s.log_prob_max_token_len) == (64, 48)
+    assert trainer.c.ref.settings.max_token_len == 48
+    rows = [r for r in read_metrics(tmp_path / "run") if "actor/pg_loss" in r]
+    assert result.steps == 2 and all(r["actor/grad_norm"] == r["actor/grad_norm"] for r in rows)  # finite

@@ -31,20 +31,12 @@ def _engine(cfg: DictConfig) -> str:
     return cfg.get("model_engine") or "dp"
 
 
-def _dynamic_bsz(cfg: DictConfig) -> bool:
-    arr = cfg[A]
-    return bool(arr.actor.use_dynamic_bsz or arr.ref.get("log_prob_use_dynamic_bsz")
-                or arr.rollout.log_prob_use_dynamic_bsz)
-
-
 MEGATRON = Missing("Megatron training (model_engine=megatron)", f"{A}.actor.strategy=fsdp",
                    lambda c: _engine(c) == "megatron", "the training engine is not Megatron (model_engine)")
 TORCHTITAN = Missing("the torchtitan engine (model_engine=torchtitan)", "model_engine=dp",
                      lambda c: _engine(c) == "torchtitan", "the training engine is not torchtitan (model_engine)")
 VEOMNI = Missing("the veomni engine (model_engine=veomni)", "model_engine=dp",
                  lambda c: _engine(c) == "veomni", "the training engine is not veomni (model_engine)")
-DYNAMIC_BSZ = Missing("token-budget micro-batches (use_dynamic_bsz)", f"{A}.actor.use_dynamic_bsz=False and "
-                      f"ppo_micro_batch_size_per_gpu", _dynamic_bsz, "use_dynamic_bsz is off")
 ULYSSES = Missing("Ulysses sequence parallelism", f"{A}.actor.ulysses_sequence_parallel_size=1")
 REMOVE_PADDING = Missing("packed sequences (use_remove_padding)", f"{A}.model.use_remove_padding=False (padded "
                          f"batches give the same log-probs)")

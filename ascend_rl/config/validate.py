@@ -117,6 +117,8 @@ def _check_ranges(cfg: DictConfig) -> list[str]:
         (f"{A}.rollout.top_k", ro.top_k, lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"),
         (f"{A}.rollout.gpu_memory_utilization", ro.gpu_memory_utilization, lambda v: 0 < v <= 1, "in (0, 1]"),
         (f"{A}.rollout.max_num_seqs", ro.max_num_seqs, lambda v: v >= 1, ">= 1"),
+        (f"{A}.actor.ppo_max_token_len_per_gpu", actor.ppo_max_token_len_per_gpu, lambda v: v >= 1, ">= 1"),
+        (f"{A}.rollout.log_prob_max_token_len_per_gpu", ro.log_prob_max_token_len_per_gpu, lambda v: v >= 1, ">= 1"),
         (f"{A}.rollout.max_num_batched_tokens", ro.max_num_batched_tokens, lambda v: v >= 1, ">= 1"),
         (f"{A}.rollout.max_model_len", ro.max_model_len, lambda v: v is None or v >= 2, "null or >= 2"),
         ("data.max_prompt_length", cfg.data.max_prompt_length, lambda v: v >= 1, ">= 1"),
@@ -171,7 +173,7 @@ def _check_batches(cfg: DictConfig, layout: Layout) -> list[str]:
     if batch.samples_per_mini_batch % train.data_parallel:
         errors.append(f"{A}.actor.ppo_mini_batch_size × rollout.n = {batch.samples_per_mini_batch} samples do not "
                       f"divide over {train.data_parallel} data-parallel ranks")
-    micro = actor.ppo_micro_batch_size_per_gpu
+    micro = None if actor.use_dynamic_bsz else actor.ppo_micro_batch_size_per_gpu  # tokens decide instead
     per_rank = batch.samples_per_rank_per_mini_batch
     if micro is not None and micro < 1:
         errors.append(f"{A}.actor.ppo_micro_batch_size_per_gpu={micro} must be >= 1")

@@ -138,7 +138,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     total = total_training_steps(cfg, sampler.batches_per_epoch)
     needs_ref = arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
     ref_settings = ReferenceSettings(arr.rollout.temperature, arr.ref.log_prob_micro_batch_size_per_gpu,
-                                     fsdp_settings(arr.ref.fsdp_config, device, "actor_rollout_ref.ref.fsdp_config"))
+                                     fsdp_settings(arr.ref.fsdp_config, device, "actor_rollout_ref.ref.fsdp_config"),
+                                     _token_budget(arr.ref, "log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu"))
     rollout_spec = worker_rollout_spec(cfg, device) if colocated(cfg) else None
     critic_spec = _critic_spec(cfg, device, total) if critic_in_use(cfg) else None
     actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None, rollout_spec, critic_spec)
@@ -181,9 +182,12 @@ def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec:
     path = str(Path(critic.model.path).expanduser())
     check_model_dir(path, "critic.model.path")
     batching = Batching(critic.ppo_mini_batch_size * n, critic.ppo_micro_batch_size_per_gpu, critic.ppo_epochs,
-                        critic.shuffle, critic.data_loader_seed, cfg.trainer.balance_batch)
-    settings = CriticSettings(batching, critic.forward_micro_batch_size_per_gpu, critic.cliprange_value,
-                              critic.loss_agg_mode, critic.get("loss_scale_factor"), critic.grad_clip)
+                        critic.shuffle, critic.data_loader_seed, cfg.trainer.balance_batch,
+                        _token_budget(critic, "use_dynamic_bsz", "ppo_max_token_len_per_gpu"))
+    settings = CriticSettings(batching, critic.forward_micro_batch_size_per_gpu,
+                              _token_budget(critic, "use_dynamic_bsz", "forward_max_token_len_per_gpu"),
+                              critic.cliprange_value, critic.loss_agg_mode, critic.get("loss_scale_factor"),
+                              critic.grad_clip)
     return CriticSpec(path, settings, _optim_settings(critic.optim, total_steps),
                       fsdp_settings(critic.fsdp, device, "critic.fsdp"), critic.model.enable_gradient_checkpointing)
 
@@ -209,12 +213,20 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceS
             use_kl_loss=actor_cfg.use_kl_loss, kl_loss_coef=actor_cfg.kl_loss_coef,
             kl_loss_type=actor_cfg.kl_loss_type, grad_clip=actor_cfg.grad_clip, temperature=arr.rollout.temperature,
             log_prob_micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu,
+            ppo_max_token_len_per_gpu=_token_budget(actor_cfg, "use_dynamic_bsz", "ppo_max_token_len_per_gpu"),
+            log_prob_max_token_len=_token_budget(arr.rollout, "log_prob_use_dynamic_bsz",
+                                                 "log_prob_max_token_len_per_gpu"),
             balance_batch=cfg.trainer.balance_batch, loss_scale_factor=actor_cfg.get("loss_scale_factor"),
             policy_loss_kwargs=policy_loss_kwargs(actor_cfg, cfg.algorithm)),
         _optim_settings(actor_cfg.optim, total_steps),
         gradient_checkpointing=arr.model.enable_gradient_checkpointing,
         fsdp=fsdp_settings(actor_cfg.fsdp_config, device),
     )
+
+
+def _token_budget(section: DictConfig, switch: str, budget: str) -> int | None:
+    """verl's dynamic batch size: micro-batches of at most `budget` tokens per device when `switch` is on."""
+    return section.get(budget) if section.get(switch) else None
 
 
 def _plain(node) -> dict:

@@ -14,7 +14,16 @@ from ascend_rl.algorithms import agg_loss, compute_policy_loss, global_counts, k
 from ascend_rl.workers.fsdp import FsdpSettings, full_tensor
 from ascend_rl.workers.model_io import logprob_metrics, response_log_probs
 from ascend_rl.workers.optimizer import OptimSettings
-from ascend_rl.workers.trained import DCP_DIR, Batching, TrainedModel, load_model, micro_batches, place
+from ascend_rl.workers.trained import (
+    DCP_DIR,
+    Batching,
+    TrainedModel,
+    in_row_order,
+    load_model,
+    micro_batch_rows,
+    place,
+    split,
+)
 
 __all__ = ["DCP_DIR", "Actor", "ActorSettings", "ReferencePolicy", "ReferenceSettings", "load_model", "load_policy"]
 
@@ -47,13 +56,15 @@ class ActorSettings:
     temperature: float = 1.0
     log_prob_micro_batch_size: int | None = None
     balance_batch: bool = True  # several ranks: even token counts per rank (trainer.balance_batch)
+    ppo_max_token_len_per_gpu: int | None = None  # use_dynamic_bsz (None: micro-batches of rows)
+    log_prob_max_token_len: int | None = None  # rollout.log_prob_use_dynamic_bsz
     loss_scale_factor: float | None = None  # seq-mean-token-sum-norm's divisor (None: the response length)
     policy_loss_kwargs: dict = field(default_factory=dict, hash=False)  # algorithms.policy_loss_kwargs(config)
 
     @property
     def batching(self) -> Batching:
         return Batching(self.ppo_mini_batch_size, self.ppo_micro_batch_size_per_gpu, self.ppo_epochs, self.shuffle,
-                        self.data_loader_seed, self.balance_batch)
+                        self.data_loader_seed, self.balance_batch, self.ppo_max_token_len_per_gpu)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class ReferenceSettings:
     temperature: float = 1.0
     micro_batch_size: int | None = None
     fsdp: FsdpSettings | None = None
+    max_token_len: int | None = None  # ref.log_prob_use_dynamic_bsz
 
 
 class ReferencePolicy:
@@ -75,9 +87,10 @@ class ReferencePolicy:
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
+        rows = micro_batch_rows(batch, self.settings.micro_batch_size, self.settings.max_token_len, self.device)
         with self._compute():
-            return torch.cat([response_log_probs(self.model, mb.to(self.device), self.settings.temperature)[0]
-                              for mb in micro_batches(batch, self.settings.micro_batch_size)]).cpu()
+            return in_row_order([response_log_probs(self.model, mb.to(self.device), self.settings.temperature)[0]
+                                 for mb in split(batch, rows)], rows).cpu()
 
 
 class Actor(TrainedModel):
@@ -93,10 +106,12 @@ class Actor(TrainedModel):
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         """Old log-probs and entropy of the sampled responses under the current weights (on the CPU)."""
         self.model.eval()
+        rows = micro_batch_rows(batch, self.settings.log_prob_micro_batch_size, self.settings.log_prob_max_token_len,
+                                self.device)
         with self._compute():
             parts = [response_log_probs(self.model, mb.to(self.device), self.settings.temperature, with_entropy=True)
-                     for mb in micro_batches(batch, self.settings.log_prob_micro_batch_size)]
-        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+                     for mb in split(batch, rows)]
+        return in_row_order([p[0] for p in parts], rows).cpu(), in_row_order([p[1] for p in parts], rows).cpu()
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         """`ppo_epochs` passes over mini-batches; one optimizer step per mini-batch; one LR step per call."""
@@ -117,7 +132,7 @@ class Actor(TrainedModel):
         totals: dict[str, float] = defaultdict(float)
         # Without old log-probs the step is on-policy (one mini-batch, one epoch): they equal this forward's.
         on_policy = "old_log_probs" not in mini
-        for micro in micro_batches(mini, s.ppo_micro_batch_size_per_gpu):
+        for micro in self.micro_batches(mini):
             mask = micro["response_mask"]
             with self._compute():
                 log_prob, entropy = response_log_probs(self.model, micro, s.temperature,

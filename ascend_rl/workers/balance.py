@@ -24,3 +24,23 @@ def balanced_partition(weights: Sequence[float], parts: int) -> list[list[int]]:
 def contiguous_partition(n: int, parts: int) -> list[list[int]]:
     bounds = [n * g // parts for g in range(parts + 1)]
     return [list(range(bounds[g], bounds[g + 1])) for g in range(parts)]
+
+
+def token_budget_groups(tokens: Sequence[int], budget: int, groups: int | None = None) -> list[list[int]]:
+    """Rows into micro-batches of at most `budget` tokens each (verl's use_dynamic_bsz): as few groups as the
+    total allows (or exactly `groups`, which every rank must agree on for FSDP), heaviest rows first, each to the
+    lightest group; a group goes over the budget only when a row alone does, or `groups` forces it. Indices
+    ascend within a group; empty groups are left out."""
+    n = len(tokens)
+    count = groups or max(1, -(-sum(tokens) // budget))
+    while True:
+        members: list[list[int]] = [[] for _ in range(count)]
+        sums = [0] * count
+        for i in sorted(range(n), key=lambda i: (-tokens[i], i)):
+            g = min(range(count), key=lambda g: (sums[g], g))
+            members[g].append(i)
+            sums[g] += tokens[i]
+        over = any(s > budget and len(m) > 1 for s, m in zip(sums, members))
+        if groups is not None or not over or count >= n:
+            return [sorted(m) for m in members if m]
+        count += 1

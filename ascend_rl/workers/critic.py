@@ -13,7 +13,7 @@ from tensordict import TensorDict
 from ascend_rl.algorithms import global_counts, masked_mean, value_loss
 from ascend_rl.workers.fsdp import FsdpSettings
 from ascend_rl.workers.optimizer import OptimSettings
-from ascend_rl.workers.trained import Batching, TrainedModel, load_model, micro_batches, place
+from ascend_rl.workers.trained import Batching, TrainedModel, in_row_order, load_model, micro_batch_rows, place, split
 
 VALUE_HEAD_SEED = 0
 
@@ -24,6 +24,7 @@ class CriticSettings:
 
     batching: Batching
     forward_micro_batch_size_per_gpu: int | None = None
+    forward_max_token_len: int | None = None  # critic.use_dynamic_bsz: forward micro-batches by tokens
     cliprange_value: float = 0.5
     loss_agg_mode: str = "token-mean"
     loss_scale_factor: float | None = None
@@ -76,10 +77,11 @@ class Critic(TrainedModel):
     def values(self, batch: TensorDict) -> torch.Tensor:
         """The values of the sampled responses under the current weights, masked (on the CPU)."""
         self.model.eval()
+        rows = micro_batch_rows(batch, self.settings.forward_micro_batch_size_per_gpu,
+                                self.settings.forward_max_token_len, self.device)
         with self._compute():
-            parts = [response_values(self.model, mb.to(self.device))
-                     for mb in micro_batches(batch, self.settings.forward_micro_batch_size_per_gpu)]
-        return (torch.cat(parts).cpu() * batch["response_mask"]).to(batch["response_mask"].dtype)
+            parts = [response_values(self.model, mb.to(self.device)) for mb in split(batch, rows)]
+        return (in_row_order(parts, rows).cpu() * batch["response_mask"]).to(batch["response_mask"].dtype)
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         """`ppo_epochs` passes over mini-batches, fitting the values to the returns; one LR step per call."""
@@ -96,7 +98,7 @@ class Critic(TrainedModel):
         mini = mini[torch.tensor(self.rows_of_rank(mini))]
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for micro in micro_batches(mini, self.batching.ppo_micro_batch_size_per_gpu):
+        for micro in self.micro_batches(mini):
             mask = micro["response_mask"]
             with self._compute():
                 vpreds = response_values(self.model, micro)

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ascend_rl.workers.balance import balanced_partition, contiguous_partition
+from ascend_rl.workers.balance import balanced_partition, contiguous_partition, token_budget_groups
 from ascend_rl.workers.fsdp import FsdpSettings, place_for_compute, reduce_over_ranks
 from ascend_rl.workers.optimizer import OptimSettings, build_optimizer, build_scheduler
 
@@ -38,6 +38,7 @@ class Batching:
     shuffle: bool = False
     data_loader_seed: int = 42
     balance_batch: bool = True  # several ranks: even token counts per rank (trainer.balance_batch)
+    ppo_max_token_len_per_gpu: int | None = None  # use_dynamic_bsz: micro-batches by tokens instead of rows
 
 
 def load_model(path: str, device: str, gradient_checkpointing: bool = False, dtype: torch.dtype = torch.float32,
@@ -62,8 +63,36 @@ def place(model, device: str, fsdp: FsdpSettings | None, mesh=None):
     return place_for_compute(model, mesh, fsdp or FsdpSettings(), torch.device(device).type)
 
 
-def micro_batches(batch: TensorDict, size: int | None) -> list[TensorDict]:
-    return list(batch.split(size)) if size else [batch]
+def micro_batch_rows(batch: TensorDict, size: int | None, budget: int | None, device=None) -> list[list[int]]:
+    """The rows of each micro-batch: `size` rows at a time (None: all at once), or with `budget`, at most that
+    many tokens each (verl's use_dynamic_bsz). Under a process group every rank calls this at once and they agree
+    on the count (FSDP needs the same number of passes on every rank; `device`: where the group's collectives
+    run). Losses normalise by the mini-batch's counts, so any split gives the same update."""
+    n = batch.batch_size[0]
+    if budget is None:
+        step = size or max(n, 1)
+        return [list(range(start, min(start + step, n))) for start in range(0, n, step)]
+    tokens = batch["attention_mask"].sum(-1).tolist()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return token_budget_groups(tokens, budget)
+    count = min(_agreed(len(token_budget_groups(tokens, budget)), dist.ReduceOp.MAX, device),
+                _agreed(n, dist.ReduceOp.MIN, device))  # no rank may run out of rows
+    return token_budget_groups(tokens, budget, groups=count)
+
+
+def split(batch: TensorDict, rows: list[list[int]]) -> list[TensorDict]:
+    return [batch[torch.tensor(r)] for r in rows]
+
+
+def in_row_order(outputs: list[torch.Tensor], rows: list[list[int]]) -> torch.Tensor:
+    """Per-row outputs of the micro-batches, back in the batch's row order."""
+    return torch.cat(outputs)[torch.tensor([i for r in rows for i in r]).argsort()]
+
+
+def _agreed(value: int, op, device) -> int:
+    t = torch.tensor([value], dtype=torch.long, device=device if dist.get_backend() != "gloo" else "cpu")
+    dist.all_reduce(t, op=op)
+    return int(t.item())
 
 
 @contextlib.contextmanager
@@ -101,6 +130,12 @@ class TrainedModel:
             tokens = batch["attention_mask"].sum(-1).tolist()
             return balanced_partition(tokens, self.world_size)[self.rank]
         return contiguous_partition(batch.batch_size[0], self.world_size)[self.rank]
+
+    def micro_batches(self, rows: TensorDict) -> list[TensorDict]:
+        """This rank's rows of a mini-batch in micro-batches (by rows, or by tokens with use_dynamic_bsz)."""
+        b = self.batching
+        return split(rows, micro_batch_rows(rows, b.ppo_micro_batch_size_per_gpu, b.ppo_max_token_len_per_gpu,
+                                            self.device))
 
     def optimizer_step(self, grad_clip: float) -> float:
         """Clip and step; a non-finite gradient would poison the weights: that mini-batch's step is skipped."""
