@@ -15,6 +15,7 @@ A = "actor_rollout_ref"
 class Missing:
     """A feature this build lacks: what it is, what to use instead, and whether a run uses it (None: setting
     any of its keys away from the default is using it)."""
+
     name: str
     instead: str
     in_use: Callable[[DictConfig], bool] | None = None

@@ -2,9 +2,9 @@
 
 - *honoured*: read, by the module named (`Honoured.reader`, relative to the package);
 - *no effect here*: accepted and ignored; a lint warning says why when a run sets it away from verl's default;
-- *not built*: belongs to a feature this build lacks. Set away from verl's default, it stops `train` at start-up
-  (plan lists it) naming the feature and what to use instead, unless the feature is off in this run (say the
-  critic's keys in a GRPO run): then, as in verl, the key has no effect, and lint says so.
+- *not built*: belongs to a feature this build lacks (config/features.py). Set away from verl's default, it stops
+  `train` at start-up (plan lists it) naming the feature and what to use instead, unless the feature is off in
+  this run (a LoRA key while lora_rank is 0): then, as in verl, the key has no effect, and lint says so.
 
 The table is ordered and the first pattern that matches a key wins (`*` matches across dots).
 `docs/config-keys.md` is generated from it (scripts/config_keys_doc.py); tests/test_key_status.py checks that
