@@ -361,6 +361,7 @@ def test_a_run_keeps_its_log_lines_in_train_log(task, tmp_path):
     fit(task, tmp_path / "run", f"reward.custom_reward_function.path={reward}", "trainer.total_training_steps=1")
     log = (tmp_path / "run" / "train.log").read_text()
     assert "scorer broke" in log and " WARNING " in log
+    assert "held-out accuracy (val-core/...) is of greedy answers" in log  # said once, at the start
 
 
 def test_token_budget_micro_batches_train(task, tmp_path):

@@ -72,6 +72,7 @@ class RLTrainer:
             if resumed_step >= c.total_steps:
                 return FitResult(resumed_step, {}, {}, c.out_dir, resumed_step)
             c.report.open(self.global_step)
+            c.report.explain_scores()
             self.sync_weights()
             val_before = {}
             if trainer_cfg.val_before_train and c.val_records:

@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from ascend_rl.trainer.plots import plot_curves
 from ascend_rl.trainer.tracking import make_sinks
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Reporter:
@@ -32,6 +34,14 @@ class Reporter:
         loggers = [t.logger] if isinstance(t.logger, str) else list(t.logger)
         self.sinks = make_sinks(loggers, self.out_dir, t.project_name, t.experiment_name,
                                 OmegaConf.to_container(self.cfg), self.write, step)
+
+    def explain_scores(self) -> None:
+        """Why the bar's score and the held-out accuracy differ, said once at the start of a run."""
+        ro = self.cfg.actor_rollout_ref.rollout
+        if ro.temperature > 0 and ro.val_kwargs.temperature == 0:
+            logger.info("score (critic/score/mean) is of the training samples, drawn at temperature %s; held-out "
+                        "accuracy (val-core/...) is of greedy answers: the score is usually the lower of the two",
+                        ro.temperature)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for sink in self.sinks:
