@@ -32,7 +32,7 @@ from ascend_rl.rollout.factory import Rollout, build_rollout
 from ascend_rl.trainer.checkpoint import check_run_dir
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.reporting import Reporter
-from ascend_rl.trainer.validation import run_validation
+from ascend_rl.trainer.validation import Validator
 from ascend_rl.workers.actor import Actor, ActorSettings, ReferencePolicy, ReferenceSettings
 from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
 from ascend_rl.workers.fsdp import fsdp_settings
@@ -52,7 +52,7 @@ class Components:
     reward_manager: RewardManager  # scores → rewards (reward.reward_manager.name)
     kl_controller: object | None
     train_records: list[PromptRecord]
-    val_records: list[PromptRecord]
+    validator: Validator  # held-out prompts, scored with val_kwargs (empty: no validation)
     sampler: ResumableBatchSampler
     total_steps: int
     seed: int
@@ -85,11 +85,6 @@ class Components:
         self.tokenizer.save_pretrained(step_dir / "actor")
         if self.critic is not None:
             self.critic.save(step_dir / "critic")
-
-    def validate(self) -> dict[str, float]:
-        ro = self.cfg.actor_rollout_ref.rollout
-        return run_validation(self.engine, self.val_records, self.decode, self.rewards, ro.val_kwargs,
-                              self.cfg.data.max_response_length, seed=self.seed + 7_777_777)
 
     def close(self) -> None:
         self.report.close()
@@ -151,14 +146,16 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     kl = cfg.algorithm.kl_ctrl
     kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
         if cfg.algorithm.use_kl_in_reward else None
+    # last: a launched server must not outlive a failed build
+    rollout = colocated_rollout(actor, rollout_spec) if rollout_spec else build_rollout(cfg, device, out_dir)
+    # scoring is light: more processes than a few only add start-up time
+    rewards = RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s)
+    validator = Validator(val_records, rewards, partial(tokenizer.batch_decode, skip_special_tokens=True),
+                          arr.rollout.val_kwargs, data.max_response_length, seed=seed + 7_777_777)
     return Components(
-        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, critic=critic,
-        # last: a launched server must not outlive a failed build
-        rollout=colocated_rollout(actor, rollout_spec) if rollout_spec else build_rollout(cfg, device, out_dir),
-        # scoring is light: more processes than a few only add start-up time
-        rewards=RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s),
-        reward_manager=make_reward_manager(cfg.reward.reward_manager.name, _plain(cfg.reward.get("reward_kwargs"))),
-        kl_controller=kl_controller, train_records=train_records, val_records=val_records, sampler=sampler,
+        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, critic=critic, rollout=rollout, rewards=rewards,
+        validator=validator, reward_manager=make_reward_manager(cfg.reward.reward_manager.name, _plain(cfg.reward.get("reward_kwargs"))),
+        kl_controller=kl_controller, train_records=train_records, sampler=sampler,
         total_steps=total, seed=seed, out_dir=out_dir, profiler=StepProfiler(cfg, device),
         report=Reporter(cfg, out_dir, total, show_progress),
         n_devices=t.nnodes * t.n_gpus_per_node,

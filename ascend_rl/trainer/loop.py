@@ -75,7 +75,7 @@ class RLTrainer:
             c.report.explain_scores()
             self.sync_weights()
             val_before = {}
-            if trainer_cfg.val_before_train and c.val_records:
+            if trainer_cfg.val_before_train and c.validator:
                 val_before = self.validate()
                 c.report.log(val_before, self.global_step)
             val_metrics = val_before
@@ -84,7 +84,7 @@ class RLTrainer:
                 self.global_step += 1
                 with c.profiler.step(self.global_step):
                     metrics = self.train_step(self.global_step)
-                if self._due(trainer_cfg.test_freq) and c.val_records:
+                if self._due(trainer_cfg.test_freq) and c.validator:
                     val_metrics = self.validate()
                     metrics.update(val_metrics)
                 c.report.log(metrics, self.global_step)
@@ -92,7 +92,7 @@ class RLTrainer:
                 bar.set_postfix(c.report.postfix(metrics, val_metrics))
             bar.close()
             wants_final = trainer_cfg.test_freq > 0 or trainer_cfg.val_before_train
-            if c.val_records and wants_final and not self._due(trainer_cfg.test_freq):
+            if c.validator and wants_final and not self._due(trainer_cfg.test_freq):
                 val_metrics = self.validate()
                 c.report.log(val_metrics, self.global_step)
         except WorkerDied as err:
@@ -241,7 +241,7 @@ class RLTrainer:
         return stats.metrics()
 
     def validate(self) -> dict[str, float]:
-        return self.c.validate()
+        return self.c.validator.run(self.c.engine)
 
     # --- checkpoints ----------------------------------------------------------------------------------
 

@@ -5,8 +5,29 @@ reward and every other numeric key a scorer returns."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ascend_rl.rollout.protocol import SamplingParams
+
+
+@dataclass
+class Validator:
+    """The held-out prompts and how to score them (`rollout.val_kwargs`, greedy by default)."""
+
+    records: list
+    rewards: object  # a RewardRunner
+    decode: Callable[[list], list[str]]
+    val_kwargs: object
+    max_new_tokens: int
+    seed: int
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+    def run(self, engine) -> dict[str, float]:
+        return run_validation(engine, self.records, self.decode, self.rewards, self.val_kwargs, self.max_new_tokens,
+                              self.seed)
 
 
 def run_validation(engine, records, decode, rewards, val_kwargs, max_new_tokens: int, seed: int) -> dict[str, float]:
