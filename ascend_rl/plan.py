@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from ascend_rl.config.environment import EnvFinding, check_environment
 from ascend_rl.config.layout import Layout, compute_layout
-from ascend_rl.config.lint import lint, unsupported_features
+from ascend_rl.config.lint import changed_keys, lint, unsupported_features
 from ascend_rl.config.memory import MemoryEstimate, estimate_memory
 from ascend_rl.config.validate import data_files, missing_inputs, validate
 from ascend_rl.distributed.colocated import colocated
@@ -57,14 +57,15 @@ def make_plan(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> Plan
     environ = os.environ if environ is None else environ
     layout = compute_layout(cfg, resolve_device(cfg.trainer.device))
     total, note = total_steps(cfg)
+    changed = changed_keys(cfg)
     plan = Plan(
         layout=layout,
         memory=estimate_memory(cfg, layout),
         total_steps=total,
         steps_note=note,
         errors=validate(cfg, layout),
-        warnings=lint(cfg),
-        unsupported=unsupported_features(cfg, layout.world_size),
+        warnings=lint(cfg, changed),
+        unsupported=unsupported_features(cfg, layout.world_size, changed),
         environment=check_environment(cfg, layout.device, environ),
         missing_inputs=missing_inputs(cfg) + preflight(cfg),  # train stops on these; plan lists them
         workers=describe_workers(cfg, layout.device),

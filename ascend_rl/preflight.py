@@ -85,9 +85,13 @@ def scorer_problems(cfg: DictConfig) -> list[str]:
     if cfg.reward.custom_reward_function.path:
         return []
     sources = set()
-    for key in ("data.train_files", "data.val_files"):
-        for file in data_files(cfg.data.get(key.split(".")[1])):
+    for files in (cfg.data.train_files, cfg.data.val_files):
+        for file in data_files(files):
             sources |= _sources(file, cfg.data.reward_fn_key)
+    return missing_scorers(sources)
+
+
+def missing_scorers(sources: set[str]) -> list[str]:
     problems = []
     for source in sorted(sources):
         try:

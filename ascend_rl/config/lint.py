@@ -107,10 +107,6 @@ UNSUPPORTED = (
 PROBE = "__verl_default_of_"
 
 
-def _interpolated(default) -> bool:
-    return isinstance(default, str) and "${" in default
-
-
 @cache
 def _resolved_defaults(engine: str) -> DictConfig:
     tree = schema.engine_tree(engine).copy()
@@ -140,7 +136,7 @@ def changed_keys(cfg: DictConfig) -> set[str]:
     one key."""
     engine = schema.engine_of(cfg)
     tree = schema.engine_keys(engine)
-    interpolated = {p: default for p, default in tree.items() if _interpolated(default)}
+    interpolated = {p: default for p, default in tree.items() if schema.interpolates(default)}
     fixed, followed = _resolved_defaults(engine), _followed_defaults(cfg, interpolated)
     changed = set()
     for path in schema.leaf_paths(cfg):
@@ -176,18 +172,19 @@ def _single_sample_groups(cfg: DictConfig) -> list[str]:
             f"is the sample's own score); set {A}.rollout.n to 2 or more (8 is usual)"]
 
 
-def lint(cfg: DictConfig) -> list[str]:
-    changed = changed_keys(cfg)
+def lint(cfg: DictConfig, changed: set[str] | None = None) -> list[str]:
+    """`changed`: changed_keys(cfg), when the caller has it already (it copies and resolves the config)."""
+    changed = changed_keys(cfg) if changed is None else changed
     _, idle = key_status.missing_features(cfg, changed)
     return [*key_status.no_effect_warnings(cfg, changed), *idle, *_single_sample_groups(cfg),
             *(f"{r.key}: {r.message(cfg)}" for r in LINT_RULES if r.key in changed and r.applies(cfg))]
 
 
-def unsupported_features(cfg: DictConfig, world_size: int) -> list[str]:
+def unsupported_features(cfg: DictConfig, world_size: int, changed: set[str] | None = None) -> list[str]:
     """One line per feature the run asks for that is not built: chosen values first, then set keys."""
     lines = {_name(f, cfg): f"{_name(f, cfg)} is not built yet; for now use {f.instead}"
              for f in UNSUPPORTED if f.requested(cfg, world_size)}
-    wanted, _ = key_status.missing_features(cfg, changed_keys(cfg))
+    wanted, _ = key_status.missing_features(cfg, changed_keys(cfg) if changed is None else changed)
     for feature, keys in wanted.items():
         if feature.name not in lines:
             lines[feature.name] = f"{feature.name} is not built yet ({', '.join(keys)}); for now use {feature.instead}"

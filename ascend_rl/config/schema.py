@@ -158,6 +158,11 @@ def unknown_key_message(path: str) -> str:
     return f"unknown config key '{path}'{tail}"
 
 
+def interpolates(default: Any) -> bool:
+    """A default written as an interpolation of other keys (`${...}`): it follows them."""
+    return isinstance(default, str) and "${" in default
+
+
 def engine_of(cfg: DictConfig) -> str:
     """The engine a composed config was built for (verl's default when it does not say)."""
     engine = cfg.get("model_engine") if "model_engine" in cfg else None

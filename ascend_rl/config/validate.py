@@ -40,8 +40,7 @@ def _check_numbers(cfg: DictConfig) -> list[str]:
 
 def _derived(path: str) -> bool:
     """A key whose default interpolates another (`${...}`): a NaN there is the other key's, reported once."""
-    default = schema.known_keys().get(path)
-    return isinstance(default, str) and "${" in default
+    return schema.interpolates(schema.known_keys().get(path))
 
 
 def _finite(v) -> bool:
@@ -55,7 +54,8 @@ def _choice(key: str, value, valid, verl_knows=()) -> list[str]:
     return [f"{key}={value!r}: expected one of {', '.join(map(str, valid))}"]
 
 
-def _container(node) -> dict:
+def plain_map(node) -> dict:
+    """A config map as a plain dict (empty when unset), safe to pickle to worker processes."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
 
 
@@ -79,7 +79,7 @@ def _check_choices(cfg: DictConfig) -> list[str]:
         *_choice(f"{A}.rollout.launch.weight_transport", cfg[A].rollout.launch.weight_transport, WEIGHT_TRANSPORTS),
         *_choice("reward.reward_manager.name", cfg.reward.reward_manager.name, REWARD_MANAGERS.names(),
                  verl_names.REWARD_MANAGERS),
-        *check_reward_kwargs(cfg.reward.reward_manager.name, _container(cfg.reward.get("reward_kwargs"))),
+        *check_reward_kwargs(cfg.reward.reward_manager.name, plain_map(cfg.reward.get("reward_kwargs"))),
     ]
     for key, kind in ((f"{A}.actor.kl_loss_type", actor.kl_loss_type), ("algorithm.kl_penalty", alg.kl_penalty)):
         if not _kl_kind_ok(kind):

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ascend_rl.algorithms import make_kl_controller, policy_loss_kwargs
 from ascend_rl.config.features import critic_in_use
-from ascend_rl.config.validate import data_files
+from ascend_rl.config.validate import data_files, plain_map
 from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.model_dir import check_model_dir, load_tokenizer
 from ascend_rl.data.sampler import ResumableBatchSampler
@@ -25,7 +25,7 @@ from ascend_rl.distributed.colocated import WorkerRolloutSpec, colocated, coloca
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, resolve_device
-from ascend_rl.preflight import context_problems, scorer_problems
+from ascend_rl.preflight import context_problems, missing_scorers
 from ascend_rl.reward import RewardFunction, RewardRunner
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
 from ascend_rl.rollout.factory import Rollout, build_rollout
@@ -126,7 +126,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
         if data.val_files else []
     reward_fn = RewardFunction(cfg.reward.custom_reward_function.path, cfg.reward.custom_reward_function.name,
                                OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs))
-    if problems := scorer_problems(cfg):
+    sources = {r.data_source for r in train_records + val_records}  # the files were read once, above
+    if reward_fn.custom_path is None and (problems := missing_scorers(sources)):
         raise UserError(problems)
     sampler = ResumableBatchSampler(len(train_records), data.train_batch_size, shuffle=data.shuffle,
                                     seed=data.seed if data.seed is not None else seed)
@@ -154,7 +155,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
                           arr.rollout.val_kwargs, data.max_response_length, seed=seed + 7_777_777)
     return Components(
         cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, critic=critic, rollout=rollout, rewards=rewards,
-        validator=validator, reward_manager=make_reward_manager(cfg.reward.reward_manager.name, _plain(cfg.reward.get("reward_kwargs"))),
+        validator=validator, reward_manager=make_reward_manager(cfg.reward.reward_manager.name, plain_map(cfg.reward.get("reward_kwargs"))),
         kl_controller=kl_controller, train_records=train_records, sampler=sampler,
         total_steps=total, seed=seed, out_dir=out_dir, profiler=StepProfiler(cfg, device),
         report=Reporter(cfg, out_dir, total, show_progress),
@@ -170,7 +171,7 @@ def _optim_settings(optim: DictConfig, total_steps: int) -> OptimSettings:
                          min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles,
                          optimizer_impl=optim.get("optimizer_impl", "torch.optim"),
                          optimizer=optim.get("optimizer", "AdamW"),
-                         overrides=_plain(optim.get("override_optimizer_config")))
+                         overrides=plain_map(optim.get("override_optimizer_config")))
 
 
 def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec:
@@ -224,8 +225,3 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceS
 def _token_budget(section: DictConfig, switch: str, budget: str) -> int | None:
     """verl's dynamic batch size: micro-batches of at most `budget` tokens per device when `switch` is on."""
     return section.get(budget) if section.get(switch) else None
-
-
-def _plain(node) -> dict:
-    """A config map as a plain dict (empty when unset), safe to pickle to worker processes."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}

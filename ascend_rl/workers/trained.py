@@ -134,8 +134,10 @@ class TrainedModel:
     def micro_batches(self, rows: TensorDict) -> list[TensorDict]:
         """This rank's rows of a mini-batch in micro-batches (by rows, or by tokens with use_dynamic_bsz)."""
         b = self.batching
-        return split(rows, micro_batch_rows(rows, b.ppo_micro_batch_size_per_gpu, b.ppo_max_token_len_per_gpu,
-                                            self.device))
+        if b.ppo_max_token_len_per_gpu is None:  # fixed sizes: views of the rows, no copies
+            size = b.ppo_micro_batch_size_per_gpu
+            return list(rows.split(size)) if size else [rows]
+        return split(rows, micro_batch_rows(rows, None, b.ppo_max_token_len_per_gpu, self.device))
 
     def optimizer_step(self, grad_clip: float) -> float:
         """Clip and step; a non-finite gradient would poison the weights: that mini-batch's step is skipped."""
