@@ -233,15 +233,21 @@ class EngineService:
         return {"success": True, "message": f"Succeeded to update model weights from {path}.", "num_paused_requests": 0}
 
     def update_weights_from_tensor(self, body: dict) -> dict:
-        """SGLang's body: base64 of serialized (name, tensor) pairs per TP rank, decoded without running code
-        (rollout/tensor_transfer.py); every name and shape is checked before any weight is copied."""
-        update = decode_update_weights_from_tensor(body)
+        """SGLang's body: base64 of serialized (name, tensor) pairs per TP rank: the tensors' data, or
+        ForkingPickler's handles to shared memory (CPU, file_system strategy) or to this server's device,
+        decoded without running code (rollout/tensor_transfer.py, tensor_handles.py). Every name, shape and
+        dtype is checked before any weight is copied."""
+        update = decode_update_weights_from_tensor(body, device=getattr(self.engine, "device", "cpu"))
         tensors = dict(update.named_tensors)
         unknown = sorted(set(tensors) - set(self.shapes))
         if unknown:
             raise ValueError(f"serialized_named_tensors: {len(unknown)} name(s) the model does not have, e.g. "
                              f"{unknown[0]!r}")
-        checks.check_shapes(tensors, self.shapes)
+        try:
+            checks.check_shapes(tensors, self.shapes)
+            checks.check_floating(tensors)
+        except ValueError as err:
+            raise ValueError(f"serialized_named_tensors: {err}") from None
         if update.abort_all_requests:
             self.engine.abort_request(None, True)
         self.engine.update_weights_from_tensor(update.named_tensors, load_format=update.load_format,

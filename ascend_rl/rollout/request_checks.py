@@ -303,3 +303,12 @@ def check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]])
     for name, tensor in tensors.items():
         if list(tensor.shape) != shapes[name]:
             raise ValueError(f"{name}: shape {list(tensor.shape)} where the model has {shapes[name]}")
+
+
+def check_floating(tensors: dict[str, torch.Tensor]) -> None:
+    """A weight pushed as a tensor is floating point: the engine casts it to its parameter's dtype, and an
+    integer, boolean or complex tensor cast to a weight is a sender's mistake, not new weights."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name}: dtype {str(tensor.dtype).removeprefix('torch.')}, a weight must be a "
+                             f"floating-point tensor")
