@@ -106,6 +106,8 @@ def describe_workers(cfg: DictConfig, device: str) -> str:
     if world == 1:
         return "one process: actor, reference and rollout engine"
     held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
+    if (sp := cfg.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1)) > 1:
+        held += f", in Ulysses groups of {sp} that split each packed micro-batch's positions"
     if not colocated(cfg):
         held += "; the driver holds the rollout engine"
     elif cfg.actor_rollout_ref.rollout.name == "native":

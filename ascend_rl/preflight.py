@@ -2,6 +2,7 @@
 inputs (`train` stops on them before building anything), each naming the key to change.
 
 - the prompt and response fit the model's context (config.json's max_position_embeddings, or rollout.max_model_len);
+- the model's attention heads (and KV heads) divide over the Ulysses group;
 - every `trainer.logger` has its package;
 - the custom reward file imports and defines its function (imported in a child process: it is the user's code,
   and may hang or exit);
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ascend_rl.config.features import critic_in_use
 from ascend_rl.config.validate import data_files
 from ascend_rl.reward.scorers import scorer_for
 
@@ -27,7 +29,8 @@ REWARD_IMPORT_TIMEOUT_S = 60
 
 
 def preflight(cfg: DictConfig) -> list[str]:
-    return [*context_problems(cfg), *logger_problems(cfg), *reward_function_problems(cfg), *scorer_problems(cfg)]
+    return [*context_problems(cfg), *sequence_parallel_problems(cfg), *logger_problems(cfg),
+            *reward_function_problems(cfg), *scorer_problems(cfg)]
 
 
 def context_problems(cfg: DictConfig) -> list[str]:
@@ -46,6 +49,30 @@ def context_problems(cfg: DictConfig) -> list[str]:
     return [f"data.max_prompt_length={data.max_prompt_length} + data.max_response_length={data.max_response_length} "
             f"exceeds the rollout context of {context} tokens ({source}); shorten them or raise "
             f"{A}.rollout.max_model_len"]
+
+
+def sequence_parallel_problems(cfg: DictConfig) -> list[str]:
+    """Ulysses gives each rank of a group a share of the heads: query and KV heads must divide by its size."""
+    sp = cfg[A].actor.get("ulysses_sequence_parallel_size", 1)
+    models = {f"{A}.model.path": cfg[A].model.path}
+    if critic_in_use(cfg):
+        models["critic.model.path"] = cfg.critic.model.path
+    problems = []
+    for key, path in models.items() if sp > 1 else ():
+        config = _model_config(path)
+        for heads in ("num_attention_heads", "num_key_value_heads"):
+            if (n := config.get(heads)) and n % sp:
+                problems.append(f"{A}.actor.ulysses_sequence_parallel_size={sp} does not divide the {n} {heads} of "
+                                f"{key} ({path}): Ulysses gives each rank of its group a share of the heads")
+    return problems
+
+
+def _model_config(path) -> dict:
+    """The model's config.json; {} where there is none to read (plan without the model: the model check says so)."""
+    try:
+        return json.loads((Path(str(path or "")).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def logger_problems(cfg: DictConfig) -> list[str]:

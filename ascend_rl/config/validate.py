@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
 from ascend_rl.config import schema, verl_names
+from ascend_rl.config.features import critic_in_use
 from ascend_rl.config.layout import Layout
 from ascend_rl.reward.managers import REWARD_MANAGERS, check_reward_kwargs
 from ascend_rl.stack import installed_version
@@ -29,7 +30,7 @@ WEIGHT_TRANSPORTS = ("auto", "tensor", "disk", "distributed")
 
 def validate(cfg: DictConfig, layout: Layout) -> list[str]:
     return [*_check_choices(cfg), *_check_numbers(cfg), *_check_ranges(cfg), *_check_batches(cfg, layout),
-            *_check_rollout(cfg, layout)]
+            *_check_rollout(cfg, layout), *_check_sequence_parallel(cfg)]
 
 
 def _check_numbers(cfg: DictConfig) -> list[str]:
@@ -180,6 +181,33 @@ def _check_batches(cfg: DictConfig, layout: Layout) -> list[str]:
     elif micro is not None and per_rank and micro <= per_rank and per_rank % micro:
         errors.append(f"{A}.actor.ppo_micro_batch_size_per_gpu={micro} does not divide the {per_rank} samples "
                       f"each rank gets per mini-batch")
+    return errors
+
+
+def _check_sequence_parallel(cfg: DictConfig) -> list[str]:
+    """Ulysses runs on packed sequences (verl asserts the same); the reference policy and the critic live in the
+    actor's workers and split sequences as it does; an engine config's own SP size must agree with its section's."""
+    arr, critic, errors = cfg[A], cfg.critic, []
+    sp = arr.actor.get("ulysses_sequence_parallel_size", 1)
+    packed = {f"{A}.actor": arr.actor.get("use_remove_padding", arr.model.use_remove_padding),
+              f"{A}.ref": arr.model.use_remove_padding, "critic": critic.model.get("use_remove_padding")}
+    sections = {f"{A}.actor": (arr.actor, "fsdp_config"), f"{A}.ref": (arr.ref, "fsdp_config"),
+                "critic": (critic, "fsdp")}
+    if not critic_in_use(cfg):
+        del sections["critic"]
+    for name, (section, engine) in sections.items():
+        size = section.get("ulysses_sequence_parallel_size", 1)
+        engine_size = (section.get(engine) or {}).get("ulysses_sequence_parallel_size", 1)
+        if engine_size not in (1, size):
+            errors.append(f"{name}.{engine}.ulysses_sequence_parallel_size={engine_size} disagrees with "
+                          f"{name}.ulysses_sequence_parallel_size={size}; set them equal")
+        if size != sp:
+            errors.append(f"{name}.ulysses_sequence_parallel_size={size} must equal {A}.actor's ({sp}): it runs in "
+                          f"the actor's workers")
+        if size > 1 and not packed[name]:
+            where = "critic.model" if name == "critic" else f"{A}.model"
+            errors.append(f"{name}.ulysses_sequence_parallel_size={size} needs packed sequences: set "
+                          f"{where}.use_remove_padding=True")
     return errors
 
 

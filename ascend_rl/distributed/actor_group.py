@@ -108,17 +108,21 @@ class ActorGroup:
                                      rollout=rollout, critic=critic))
         self.reference = _WorkerReference(self) if ref is not None else None
         self.critic = _WorkerCritic(self) if critic is not None else None
+        self.ulysses_sp = settings.sequences.ulysses_sp  # the reference's and the critic's are the same (validated)
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs, entropy = self._by_rows("log_probs", batch)
         return log_probs, entropy
 
     def _by_rows(self, method: str, batch: TensorDict) -> list:
-        """`method` on each rank's share of the rows (balanced by tokens: the slowest rank sets the pace); the
-        results (each a tensor or a tuple of them) come back as whole columns in the batch's row order."""
+        """`method` on each data-parallel rank's share of the rows (balanced by tokens: the slowest rank sets the
+        pace; the ranks of a Ulysses group share one); the results (each a tensor or a tuple of them) come back as
+        whole columns in the batch's row order."""
         tokens = batch["attention_mask"].sum(-1).tolist()
-        rows = balanced_partition(tokens, self.group.world_size)
-        parts = self.group.call(method, [(batch[torch.tensor(r)],) for r in rows])
+        sp = self.ulysses_sp
+        rows = balanced_partition(tokens, self.group.world_size // sp)
+        parts = self.group.call(method, [(batch[torch.tensor(rows[rank // sp])],) for rank in range(self.group.world_size)])
+        parts = parts[::sp]  # one answer per group
         order = torch.tensor([i for r in rows for i in r]).argsort()
         columns = zip(*parts) if isinstance(parts[0], tuple) else [parts]
         return [torch.cat(list(column))[order] for column in columns]

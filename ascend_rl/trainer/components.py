@@ -25,7 +25,7 @@ from ascend_rl.distributed.colocated import WorkerRolloutSpec, colocated, coloca
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, resolve_device
-from ascend_rl.preflight import context_problems, missing_scorers
+from ascend_rl.preflight import context_problems, missing_scorers, sequence_parallel_problems
 from ascend_rl.reward import RewardFunction, RewardRunner
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
 from ascend_rl.rollout.factory import Rollout, build_rollout
@@ -37,6 +37,7 @@ from ascend_rl.workers.actor import Actor, ActorSettings, ReferencePolicy, Refer
 from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
 from ascend_rl.workers.fsdp import fsdp_settings
 from ascend_rl.workers.optimizer import OptimSettings
+from ascend_rl.workers.packing import SequenceSettings
 from ascend_rl.workers.trained import Batching
 
 
@@ -115,7 +116,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     check_model_dir(arr.model.path, "actor_rollout_ref.model.path")
     tokenizer = load_tokenizer(*((data.tokenizer, "data.tokenizer") if data.tokenizer
                                  else (arr.model.path, "actor_rollout_ref.model.path")))
-    if problems := context_problems(cfg):
+    if problems := context_problems(cfg) + sequence_parallel_problems(cfg):
         raise UserError(problems)
     load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,
                 reward_fn_key=data.reward_fn_key, filter_overlong_prompts=data.filter_overlong_prompts,
@@ -135,7 +136,8 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     needs_ref = arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
     ref_settings = ReferenceSettings(arr.rollout.temperature, arr.ref.log_prob_micro_batch_size_per_gpu,
                                      fsdp_settings(arr.ref.fsdp_config, device, "actor_rollout_ref.ref.fsdp_config"),
-                                     _token_budget(arr.ref, "log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu"))
+                                     _token_budget(arr.ref, "log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu"),
+                                     SequenceSettings(arr.model.use_remove_padding, arr.ref.ulysses_sequence_parallel_size))
     rollout_spec = worker_rollout_spec(cfg, device) if colocated(cfg) else None
     critic_spec = _critic_spec(cfg, device, total) if critic_in_use(cfg) else None
     actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None, rollout_spec, critic_spec)
@@ -185,7 +187,8 @@ def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec:
     settings = CriticSettings(batching, critic.forward_micro_batch_size_per_gpu,
                               _token_budget(critic, "use_dynamic_bsz", "forward_max_token_len_per_gpu"),
                               critic.cliprange_value, critic.loss_agg_mode, critic.get("loss_scale_factor"),
-                              critic.grad_clip)
+                              critic.grad_clip,
+                              SequenceSettings(critic.model.use_remove_padding, critic.ulysses_sequence_parallel_size))
     return CriticSpec(path, settings, _optim_settings(critic.optim, total_steps),
                       fsdp_settings(critic.fsdp, device, "critic.fsdp"), critic.model.enable_gradient_checkpointing)
 
@@ -215,7 +218,9 @@ def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceS
             log_prob_max_token_len=_token_budget(arr.rollout, "log_prob_use_dynamic_bsz",
                                                  "log_prob_max_token_len_per_gpu"),
             balance_batch=cfg.trainer.balance_batch, loss_scale_factor=actor_cfg.get("loss_scale_factor"),
-            policy_loss_kwargs=policy_loss_kwargs(actor_cfg, cfg.algorithm)),
+            policy_loss_kwargs=policy_loss_kwargs(actor_cfg, cfg.algorithm),
+            sequences=SequenceSettings(actor_cfg.get("use_remove_padding", arr.model.use_remove_padding),
+                                       actor_cfg.ulysses_sequence_parallel_size)),
         _optim_settings(actor_cfg.optim, total_steps),
         gradient_checkpointing=arr.model.enable_gradient_checkpointing,
         fsdp=fsdp_settings(actor_cfg.fsdp_config, device),

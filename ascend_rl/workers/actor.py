@@ -12,8 +12,9 @@ from tensordict import TensorDict
 
 from ascend_rl.algorithms import agg_loss, compute_policy_loss, global_counts, kl_penalty
 from ascend_rl.workers.fsdp import FsdpSettings, full_tensor
-from ascend_rl.workers.model_io import logprob_metrics, response_log_probs
+from ascend_rl.workers.model_io import ModelForward, logprob_metrics
 from ascend_rl.workers.optimizer import OptimSettings
+from ascend_rl.workers.packing import SequenceSettings
 from ascend_rl.workers.trained import (
     DCP_DIR,
     Batching,
@@ -21,6 +22,7 @@ from ascend_rl.workers.trained import (
     in_row_order,
     load_model,
     micro_batch_rows,
+    model_forward,
     place,
     split,
 )
@@ -28,9 +30,12 @@ from ascend_rl.workers.trained import (
 __all__ = ["DCP_DIR", "Actor", "ActorSettings", "ReferencePolicy", "ReferenceSettings", "load_model", "load_policy"]
 
 
-def load_policy(path: str, device: str, fsdp: FsdpSettings | None, mesh=None, gradient_checkpointing: bool = False):
-    """The model in `fsdp.model_dtype`, sharded over `mesh` when given, and the context its forwards run in."""
-    model = load_model(path, device, gradient_checkpointing, (fsdp or FsdpSettings()).model_dtype)
+def load_policy(path: str, device: str, fsdp: FsdpSettings | None, forward: ModelForward, mesh=None,
+                gradient_checkpointing: bool = False):
+    """The model in `fsdp.model_dtype` with the attention `forward` needs, sharded over `mesh` when given, and
+    the context its forwards run in."""
+    model = load_model(path, device, gradient_checkpointing, (fsdp or FsdpSettings()).model_dtype,
+                       attn_implementation=forward.attn_implementation)
     return model, place(model, device, fsdp, mesh)
 
 
@@ -60,6 +65,7 @@ class ActorSettings:
     log_prob_max_token_len: int | None = None  # rollout.log_prob_use_dynamic_bsz
     loss_scale_factor: float | None = None  # seq-mean-token-sum-norm's divisor (None: the response length)
     policy_loss_kwargs: dict = field(default_factory=dict, hash=False)  # algorithms.policy_loss_kwargs(config)
+    sequences: SequenceSettings = SequenceSettings()  # packed (use_remove_padding), Ulysses
 
     @property
     def batching(self) -> Batching:
@@ -75,13 +81,15 @@ class ReferenceSettings:
     micro_batch_size: int | None = None
     fsdp: FsdpSettings | None = None
     max_token_len: int | None = None  # ref.log_prob_use_dynamic_bsz
+    sequences: SequenceSettings = SequenceSettings()
 
 
 class ReferencePolicy:
     """A frozen copy of the initial policy, for the KL term; FSDP2-sharded like the actor when given a mesh."""
 
     def __init__(self, model_path: str, device: str, settings: ReferenceSettings, mesh=None):
-        self.model, self._compute = load_policy(model_path, device, settings.fsdp, mesh)
+        self.forward = model_forward(settings.sequences, mesh)
+        self.model, self._compute = load_policy(model_path, device, settings.fsdp, self.forward, mesh)
         self.model.eval().requires_grad_(False)
         self.device, self.settings = torch.device(device), settings
 
@@ -89,7 +97,7 @@ class ReferencePolicy:
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
         rows = micro_batch_rows(batch, self.settings.micro_batch_size, self.settings.max_token_len, self.device)
         with self._compute():
-            return in_row_order([response_log_probs(self.model, mb.to(self.device), self.settings.temperature)[0]
+            return in_row_order([self.forward.log_probs(self.model, mb.to(self.device), self.settings.temperature)[0]
                                  for mb in split(batch, rows)], rows).cpu()
 
 
@@ -98,8 +106,9 @@ class Actor(TrainedModel):
 
     def __init__(self, model_path: str, device: str, settings: ActorSettings, optim: OptimSettings,
                  gradient_checkpointing: bool = False, mesh=None, fsdp: FsdpSettings | None = None):
-        model, compute = load_policy(model_path, device, fsdp, mesh, gradient_checkpointing)
-        super().__init__(model, compute, device, optim, settings.batching, mesh)
+        forward = model_forward(settings.sequences, mesh)
+        model, compute = load_policy(model_path, device, fsdp, forward, mesh, gradient_checkpointing)
+        super().__init__(model, compute, forward, device, optim, settings.batching, mesh)
         self.settings = settings
 
     @torch.no_grad()
@@ -109,7 +118,7 @@ class Actor(TrainedModel):
         rows = micro_batch_rows(batch, self.settings.log_prob_micro_batch_size, self.settings.log_prob_max_token_len,
                                 self.device)
         with self._compute():
-            parts = [response_log_probs(self.model, mb.to(self.device), self.settings.temperature, with_entropy=True)
+            parts = [self.forward.log_probs(self.model, mb.to(self.device), self.settings.temperature, with_entropy=True)
                      for mb in split(batch, rows)]
         return in_row_order([p[0] for p in parts], rows).cpu(), in_row_order([p[1] for p in parts], rows).cpu()
 
@@ -135,8 +144,8 @@ class Actor(TrainedModel):
         for micro in self.micro_batches(mini):
             mask = micro["response_mask"]
             with self._compute():
-                log_prob, entropy = response_log_probs(self.model, micro, s.temperature,
-                                                       with_entropy=s.entropy_coeff != 0 or on_policy)
+                log_prob, entropy = self.forward.log_probs(self.model, micro, s.temperature,
+                                                           with_entropy=s.entropy_coeff != 0 or on_policy)
             old_log_prob = log_prob.detach() if on_policy else micro["old_log_probs"]
             if on_policy:  # this forward stands in for the old-log-prob pass, and so do its metrics
                 for name, value in logprob_metrics(log_prob.detach(), entropy.detach(), micro["rollout_log_probs"],

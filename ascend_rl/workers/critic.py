@@ -12,8 +12,19 @@ from tensordict import TensorDict
 
 from ascend_rl.algorithms import global_counts, masked_mean, value_loss
 from ascend_rl.workers.fsdp import FsdpSettings
+from ascend_rl.workers.model_io import ModelForward
 from ascend_rl.workers.optimizer import OptimSettings
-from ascend_rl.workers.trained import Batching, TrainedModel, in_row_order, load_model, micro_batch_rows, place, split
+from ascend_rl.workers.packing import SequenceSettings
+from ascend_rl.workers.trained import (
+    Batching,
+    TrainedModel,
+    in_row_order,
+    load_model,
+    micro_batch_rows,
+    model_forward,
+    place,
+    split,
+)
 
 VALUE_HEAD_SEED = 0
 
@@ -29,6 +40,7 @@ class CriticSettings:
     loss_agg_mode: str = "token-mean"
     loss_scale_factor: float | None = None
     grad_clip: float = 1.0
+    sequences: SequenceSettings = SequenceSettings()  # critic.model.use_remove_padding, ulysses
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,7 @@ class CriticSpec:
         return Critic(self.model_path, device, self.settings, self.optim, self.gradient_checkpointing, mesh, self.fsdp)
 
 
-def load_value_model(path: str, device: str, fsdp: FsdpSettings | None, mesh=None,
+def load_value_model(path: str, device: str, fsdp: FsdpSettings | None, forward: ModelForward, mesh=None,
                      gradient_checkpointing: bool = False):
     """A causal LM's body with a fresh scalar head (a critic's own checkpoint keeps its trained head); no dropout
     on the head, as verl sets it, so a value is a function of the tokens. The fresh head is drawn from a fixed
@@ -53,24 +65,17 @@ def load_value_model(path: str, device: str, fsdp: FsdpSettings | None, mesh=Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(VALUE_HEAD_SEED)
         model = load_model(path, device, gradient_checkpointing, (fsdp or FsdpSettings()).model_dtype,
-                           auto_class="AutoModelForTokenClassification", num_labels=1, classifier_dropout=0.0)
+                           auto_class="AutoModelForTokenClassification", attn_implementation=forward.attn_implementation,
+                           num_labels=1, classifier_dropout=0.0)
     return model, place(model, device, fsdp, mesh)
-
-
-def response_values(model, batch: TensorDict) -> torch.Tensor:
-    """V(s_t) for each response token t: the head's output at the position before it (the state the token was
-    chosen in), [B, R] — the positions whose logits predict the response in the actor."""
-    response_length = batch["responses"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False)
-    return out.logits[:, -response_length - 1:-1, 0].float()
 
 
 class Critic(TrainedModel):
     def __init__(self, model_path: str, device: str, settings: CriticSettings, optim: OptimSettings,
                  gradient_checkpointing: bool = False, mesh=None, fsdp: FsdpSettings | None = None):
-        model, compute = load_value_model(model_path, device, fsdp, mesh, gradient_checkpointing)
-        super().__init__(model, compute, device, optim, settings.batching, mesh)
+        forward = model_forward(settings.sequences, mesh)
+        model, compute = load_value_model(model_path, device, fsdp, forward, mesh, gradient_checkpointing)
+        super().__init__(model, compute, forward, device, optim, settings.batching, mesh)
         self.settings = settings
 
     @torch.no_grad()
@@ -80,7 +85,7 @@ class Critic(TrainedModel):
         rows = micro_batch_rows(batch, self.settings.forward_micro_batch_size_per_gpu,
                                 self.settings.forward_max_token_len, self.device)
         with self._compute():
-            parts = [response_values(self.model, mb.to(self.device)) for mb in split(batch, rows)]
+            parts = [self.forward.values(self.model, mb.to(self.device)) for mb in split(batch, rows)]
         return (in_row_order(parts, rows).cpu() * batch["response_mask"]).to(batch["response_mask"].dtype)
 
     def update(self, batch: TensorDict) -> dict[str, float]:
@@ -101,7 +106,7 @@ class Critic(TrainedModel):
         for micro in self.micro_batches(mini):
             mask = micro["response_mask"]
             with self._compute():
-                vpreds = response_values(self.model, micro)
+                vpreds = self.forward.values(self.model, micro)
             loss, clipfrac = value_loss(vpreds, micro["values"], micro["returns"], mask, s.cliprange_value,
                                         s.loss_agg_mode, **counts)
             (loss * self.world_size).backward()  # FSDP averages gradients over the ranks; we want their sum

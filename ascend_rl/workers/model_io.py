@@ -1,10 +1,15 @@
-"""Model forward helpers shared by the actor, the reference policy and SFT."""
+"""Model forward helpers shared by the actor, the reference policy, the critic and SFT: per-response-token
+log-probs, entropy and values from a padded micro-batch, or from the same micro-batch packed (and split over a
+Ulysses group), always returned in the padded [B, R] layout the algorithms use."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ascend_rl.algorithms import entropy_from_logits, log_probs_from_logits, masked_mean
+from ascend_rl.workers.packing import PackedBatch, SequenceSettings, pack, unpack_responses
+from ascend_rl.workers.varlen_attention import GatherPositions, register
 
 
 def response_logits(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
@@ -24,6 +29,69 @@ def response_log_probs(model, batch, temperature: float = 1.0, with_entropy: boo
     log_probs = log_probs_from_logits(logits, responses)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return log_probs, entropy
+
+
+def response_values(model, batch) -> torch.Tensor:
+    """A value model's V(s_t) for each response token t: the head's output at the position before it (the state
+    the token was chosen in), [B, R] — the positions whose logits predict the response in the actor."""
+    response_length = batch["responses"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=False)
+    return out.logits[:, -response_length - 1:-1, 0].float()
+
+
+class ModelForward:
+    """How a model sees a micro-batch: padded rectangles, or packed into one row (`remove_padding`), whose
+    positions are split over `sp_group` (Ulysses) when given. Both give the same [B, R] results."""
+
+    def __init__(self, settings: SequenceSettings, sp_group=None):
+        self.packed = settings.remove_padding
+        self.sp_group = sp_group
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """What the model must be loaded with (None: its default)."""
+        return register() if self.packed else None
+
+    def log_probs(self, model, batch, temperature: float = 1.0, with_entropy: bool = False):
+        if not self.packed:
+            return response_log_probs(model, batch, temperature, with_entropy)
+
+        def per_position(out, keep, targets):
+            logits = out.logits[0]
+            if temperature != 1.0:
+                logits = logits / temperature
+            return [log_probs_from_logits(logits, targets)] + ([entropy_from_logits(logits)] if with_entropy else [])
+
+        results = self._packed(model, batch, per_position, logits=True)
+        return results[0], results[1] if with_entropy else None
+
+    def values(self, model, batch) -> torch.Tensor:
+        if not self.packed:
+            return response_values(model, batch)
+        (values,) = self._packed(model, batch, lambda out, keep, targets: [out.logits[0, keep, 0].float()])
+        return values
+
+    def _packed(self, model, batch, per_position, logits: bool = False) -> list[torch.Tensor]:
+        """Runs `model` on this rank's slice of the packed micro-batch; `per_position(out, keep, targets)` gives
+        values at the kept positions (those predicting a response token); each comes back as [B, R]."""
+        group = self.sp_group
+        size, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+        packed = pack(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                      batch["responses"].shape[1], multiple_of=size)
+        n = packed.length // size
+        mine = slice(rank * n, (rank + 1) * n)
+        keep = packed.predicts_response[mine].nonzero().squeeze(-1)
+        out = model(input_ids=packed.input_ids[:, mine], position_ids=packed.position_ids[:, mine], use_cache=False,
+                    sp_group=group, **packed.attention_kwargs(), **({"logits_to_keep": keep} if logits else {}))
+        return [self._to_responses(values, keep, n, packed) for values in per_position(out, keep, packed.targets[mine][keep])]
+
+    def _to_responses(self, values: torch.Tensor, keep: torch.Tensor, n: int, packed: PackedBatch) -> torch.Tensor:
+        if self.sp_group is None:  # every kept position is here, in order
+            return unpack_responses(values, packed)
+        local = values.new_zeros(n).index_put((keep,), values)
+        whole = GatherPositions.apply(local, self.sp_group)
+        return unpack_responses(whole[packed.predicts_response], packed)
 
 
 def logprob_metrics(log_prob: torch.Tensor, entropy: torch.Tensor, rollout_log_probs: torch.Tensor,

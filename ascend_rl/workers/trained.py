@@ -5,6 +5,7 @@ mini-batch); clipped optimizer steps; and sharded checkpoints any number of rank
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ascend_rl.workers.balance import balanced_partition, contiguous_partition, token_budget_groups
 from ascend_rl.workers.fsdp import FsdpSettings, place_for_compute, reduce_over_ranks
+from ascend_rl.workers.model_io import ModelForward
 from ascend_rl.workers.optimizer import OptimSettings, build_optimizer, build_scheduler
+from ascend_rl.workers.packing import SequenceSettings
 
 DCP_DIR = "dcp"  # inside a checkpoint's actor/ (or critic/) directory
 
@@ -42,10 +45,10 @@ class Batching:
 
 
 def load_model(path: str, device: str, gradient_checkpointing: bool = False, dtype: torch.dtype = torch.float32,
-               auto_class: str = "AutoModelForCausalLM", **config_overrides):
+               auto_class: str = "AutoModelForCausalLM", attn_implementation: str | None = None, **config_overrides):
     import transformers
 
-    extra = {}
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if config_overrides:  # set on the config: not every model class takes them as keyword arguments
         config = transformers.AutoConfig.from_pretrained(path)
         for key, value in config_overrides.items():
@@ -61,6 +64,22 @@ def load_model(path: str, device: str, gradient_checkpointing: bool = False, dty
 def place(model, device: str, fsdp: FsdpSettings | None, mesh=None):
     """The model sharded over `mesh` when given, and the context its forwards run in."""
     return place_for_compute(model, mesh, fsdp or FsdpSettings(), torch.device(device).type)
+
+
+@functools.cache
+def ulysses_group(size: int):
+    """This rank's group of `size` consecutive ranks for Ulysses attention (None for 1). Creating groups is a
+    collective: every rank creates all of them, once, when the first model asks (the actor, the reference and
+    the critic share them)."""
+    if size == 1:
+        return None
+    group, _ = dist.new_subgroups(group_size=size)
+    return group
+
+
+def model_forward(sequences: SequenceSettings, mesh=None) -> ModelForward:
+    """How a model on `mesh` runs micro-batches: padded or packed, split over its Ulysses group."""
+    return ModelForward(sequences, ulysses_group(sequences.ulysses_sp) if mesh is not None else None)
 
 
 def micro_batch_rows(batch: TensorDict, size: int | None, budget: int | None, device=None) -> list[list[int]]:
@@ -107,11 +126,15 @@ class TrainedModel:
     """A model, its optimizer and schedule. With a device mesh every rank takes its slice of each mini-batch;
     losses are normalised by the whole mini-batch's counts, so N ranks make the update one process would."""
 
-    def __init__(self, model, compute, device: str, optim: OptimSettings, batching: Batching, mesh=None):
-        self.model, self._compute = model, compute
+    def __init__(self, model, compute, forward: ModelForward, device: str, optim: OptimSettings, batching: Batching,
+                 mesh=None):
+        self.model, self._compute, self.forward = model, compute, forward
         self.device = torch.device(device)
         self.batching = batching
         self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+        # The ranks of a Ulysses group share their rows; data parallelism is over the groups.
+        sp = dist.get_world_size(forward.sp_group) if forward.sp_group is not None else 1
+        self.dp_rank, self.dp_size = self.rank // sp, self.world_size // sp
         self.optimizer = build_optimizer(self.model.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim)
 
@@ -126,10 +149,10 @@ class TrainedModel:
 
     def rows_of_rank(self, batch: TensorDict) -> list[int]:
         """This rank's rows of a batch every rank holds (the order of rows does not change the update)."""
-        if self.batching.balance_batch and self.world_size > 1:
+        if self.batching.balance_batch and self.dp_size > 1:
             tokens = batch["attention_mask"].sum(-1).tolist()
-            return balanced_partition(tokens, self.world_size)[self.rank]
-        return contiguous_partition(batch.batch_size[0], self.world_size)[self.rank]
+            return balanced_partition(tokens, self.dp_size)[self.dp_rank]
+        return contiguous_partition(batch.batch_size[0], self.dp_size)[self.dp_rank]
 
     def micro_batches(self, rows: TensorDict) -> list[TensorDict]:
         """This rank's rows of a mini-batch in micro-batches (by rows, or by tokens with use_dynamic_bsz)."""
@@ -150,13 +173,14 @@ class TrainedModel:
 
     def reduced(self, metrics: dict[str, list[float]], section: str, summed: tuple[str, ...]) -> dict[str, float]:
         """Per-mini-batch metrics as one number each over every rank: a "_max" metric is a maximum, the others
-        means; the `summed` losses are each rank's share of the mini-batch loss, so they add up."""
+        means; the `summed` losses are each data-parallel rank's share of the mini-batch loss, so they add up (the
+        ranks of a Ulysses group each hold their group's)."""
         local = {(k if "/" in k else f"{section}/{k}"): max(v) if k.endswith("_max") else sum(v) / len(v)
                  for k, v in metrics.items()}
         out = reduce_over_ranks(local, maxed=frozenset(k for k in local if k.endswith("_max")))
         for name in summed:
             if f"{section}/{name}" in out:
-                out[f"{section}/{name}"] *= self.world_size
+                out[f"{section}/{name}"] *= self.dp_size
         out[f"{section}/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 

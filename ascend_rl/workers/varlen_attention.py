@@ -1,0 +1,118 @@
+"""The attention packed sequences run through, registered with transformers as `PACKED_ATTENTION`: causal within
+each sequence of the packed row (`cu_seq_lens_q`), never across. With an SP group it is Ulysses attention: each
+rank holds a slice of the row; an all-to-all trades it for all positions of a share of the heads, attention
+runs on whole sequences, and a second all-to-all trades back.
+
+Kernels: flash-attention's varlen kernel where transformers has it (flash-attn on CUDA, torch_npu's
+`npu_fusion_attention` on Ascend) for 16-bit inputs; elsewhere (the CPU, fp32) SDPA over the sequences of
+each length, which is exact and spends nothing on other sequences' positions."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+PACKED_ATTENTION = "ascend_rl_packed"
+_FLASH = "flash_attention_2"
+
+
+def register() -> str:
+    """Make `PACKED_ATTENTION` a name transformers' `attn_implementation` accepts; returns it."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    return PACKED_ATTENTION
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     cu_seq_lens_q: torch.Tensor | None = None, sp_group=None, **kwargs):
+    """transformers' attention-function interface: query [1, H, n, D], key/value [1, KVH, n, D] → [1, n, H, D]."""
+    if cu_seq_lens_q is None or attention_mask is not None:
+        raise RuntimeError(f"{PACKED_ATTENTION} attention takes packed rows (cu_seq_lens_q), not padded batches")
+    if sp_group is not None:
+        query, key, value = (_AllToAll.apply(t, sp_group, 1, 2) for t in (query, key, value))
+    if query.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_available():
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        out, _ = ALL_ATTENTION_FUNCTIONS[_FLASH](module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                                 cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_q,
+                                                 max_length_q=kwargs.get("max_length_q"),
+                                                 max_length_k=kwargs.get("max_length_k"))
+        out = out.transpose(1, 2)  # [1, H, N, D], as the SDPA path gives it
+    else:
+        out = _sdpa_by_length(query, key, value, cu_seq_lens_q.tolist(), scaling)
+    if sp_group is not None:
+        out = _AllToAll.apply(out, sp_group, 2, 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_by_length(query, key, value, bounds: list[int], scaling: float | None) -> torch.Tensor:
+    """Causal SDPA within each sequence, one call per distinct length: sequences of a length are gathered into a
+    batch, so no mask is needed and a micro-batch of many short rows costs a few calls, not one per row. One
+    gather in and one out (not one per group): each indexing op's backward fills a whole-row zero tensor."""
+    by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds, bounds[1:]):
+        if end > start:
+            by_length.setdefault(end - start, []).append(start)
+    arange = torch.arange(max(by_length), device=query.device)
+    order = torch.cat([(torch.tensor(starts, device=query.device)[:, None] + arange[:length]).flatten()
+                       for length, starts in by_length.items()])
+    sizes = [len(starts) * length for length, starts in by_length.items()]
+    gqa = query.shape[1] != key.shape[1]
+    grouped = zip(*(t[0][:, order].split(sizes, dim=1) for t in (query, key, value)))  # [heads, rows·length, D]
+    outs = []
+    for (q, k, v), (length, starts) in zip(grouped, by_length.items()):
+        q, k, v = (t.unflatten(1, (len(starts), length)).transpose(0, 1) for t in (q, k, v))  # [rows, heads, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        outs.append(out.transpose(0, 1).flatten(1, 2))
+    return torch.cat(outs, dim=1)[:, order.argsort()][None]
+
+
+@functools.cache
+def _flash_varlen_available() -> bool:
+    from transformers.utils import is_flash_attn_2_available, is_torch_npu_available
+
+    return is_flash_attn_2_available() or is_torch_npu_available()
+
+
+class _AllToAll(torch.autograd.Function):
+    """Ulysses' exchange on [1, heads, positions, D]: split dim `scatter` (heads, or positions) into the group's
+    shares, send share i to rank i, and join what arrives along dim `gather` in rank order. Its gradient is the
+    reverse exchange. Hand-written: torch's autograd all-to-all (torch.distributed.nn) is deprecated."""
+
+    @staticmethod
+    def forward(ctx, t, group, scatter: int, gather: int):
+        ctx.group, ctx.scatter, ctx.gather = group, scatter, gather
+        return _exchange(t, group, scatter, gather)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exchange(grad, ctx.group, ctx.gather, ctx.scatter), None, None, None
+
+
+def _exchange(t: torch.Tensor, group, scatter: int, gather: int) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    send = torch.stack(t.chunk(size, dim=scatter)).contiguous()  # [size, ...share]
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    return torch.cat(received.unbind(0), dim=gather)
+
+
+class GatherPositions(torch.autograd.Function):
+    """Every rank's equal slice of a per-position tensor, joined along dim 0 on every rank. Each rank then
+    computes the same loss from the whole; its gradient is its own slice of the whole's (no exchange: the
+    ranks' gradients of the whole are equal)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.rank, ctx.size = dist.get_rank(group), dist.get_world_size(group)
+        parts = [torch.empty_like(t) for _ in range(ctx.size)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.size)[ctx.rank], None
