@@ -18,7 +18,13 @@ def tiny_overrides(task, out: Path, *extra):
             f"{A}.actor.ppo_micro_batch_size_per_gpu=2", f"{A}.actor.optim.lr=1e-3", "algorithm.adv_estimator=grpo",
             "trainer.n_gpus_per_node=1", "trainer.device=cpu", "trainer.logger=[console]", "trainer.total_epochs=1",
             "trainer.total_training_steps=4", "trainer.val_before_train=False", "trainer.test_freq=2",
-            f"trainer.default_local_dir={out}", "reward.num_workers=1", *extra]
+            f"trainer.default_local_dir={out}", "reward.num_workers=1", *FP32, *extra]
+
+
+# verl's defaults compute in bf16, which a CPU with bf16 units now honours; these tests check fp32's exactness
+# (tests/test_cpu_bf16.py runs the bf16 path)
+FP32 = (f"{A}.actor.fsdp_config.dtype=float32", f"{A}.ref.fsdp_config.dtype=float32", f"{A}.rollout.dtype=float32",
+        "critic.fsdp.dtype=float32")
 
 
 def fit(task, out, *extra):

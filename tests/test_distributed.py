@@ -339,12 +339,15 @@ def test_balanced_partition_evens_tokens_with_equal_row_counts():
     assert [len(g) for g in balanced_partition([1] * 5, 2)] == [3, 2]
 
 
-def test_fsdp_config_maps_to_mixed_precision_and_offload_on_accelerators_only():
+def test_fsdp_config_maps_to_mixed_precision_and_offload_on_accelerators_only(monkeypatch):
     from omegaconf import OmegaConf
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
+    from ascend_rl import platform
     from ascend_rl.errors import UserError
     from ascend_rl.workers.fsdp import fsdp_settings, shard_kwargs
+
+    monkeypatch.setattr(platform, "cpu_units", lambda dtype: [])  # a CPU without bf16 units
 
     cfg = OmegaConf.create({"model_dtype": "fp32", "dtype": "bfloat16", "param_offload": True,
                             "optimizer_offload": False, "reshard_after_forward": False})
@@ -353,7 +356,7 @@ def test_fsdp_config_maps_to_mixed_precision_and_offload_on_accelerators_only():
     kwargs = shard_kwargs("MESH", npu)
     assert kwargs["mp_policy"] == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     assert isinstance(kwargs["offload_policy"], CPUOffloadPolicy) and kwargs["reshard_after_forward"] is False
-    cpu = fsdp_settings(cfg, "cpu")  # CPU computes in fp32 and has nothing to offload to
+    cpu = fsdp_settings(cfg, "cpu")  # without bf16 units the CPU computes in fp32; it has nothing to offload to
     assert (cpu.compute_dtype, cpu.offload) == (torch.float32, False)
     assert set(shard_kwargs("MESH", cpu)) == {"mesh", "reshard_after_forward"}
     with pytest.raises(UserError, match="fsdp_config.dtype=half: expected one of"):

@@ -170,3 +170,18 @@ def test_8b_recipes_cpu_twins_train(tmp_path, task, script, sp):
     assert len(steps) == 2
     assert all(math.isfinite(m["actor/grad_norm"]) and math.isfinite(m["actor/pg_loss"]) for m in steps)
     assert all(0 < m["actor/entropy"] < math.log(128) for m in steps)  # a distribution over the vocabulary
+
+
+def test_packed_bf16_stays_within_bf16_rounding_of_fp32():
+    """16-bit compute on CPU takes the matmul path for short sequences: log-probs within bf16's rounding of fp32's,
+    and gradients flow."""
+    fp32, bf16 = tiny("qwen3"), tiny("qwen3")
+    bf16.set_attn_implementation(ModelForward(PACKED).attn_implementation)
+    batch = uneven_batch(96, [24, 1, 7, 3], [17, 1, 0, 9], seed=3)
+    mask = batch["response_mask"].bool()
+    reference, _ = response_log_probs(fp32, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed, _ = ModelForward(PACKED).log_probs(bf16, batch)
+    assert (packed - reference)[mask].abs().max() < 1 / 32
+    packed[mask].sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bf16.parameters())

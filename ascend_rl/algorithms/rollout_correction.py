@@ -117,7 +117,8 @@ def rejection_mask(log_ratio, response_mask, rollout_rs: str, threshold) -> torc
     return response_mask * keep.to(response_mask.dtype)
 
 
-def _diagnostics(log_ratio, response_mask, effective_mask, weights) -> dict[str, torch.Tensor]:
+def diagnostics(log_ratio, response_mask, effective_mask, weights) -> dict[str, torch.Tensor]:
+    """verl's rollout_corr/* metrics (a few of them) of log ρ = log π_old − log π_rollout."""
     x = torch.clamp(log_ratio, -SAFETY_BOUND, SAFETY_BOUND)
     metrics = {
         "rollout_corr/kl": masked_mean(-log_ratio, response_mask),
@@ -149,7 +150,7 @@ def bypass_mode(*, old_log_prob, log_prob, advantages, response_mask, loss_agg_m
         mask = response_mask
         if cfg.get("rollout_rs") is not None:
             mask = rejection_mask(log_ratio, response_mask, cfg["rollout_rs"], cfg.get("rollout_rs_threshold"))
-        diagnostics = _diagnostics(log_ratio, response_mask, mask, weights)
+        diagnostics_ = diagnostics(log_ratio, response_mask, mask, weights)
     if loss_type == "reinforce":
         loss = _agg(-advantages * log_prob, mask, loss_agg_mode, rest, weights)
         metrics = {"ppo_kl": masked_mean(-(log_prob - old_log_prob), mask).detach()}
@@ -157,4 +158,4 @@ def bypass_mode(*, old_log_prob, log_prob, advantages, response_mask, loss_agg_m
         rest.pop("rollout_is_weights", None)
         loss, metrics = vanilla(old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,
                                 response_mask=mask, loss_agg_mode=loss_agg_mode, **rest)
-    return loss, {**metrics, **diagnostics}
+    return loss, {**metrics, **diagnostics_}

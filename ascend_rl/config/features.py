@@ -38,9 +38,6 @@ TORCHTITAN = Missing("the torchtitan engine (model_engine=torchtitan)", "model_e
                      lambda c: _engine(c) == "torchtitan", "the training engine is not torchtitan (model_engine)")
 VEOMNI = Missing("the veomni engine (model_engine=veomni)", "model_engine=dp",
                  lambda c: _engine(c) == "veomni", "the training engine is not veomni (model_engine)")
-ULYSSES = Missing("Ulysses sequence parallelism", f"{A}.actor.ulysses_sequence_parallel_size=1")
-REMOVE_PADDING = Missing("packed sequences (use_remove_padding)", f"{A}.model.use_remove_padding=False (padded "
-                         f"batches give the same log-probs)")
 LORA = Missing("LoRA", f"{A}.model.lora_rank=0 (full fine-tuning)",
                lambda c: (c[A].model.lora_rank or 0) > 0 or (c.critic.model.get("lora_rank") or 0) > 0,
                "model.lora_rank is 0 (actor and critic)")
@@ -55,9 +52,9 @@ REWARD_LOOP_MODULE = Missing("reward managers from a user module (reward.reward_
 SANDBOX = Missing("sandbox code execution (reward.sandbox_fusion)", "a custom reward function")
 DYNAMIC_SAMPLING = Missing("DAPO's dynamic sampling (algorithm.filter_groups)", "algorithm.filter_groups.enable=False",
                            lambda c: bool(c.algorithm.filter_groups.enable), "algorithm.filter_groups.enable is false")
-ROLLOUT_CORRECTION = Missing("rollout importance-sampling correction in the trainer (algorithm.rollout_correction)",
-                             "the default (no correction; metrics show the engine-vs-trainer gap), or "
-                             f"{A}.actor.policy_loss.loss_mode=bypass_mode with the correction's defaults")
+ROLLOUT_CORRECTION = Missing("verl's bypass_mode switch (algorithm.rollout_correction.bypass_mode)",
+                             "the decoupled correction (rollout_is / rollout_rs with bypass_mode=False), or "
+                             f"{A}.actor.policy_loss.loss_mode=bypass_mode, whose loss applies IS and rejection")
 PF_PPO = Missing("PF-PPO reweighting (algorithm.use_pf_ppo)", "algorithm.use_pf_ppo=False",
                  lambda c: bool(c.algorithm.use_pf_ppo), "algorithm.use_pf_ppo is false")
 DISTILLATION = Missing("on-policy distillation (distillation.*)", "distillation.enabled=False",

@@ -59,7 +59,7 @@ class WorkerRolloutSpec:
 def worker_rollout_spec(cfg: DictConfig, device: str) -> WorkerRolloutSpec:
     ro = cfg.actor_rollout_ref.rollout
     if ro.name == "native":  # one engine per device: it has no tensor parallelism
-        return WorkerRolloutSpec("native", 1, 0, native=native_engine_kwargs(cfg))
+        return WorkerRolloutSpec("native", 1, 0, native=native_engine_kwargs(cfg, device))
     layout = compute_layout(cfg, device).rollout
     if layout.devices_per_replica > cfg.trainer.n_gpus_per_node:
         raise UserError(f"a rollout replica of {layout.devices_per_replica} devices spans nodes: engines inside the "

@@ -4,9 +4,12 @@ Ray resource names and the environment each kind needs. Nobody else branches on 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 
 from ascend_rl.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,3 +184,69 @@ def follow_deterministic_mode(environ) -> None:
 
     if deterministic_requested(environ):
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# --- reduced-precision compute on the CPU -------------------------------------------------------------
+
+# The CPU features that make a 16-bit matmul fast: with them, oneDNN runs bf16 at 6-8× fp32's FLOP/s (AMX tiles)
+# or ~2× (AVX-512 BF16); without them bf16 is emulated and slower than fp32. x86 names as torch's cpuinfo and
+# /proc/cpuinfo spell them; on Arm, /proc/cpuinfo's "bf16" feature.
+CPU_UNITS = {"bfloat16": ("amx_bf16", "avx512_bf16", "bf16"), "float16": ("amx_fp16", "avx512_fp16", "fphp")}
+_fallbacks_logged: set[str] = set()
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+               "float16": "float16"}
+
+
+def dtype_named(key: str, name):
+    """The torch dtype verl's spelling `name` means (fp32, float32, bf16, bfloat16, fp16, float16, ...)."""
+    import torch
+
+    try:
+        return getattr(torch, DTYPE_NAMES[str(name)])
+    except KeyError:
+        raise UserError(f"{key}={name}: expected one of {', '.join(DTYPE_NAMES)}") from None
+
+
+def cpu_units(dtype_name: str, capabilities: dict | None = None, cpuinfo: str | None = None) -> list[str]:
+    """The CPU's units for `dtype_name` ("bfloat16" or "float16"), best first; empty: none (the arguments
+    stand in for torch's cpuinfo and /proc/cpuinfo in tests)."""
+    wanted = CPU_UNITS[dtype_name]
+    if capabilities is None:
+        capabilities = _torch_cpu_capabilities()
+    flags = set(cpuinfo.split()) if cpuinfo is not None else _proc_cpuinfo_flags()
+    return [unit for unit in wanted if capabilities.get(unit) or unit in flags]
+
+
+def _torch_cpu_capabilities() -> dict:
+    import torch
+
+    try:
+        return dict(torch.cpu.get_capabilities())
+    except (AttributeError, RuntimeError):  # older torch, or cpuinfo could not read the CPU
+        return {}
+
+
+def _proc_cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {word for line in f if line.startswith(("flags", "Features")) for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def compute_dtype(device: str, dtype, key: str):
+    """The dtype to compute in for `key`'s setting `dtype` (a torch.dtype): as asked on accelerators and on CPUs
+    with 16-bit matmul units; fp32 on a CPU without them, said once per key in one log line."""
+    import torch
+
+    names = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    if device != "cpu" or dtype not in names:
+        return dtype
+    units = cpu_units(names[dtype])
+    if units:
+        return dtype
+    if key not in _fallbacks_logged:
+        _fallbacks_logged.add(key)
+        log.warning("%s=%s: this CPU has no %s matmul units (%s), computing in float32", key, names[dtype],
+                    names[dtype], " / ".join(CPU_UNITS[names[dtype]]))
+    return torch.float32

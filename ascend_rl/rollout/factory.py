@@ -41,12 +41,21 @@ class Rollout:
                 close()
 
 
-def native_engine_kwargs(cfg: DictConfig) -> dict:
+def native_engine_kwargs(cfg: DictConfig, device: str) -> dict:
     """NativeEngine.from_pretrained's settings from the rollout config."""
     ro = cfg.actor_rollout_ref.rollout
     return dict(max_num_seqs=ro.max_num_seqs, max_num_batched_tokens=ro.max_num_batched_tokens,
                 memory_utilization=ro.gpu_memory_utilization, context_length=ro.max_model_len,
-                load_format=ro.load_format)
+                load_format=ro.load_format, dtype=rollout_dtype(cfg, device))
+
+
+def rollout_dtype(cfg: DictConfig, device: str):
+    """The native engine's weights and compute: `rollout.dtype` (verl's and SGLang's default bfloat16), fp32 on a
+    CPU without 16-bit matmul units."""
+    from ascend_rl.platform import compute_dtype, dtype_named
+
+    key = "actor_rollout_ref.rollout.dtype"
+    return compute_dtype(device, dtype_named(key, cfg.actor_rollout_ref.rollout.dtype), key)
 
 
 def build_rollout(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
@@ -67,7 +76,7 @@ def bucket_megabytes(cfg: DictConfig) -> int:
 def _native_engine(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     from ascend_rl.rollout.native import NativeEngine
 
-    engine = NativeEngine.from_pretrained(cfg.actor_rollout_ref.model.path, device, **native_engine_kwargs(cfg))
+    engine = NativeEngine.from_pretrained(cfg.actor_rollout_ref.model.path, device, **native_engine_kwargs(cfg, device))
     return Rollout(engine, TensorPush(engine, bucket_megabytes(cfg)), f"native engine on {device}")
 
 

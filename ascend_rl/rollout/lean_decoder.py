@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ascend_rl.data.collate import position_ids_from_mask
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
-SELF_CHECK_TOLERANCE = 1e-4
+SELF_CHECK_TOLERANCE = 1e-4  # fp32; in 16 bits, SELF_CHECK_ULPS rounding steps at the logits' scale
+SELF_CHECK_ULPS = 4  # bf16: both forwards round differently by ~1 step (0.004 at |logit| ~ 2); a wrong one is O(1) off
 
 
 class LeanDecoder:
@@ -31,6 +32,7 @@ class LeanDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.has_qk_norm = hasattr(model.model.layers[0].self_attn, "q_norm")
+        self.cache_dtype = attention_dtype(model)
         self.cache: KVRows | None = None  # the running rows, `room` free columns after `length`
         self.length = 0  # filled cache columns: every row's last token is in column length - 1
 
@@ -58,7 +60,7 @@ class LeanDecoder:
         """As `prefill`, but the final hidden states of every position [B, P, H]: `logits` of any of them
         scores the prompt (SGLang's input log-probs) without a second forward."""
         batch, width = input_ids.shape
-        dtype, device = self.model.dtype, input_ids.device
+        dtype, device = self.cache_dtype, input_ids.device
         shape = (batch, self.n_kv_heads, width, self.head_dim)
         layers = len(self.model.model.layers)
         positions = position_ids_from_mask(attention_mask)
@@ -135,8 +137,8 @@ class LeanDecoder:
             k = _rotate(k.transpose(1, 2), cos, sin)
             cache.k[index][:, :, start:end] = k
             cache.v[index][:, :, start:end] = v.transpose(1, 2)
-            out = self._attention(q, cache.k[index][:, :, :end], cache.v[index][:, :, :end], mask)
-            x = x + attn.o_proj(out.transpose(1, 2).flatten(-2))
+            out = self._attention(q.to(self.cache_dtype), cache.k[index][:, :, :end], cache.v[index][:, :, :end], mask)
+            x = x + attn.o_proj(out.transpose(1, 2).flatten(-2).to(x.dtype))
             h = self._rms(x, layer.post_attention_layernorm.weight)
             mlp = layer.mlp
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
@@ -188,7 +190,24 @@ class LeanDecoder:
         positions = position_ids_from_mask(full_mask)
         reference = self.model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
         expected = [reference[:, 5], reference[:, 6], reference[:, 7]]
-        return all((a - b).abs().max().item() < SELF_CHECK_TOLERANCE for a, b in zip(lean, expected))
+        return all((a.float() - b.float()).abs().max().item() < self_check_tolerance(b) for a, b in zip(lean, expected))
+
+
+def attention_dtype(model) -> torch.dtype:
+    """The KV cache's and attention's dtype: the model's, except fp32 for a 16-bit model on a CPU, where batched
+    matmuls of many tiny bf16 matrices copy their operands (single-token attention over 64 rows × 256 tokens:
+    0.58 s in bf16 against 0.21 s in fp32, benchmarks/bf16.py's long shape); projections stay 16-bit."""
+    dtype = model.dtype
+    if dtype in (torch.bfloat16, torch.float16) and next(model.parameters()).device.type == "cpu":
+        return torch.float32
+    return dtype
+
+
+def self_check_tolerance(expected: torch.Tensor) -> float:
+    if expected.dtype == torch.float32 or not expected.dtype.is_floating_point:
+        return SELF_CHECK_TOLERANCE
+    scale = max(1.0, expected.float().abs().max().item())
+    return SELF_CHECK_ULPS * torch.finfo(expected.dtype).eps * scale
 
 
 @dataclass

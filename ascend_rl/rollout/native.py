@@ -14,6 +14,7 @@ import torch
 
 from ascend_rl.errors import UserError
 from ascend_rl.rollout.grammar import Grammars
+from ascend_rl.rollout.lean_decoder import attention_dtype
 from ascend_rl.rollout.logprob_outputs import logprob_requests
 from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples, per_sample
 from ascend_rl.rollout.scheduler import Budget, GenerationControl, Request, Scheduler
@@ -252,7 +253,7 @@ def _kv_bytes_per_token(model) -> int:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * attention_dtype(model).itemsize
 
 
 def _load_tokenizer(model_path: str):

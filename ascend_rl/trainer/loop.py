@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS
+from ascend_rl.algorithms.rollout_correction import diagnostics, is_weights, rejection_mask
 from ascend_rl.data.collate import collate
 from ascend_rl.distributed.worker_group import WorkerDied
 from ascend_rl.errors import UserError
@@ -49,7 +50,19 @@ def old_log_probs_needed(cfg) -> bool:
     actor = cfg.actor_rollout_ref.actor
     on_policy = actor.ppo_epochs == 1 and actor.ppo_mini_batch_size >= cfg.data.train_batch_size
     needed_by_estimator = "old_log_probs" in ADV_ESTIMATORS.needs(cfg.algorithm.adv_estimator)
-    return not on_policy or cfg.algorithm.use_kl_in_reward or needed_by_estimator
+    return not on_policy or cfg.algorithm.use_kl_in_reward or needed_by_estimator or bool(rollout_correction(cfg))
+
+
+def rollout_correction(cfg) -> dict | None:
+    """verl's decoupled rollout correction (`algorithm.rollout_correction` with bypass_mode off), against the old
+    log-probs: importance-sampling weights (`rollout_is`, truncated at `rollout_is_threshold`) for the policy
+    loss, and rejection filters (`rollout_rs`) on the response mask; None when neither is set (or in bypass
+    mode, where the bypass_mode loss applies them per micro-batch)."""
+    rc = cfg.algorithm.get("rollout_correction")
+    if rc is None or rc.get("bypass_mode") or (rc.get("rollout_is") is None and rc.get("rollout_rs") is None):
+        return None
+    return {key: rc.get(key) for key in ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize",
+                                         "rollout_rs", "rollout_rs_threshold")}
 
 
 class RLTrainer:
@@ -61,6 +74,7 @@ class RLTrainer:
         self.cfg = components.cfg
         self.global_step = 0
         self.needs_old_log_probs = old_log_probs_needed(self.cfg)
+        self.correction = rollout_correction(self.cfg)
         self.estimator_needs = ADV_ESTIMATORS.needs(self.cfg.algorithm.adv_estimator)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -129,6 +143,8 @@ class RLTrainer:
                     batch["values"] = self.c.critic.values(batch.tensors)
             with timed(timings, "adv"):
                 metrics.update(self.compute_advantages(batch))
+            if self.needs_old_log_probs:  # verl's decoupled mode
+                metrics.update(self.correct_rollout(batch))
             if self.c.critic is not None:
                 with timed(timings, "update_critic"):
                     metrics.update(self.c.critic.update(batch.tensors))
@@ -208,6 +224,27 @@ class RLTrainer:
         old, entropy = self.c.actor.log_probs(batch.tensors)
         batch["old_log_probs"] = old
         return logprob_metrics(old, entropy, batch["rollout_log_probs"], batch["response_mask"])
+
+    def correct_rollout(self, batch: RolloutBatch) -> dict[str, float]:
+        """verl's rollout_corr/* metrics of the engine against the old policy; with `rollout_rs` the response
+        mask (and the advantages) without the tokens or sequences its filters reject, with `rollout_is` the
+        weights the policy loss multiplies by. After the advantages, as verl's outcome estimators score a
+        sequence by all its rewards, rejected tokens included; GAE's recursion, which verl runs over the reduced
+        mask, sees the whole response here."""
+        mask, c = batch["response_mask"], self.correction or {}
+        log_ratio = batch["old_log_probs"] - batch["rollout_log_probs"]
+        kept = mask if c.get("rollout_rs") is None else rejection_mask(log_ratio, mask, c["rollout_rs"],
+                                                                      c["rollout_rs_threshold"])
+        weights = None
+        if c.get("rollout_is") is not None and c.get("rollout_is_threshold") is not None:
+            weights = is_weights(log_ratio, kept, c["rollout_is"], c["rollout_is_threshold"],
+                                 bool(c.get("rollout_is_batch_normalize")))
+            batch["rollout_is_weights"] = weights
+        metrics = {name: value.item() for name, value in diagnostics(log_ratio, mask, kept, weights).items()}
+        if kept is not mask:
+            batch["response_mask"] = kept
+            batch["advantages"] = batch["advantages"] * kept
+        return metrics
 
     def compute_ref_log_probs(self, batch: RolloutBatch) -> None:
         batch["ref_log_prob"] = self.c.ref.log_probs(batch.tensors)

@@ -154,7 +154,8 @@ class Actor(TrainedModel):
             pg_loss, pg_metrics = compute_policy_loss(
                 s.loss_mode, old_log_prob=old_log_prob, log_prob=log_prob, advantages=micro["advantages"],
                 response_mask=mask, loss_agg_mode=mode, clip_ratio_low=s.clip_ratio_low,
-                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c, **s.policy_loss_kwargs, **agg_kw)
+                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
+                rollout_is_weights=micro.get("rollout_is_weights", None), **s.policy_loss_kwargs, **agg_kw)
             loss = pg_loss
             if s.entropy_coeff != 0:
                 loss = loss - s.entropy_coeff * agg_loss(entropy, mask, mode, **agg_kw)

@@ -9,10 +9,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ascend_rl.errors import UserError
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+from ascend_rl.platform import compute_dtype, dtype_named
 
 
 @dataclass(frozen=True)
@@ -20,24 +17,30 @@ class FsdpSettings:
     """How the actor's weights are kept and computed with (`actor.fsdp_config`)."""
 
     model_dtype: torch.dtype = torch.float32  # the weights the optimizer updates (model_dtype)
-    compute_dtype: torch.dtype = torch.float32  # forward and backward (dtype); gradients are reduced in fp32
+    compute_dtype: torch.dtype = torch.float32  # forward and backward (mixed_precision.param_dtype, else dtype)
     offload: bool = False  # parameters, gradients and optimizer state in host memory (param/optimizer_offload)
     reshard_after_forward: bool = True
+    reduce_dtype: torch.dtype = torch.float32  # gradients' all-reduce (mixed_precision.reduce_dtype)
 
 
 def dtype_of(key: str, name) -> torch.dtype:
-    try:
-        return DTYPES[str(name)]
-    except KeyError:
-        raise UserError(f"{key}={name}: expected one of {', '.join(DTYPES)}") from None
+    return dtype_named(key, name)
 
 
 def fsdp_settings(fsdp_config, device: str, key: str = "actor_rollout_ref.actor.fsdp_config") -> FsdpSettings:
-    """On CPU: fp32 compute (bf16 matmuls are slow there) and no offload (everything is in host memory)."""
+    """verl's keys: the compute dtype is `mixed_precision.param_dtype` where the config has that map (verl's
+    FSDP engine reads it), else `dtype` (both default to bf16 in verl). A CPU without 16-bit matmul units
+    computes in fp32 (platform.compute_dtype says so once). No offload on CPU: everything is in host memory."""
     model_dtype = dtype_of(f"{key}.model_dtype", fsdp_config.model_dtype)
-    compute = dtype_of(f"{key}.dtype", fsdp_config.dtype) if device != "cpu" else torch.float32
+    mixed = fsdp_config.get("mixed_precision") or {}
+    if mixed.get("param_dtype") is not None:
+        name, asked = f"{key}.mixed_precision.param_dtype", mixed["param_dtype"]
+    else:
+        name, asked = f"{key}.dtype", fsdp_config.dtype
+    compute = compute_dtype(device, dtype_of(name, asked), name)
+    reduce = dtype_of(f"{key}.mixed_precision.reduce_dtype", mixed.get("reduce_dtype") or "fp32")
     offload = device != "cpu" and bool(fsdp_config.param_offload or fsdp_config.get("optimizer_offload", False))
-    return FsdpSettings(model_dtype, compute, offload, bool(fsdp_config.reshard_after_forward))
+    return FsdpSettings(model_dtype, compute, offload, bool(fsdp_config.reshard_after_forward), reduce)
 
 
 def shard_kwargs(mesh, settings: FsdpSettings) -> dict:
@@ -47,7 +50,8 @@ def shard_kwargs(mesh, settings: FsdpSettings) -> dict:
 
     kwargs = {"mesh": mesh, "reshard_after_forward": settings.reshard_after_forward}
     if settings.compute_dtype != settings.model_dtype:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=settings.compute_dtype, reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=settings.compute_dtype,
+                                                   reduce_dtype=settings.reduce_dtype)
     if settings.offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     return kwargs
@@ -56,6 +60,10 @@ def shard_kwargs(mesh, settings: FsdpSettings) -> dict:
 def place_for_compute(model: torch.nn.Module, mesh, settings: FsdpSettings, device_type: str):
     """Shard `model` over `mesh` (FSDP2's mixed precision casts per layer) or, in one process, leave it whole;
     returns the context every forward runs in: nothing under FSDP, autocast to the compute dtype without."""
+    if device_type == "cpu" and settings.compute_dtype in (torch.bfloat16, torch.float16):
+        from ascend_rl.workers.cpu_attention import use_cpu_attention
+
+        use_cpu_attention(model)
     if mesh is not None:
         shard_model(model, mesh, settings)
         return contextlib.nullcontext

@@ -4,8 +4,9 @@ rank holds a slice of the row; an all-to-all trades it for all positions of a sh
 runs on whole sequences, and a second all-to-all trades back.
 
 Kernels: flash-attention's varlen kernel where transformers has it (flash-attn on CUDA, torch_npu's
-`npu_fusion_attention` on Ascend) for 16-bit inputs; elsewhere (the CPU, fp32) SDPA over the sequences of
-each length, which is exact and spends nothing on other sequences' positions."""
+`npu_fusion_attention` on Ascend) for 16-bit inputs; elsewhere (the CPU) attention over the sequences of each
+length, which is exact and spends nothing on other sequences' positions: SDPA, or for 16-bit inputs of at most
+`SHORT_KEYS` positions two matmuls (SDPA's CPU kernel is slow there; workers/cpu_attention.py says why)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import functools
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from ascend_rl.workers.cpu_attention import SHORT_KEYS, matmul_attention
 
 PACKED_ATTENTION = "ascend_rl_packed"
 _FLASH = "flash_attention_2"
@@ -66,7 +69,10 @@ def _sdpa_by_length(query, key, value, bounds: list[int], scaling: float | None)
     outs = []
     for (q, k, v), (length, starts) in zip(grouped, by_length.items()):
         q, k, v = (t.unflatten(1, (len(starts), length)).transpose(0, 1) for t in (q, k, v))  # [rows, heads, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        if q.dtype in (torch.float16, torch.bfloat16) and length <= SHORT_KEYS:
+            out = matmul_attention(q, k, v, None, scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         outs.append(out.transpose(0, 1).flatten(1, 2))
     return torch.cat(outs, dim=1)[:, order.argsort()][None]
 
