@@ -151,14 +151,14 @@ def test_config_needs_are_checked_with_overrides(ascend):
     cfg = load_config(["actor_rollout_ref.model.path=/m", "trainer.n_gpus_per_node=16",
                        "actor_rollout_ref.rollout.name=sglang",
                        "+actor_rollout_ref.rollout.engine_kwargs.sglang.moe_a2a_backend=deepep",
-                       "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"])
+                       "actor_rollout_ref.model.lora_rank=8"])
     _, rows = diagnose("npu", cfg, environ=environ, site_paths=paths)
     by_check = {r.check: r for r in rows}
     assert by_check["SGLANG_DEEPEP_BF16_DISPATCH"].status == "FAIL"
     assert by_check["ASCEND_RT_VISIBLE_DEVICES"].fix == ("ASCEND_RT_VISIBLE_DEVICES lists 8 device(s) but "
                                                         "trainer.n_gpus_per_node=16")
     assert by_check["NPU kind"].status == "OK"  # 16 dies on this simulated A3 node
-    assert any(r.check == "config" and "Ulysses sequence parallelism is not built yet" in r.found for r in rows)
+    assert any(r.check == "config" and "LoRA is not built yet" in r.found for r in rows)
 
 
 def test_doctor_here_on_cpu(capsys):

@@ -124,3 +124,13 @@ def test_the_cli_sets_the_wait_policy_before_torch_starts(tmp_path):
             "print(os.environ['OMP_WAIT_POLICY'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "PASSIVE"
+
+
+def test_a_device_kind_this_machine_lacks_stops_the_run_at_once(monkeypatch):
+    from ascend_rl import platform
+
+    monkeypatch.setattr(platform, "detect_device", lambda: "cpu")
+    assert platform.usable_device("cpu") == "cpu" and platform.usable_device(None) == "cpu"
+    with pytest.raises(UserError, match=r"trainer.device=cuda: this machine has no usable cuda device .* set "
+                                        r"trainer.device=cpu"):
+        platform.usable_device("cuda")

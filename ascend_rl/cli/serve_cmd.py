@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ascend_rl.cli.quiet import quiet_transformers
     from ascend_rl.data.model_dir import check_model_dir
     from ascend_rl.errors import UserError
-    from ascend_rl.platform import resolve_device
+    from ascend_rl.platform import usable_device
     from ascend_rl.rollout.http_server import make_server
     from ascend_rl.rollout.native import NativeEngine
     from ascend_rl.rollout.request_checks import Limits
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_tokenizer_init:  # a missing tokenizer stops here, before minutes of loading weights
         TextCodec.load(args.tokenizer_path or args.model_path,
                        "--tokenizer-path" if args.tokenizer_path else "--model-path")
-    engine = NativeEngine.from_pretrained(args.model_path, resolve_device(args.device),
+    engine = NativeEngine.from_pretrained(args.model_path, usable_device(args.device),
                                           max_num_seqs=args.max_running_requests,
                                           max_num_batched_tokens=args.max_prefill_tokens,
                                           memory_utilization=args.mem_fraction_static,

@@ -111,6 +111,16 @@ def resolve_device(requested: str | None) -> str:
     return get_platform(requested).name if requested else detect_device()
 
 
+def usable_device(requested: str | None) -> str:
+    """As `resolve_device`, for a run that will compute there: a device kind this machine lacks is an error now,
+    not a traceback after minutes of set-up."""
+    device = resolve_device(requested)
+    if device != "cpu" and detect_device() != device:
+        raise UserError(f"trainer.device={device}: this machine has no usable {device} device (torch sees "
+                        f"{detect_device()} only); set trainer.device={detect_device()} or run where there is one")
+    return device
+
+
 def total_memory_bytes(device: str) -> int:
     """The memory of one device (RAM on CPU)."""
     import os

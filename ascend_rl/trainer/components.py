@@ -24,7 +24,7 @@ from ascend_rl.distributed.actor_group import ActorGroup
 from ascend_rl.distributed.colocated import WorkerRolloutSpec, colocated, colocated_rollout, worker_rollout_spec
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
-from ascend_rl.platform import make_deterministic, resolve_device
+from ascend_rl.platform import make_deterministic, usable_device
 from ascend_rl.preflight import context_problems, missing_scorers, sequence_parallel_problems
 from ascend_rl.reward import RewardFunction, RewardRunner
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
@@ -109,7 +109,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    device = resolve_device(t.device)
+    device = usable_device(t.device)
     if t.deterministic:  # before any worker starts: they inherit the switches
         defaulted = make_deterministic(device, os.environ)
         print(f"ascend-rl: deterministic mode{': ' + ' '.join(defaulted) if defaulted else ''}", file=sys.stderr)

@@ -132,6 +132,7 @@ class TrainedModel:
         self.device = torch.device(device)
         self.batching = batching
         self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+        self.sharded = mesh is not None  # FSDP2's DTensors, even on one rank
         # The ranks of a Ulysses group share their rows; data parallelism is over the groups.
         sp = dist.get_world_size(forward.sp_group) if forward.sp_group is not None else 1
         self.dp_rank, self.dp_size = self.rank // sp, self.world_size // sp
@@ -191,7 +192,7 @@ class TrainedModel:
         import torch.distributed.checkpoint as dcp
 
         state = None
-        if self.world_size > 1:
+        if self.sharded:  # DTensors: gather them (safetensors cannot write a DTensor's local storage)
             state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
