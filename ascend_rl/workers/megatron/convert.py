@@ -1,0 +1,211 @@
+"""Hugging Face state dict ↔ Megatron-core state dict (the local layer spec's names), whole or split over
+tensor-parallel ranks. Pure tensor functions, exact both ways: no megatron import.
+
+Megatron's layout, as `GPTModel` with `get_gpt_layer_local_spec` names and shapes its parameters:
+- `linear_qkv` fuses q, k, v per key/value group: for each group its heads' q rows, then its k rows, then its v
+  rows ([groups · (heads_per_group + 2) · head_dim, hidden]), so a TP rank's slice is whole groups.
+- `linear_fc1` is [gate; up] (SwiGLU); a TP rank holds [its gate slice; its up slice].
+- Column-parallel (qkv, fc1) split on dim 0, row-parallel (proj, fc2) on dim 1; norms and the router are copied.
+- The embedding and the untied output layer are vocab-parallel: their rows padded with zeros to a multiple of
+  TP × `make_vocab_size_divisible_by` (Megatron-LM's rule), then split on dim 0.
+- MoE experts (SequentialMLP: `mlp.experts.local_experts.E.linear_fc{1,2}`) are split like the dense MLP over
+  the expert-tensor-parallel ranks, taken equal to TP here (Megatron's default); expert parallelism is not
+  built yet.
+
+HF names are those of the models transformers 5 builds (Qwen3-MoE experts fused into `gate_up_proj` [E, 2F, H]
+and `down_proj` [E, H, F]). A tied `lm_head.weight` is left out, as `save_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ascend_rl.workers.megatron.arch import Architecture
+
+Tensor = torch.Tensor
+VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """The embedding rows Megatron allocates: the vocabulary rounded up to a multiple of TP × divisible_by."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def hf_to_mcore(hf: dict[str, Tensor], arch: Architecture, tp: int = 1, divisible_by: int = 128) -> list[dict]:
+    """Each TP rank's Megatron state dict (parameters only; `_extra_state` entries are the model's business)."""
+    return split_tp(hf_to_mcore_full(hf, arch, padded_vocab_size(arch.vocab_size, tp, divisible_by)), arch, tp)
+
+
+def mcore_to_hf(shards: list[dict[str, Tensor]], arch: Architecture) -> dict[str, Tensor]:
+    """The HF state dict from every TP rank's Megatron state dict, in rank order."""
+    return mcore_full_to_hf(merge_tp(shards, arch), arch)
+
+
+# --- whole model (TP 1) -----------------------------------------------------------------------------------
+
+
+def hf_to_mcore_full(hf: dict[str, Tensor], arch: Architecture, padded_vocab: int | None = None) -> dict[str, Tensor]:
+    """The TP-1 Megatron state dict; the vocabulary padded to `padded_vocab` rows (default: not padded)."""
+    src = dict(hf)
+    take = src.pop
+    rows = padded_vocab or arch.vocab_size
+    out = {"embedding.word_embeddings.weight": _pad_rows(take("model.embed_tokens.weight"), rows),
+           "decoder.final_layernorm.weight": take("model.norm.weight")}
+    if arch.tie_word_embeddings:
+        src.pop("lm_head.weight", None)  # the same tensor as the embedding
+    else:
+        out["output_layer.weight"] = _pad_rows(take("lm_head.weight"), rows)
+    for i in range(arch.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[m + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
+        out[m + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
+        a = h + "self_attn."
+        names = ("weight", "bias") if arch.qkv_bias else ("weight",)
+        for kind in names:
+            q, k, v = (take(f"{a}{p}_proj.{kind}") for p in "qkv")
+            out[f"{m}self_attention.linear_qkv.{kind}"] = fuse_qkv(q, k, v, arch)
+        out[m + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
+        if arch.qk_norm:
+            out[m + "self_attention.q_layernorm.weight"] = take(a + "q_norm.weight")
+            out[m + "self_attention.k_layernorm.weight"] = take(a + "k_norm.weight")
+        if arch.moe:
+            out[m + "mlp.router.weight"] = take(h + "mlp.gate.weight")
+            gate_up, down = take(h + "mlp.experts.gate_up_proj"), take(h + "mlp.experts.down_proj")
+            for e in range(arch.num_experts):
+                out[f"{m}mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e].clone()
+                out[f"{m}mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e].clone()
+        else:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"),
+                                                          take(h + "mlp.up_proj.weight")])
+            out[m + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
+    if src:
+        raise KeyError(f"HF weights the {arch.model_type} converter does not know: {sorted(src)[:8]}")
+    return out
+
+
+def mcore_full_to_hf(mc: dict[str, Tensor], arch: Architecture) -> dict[str, Tensor]:
+    """The HF state dict from the TP-1 Megatron one (padding rows dropped)."""
+    src = {k: v for k, v in mc.items() if not k.endswith("._extra_state")}
+    take = src.pop
+    vocab = arch.vocab_size
+    out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:vocab],
+           "model.norm.weight": take("decoder.final_layernorm.weight")}
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = take("output_layer.weight")[:vocab]
+    for i in range(arch.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[h + "input_layernorm.weight"] = take(m + "input_layernorm.weight")
+        out[h + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
+        a = h + "self_attn."
+        for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):
+            q, k, v = split_qkv(take(f"{m}self_attention.linear_qkv.{kind}"), arch)
+            out.update({f"{a}q_proj.{kind}": q, f"{a}k_proj.{kind}": k, f"{a}v_proj.{kind}": v})
+        out[a + "o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
+        if arch.qk_norm:
+            out[a + "q_norm.weight"] = take(m + "self_attention.q_layernorm.weight")
+            out[a + "k_norm.weight"] = take(m + "self_attention.k_layernorm.weight")
+        if arch.moe:
+            out[h + "mlp.gate.weight"] = take(m + "mlp.router.weight")
+            experts = range(arch.num_experts)
+            out[h + "mlp.experts.gate_up_proj"] = torch.stack(
+                [take(f"{m}mlp.experts.local_experts.{e}.linear_fc1.weight") for e in experts])
+            out[h + "mlp.experts.down_proj"] = torch.stack(
+                [take(f"{m}mlp.experts.local_experts.{e}.linear_fc2.weight") for e in experts])
+        else:
+            gate, up = take(m + "mlp.linear_fc1.weight").chunk(2)
+            out.update({h + "mlp.gate_proj.weight": gate.clone(), h + "mlp.up_proj.weight": up.clone(),
+                        h + "mlp.down_proj.weight": take(m + "mlp.linear_fc2.weight")})
+    if src:
+        raise KeyError(f"Megatron weights the {arch.model_type} converter does not know: {sorted(src)[:8]}")
+    return out
+
+
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, arch: Architecture) -> Tensor:
+    """q [heads·d, ...], k and v [groups·d, ...] → Megatron's per-group [q_g; k_g; v_g] rows."""
+    g, d = arch.num_query_groups, arch.head_dim
+    tail = q.shape[1:]
+    parts = (q.reshape(g, arch.heads_per_group * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail))
+    return torch.cat(parts, dim=1).reshape(-1, *tail)
+
+
+def split_qkv(qkv: Tensor, arch: Architecture) -> tuple[Tensor, Tensor, Tensor]:
+    g, d = arch.num_query_groups, arch.head_dim
+    tail = qkv.shape[1:]
+    q, k, v = qkv.reshape(g, -1, *tail).split([arch.heads_per_group * d, d, d], dim=1)
+    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+
+
+# --- tensor parallelism -----------------------------------------------------------------------------------
+
+
+def _kind(name: str) -> str:
+    """How a parameter is laid out over TP ranks: vocab, column, gated (fc1), row, or copied."""
+    if name in VOCAB_PARALLEL:
+        return "vocab"
+    if ".linear_qkv." in name:
+        return "column"
+    if name.endswith("linear_fc1.weight"):
+        return "gated"
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return "row"
+    return "copied"  # norms, q/k norms, router
+
+
+def split_tp(full: dict[str, Tensor], arch: Architecture, tp: int) -> list[dict[str, Tensor]]:
+    """Each TP rank's slice of the TP-1 Megatron state dict (the vocabulary already padded for `tp`)."""
+    check_tp(arch, tp)
+    shards: list[dict[str, Tensor]] = [{} for _ in range(tp)]
+    for name, t in full.items():
+        kind = _kind(name)
+        if kind == "vocab" and t.shape[0] % tp:
+            raise ValueError(f"{name} has {t.shape[0]} rows, not a multiple of TP {tp}: pad the vocabulary for it")
+        if kind in ("vocab", "column"):
+            pieces = t.chunk(tp, dim=0)
+        elif kind == "row":
+            pieces = t.chunk(tp, dim=1)
+        elif kind == "gated":
+            gates, ups = (half.chunk(tp, dim=0) for half in t.chunk(2, dim=0))
+            pieces = [torch.cat([g, u]) for g, u in zip(gates, ups)]
+        else:
+            pieces = [t] * tp
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone()
+    return shards
+
+
+def merge_tp(shards: list[dict[str, Tensor]], arch: Architecture) -> dict[str, Tensor]:
+    """The TP-1 Megatron state dict from every rank's (the vocabulary keeps its padding)."""
+    out = {}
+    for name in shards[0]:
+        if name.endswith("._extra_state"):
+            continue
+        pieces = [s[name] for s in shards]
+        kind = _kind(name)
+        if kind in ("vocab", "column"):
+            out[name] = torch.cat(pieces, dim=0)
+        elif kind == "row":
+            out[name] = torch.cat(pieces, dim=1)
+        elif kind == "gated":
+            halves = [p.chunk(2, dim=0) for p in pieces]
+            out[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            if any(not torch.equal(p, pieces[0]) for p in pieces[1:]):
+                raise ValueError(f"{name} differs between TP ranks; it should be a copy")
+            out[name] = pieces[0]
+    return out
+
+
+def check_tp(arch: Architecture, tp: int) -> None:
+    """Megatron splits whole heads, whole key/value groups and equal MLP slices over TP ranks."""
+    problems = [f"{what} ({n}) is not a multiple of TP {tp}" for what, n in (
+        ("num_attention_heads", arch.num_attention_heads), ("num_key_value_heads", arch.num_query_groups),
+        ("intermediate_size", arch.ffn_hidden_size if not arch.moe else arch.moe_ffn_hidden_size)) if n % tp]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    if rows < t.shape[0]:
+        raise ValueError(f"cannot pad {t.shape[0]} vocabulary rows down to {rows}")
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t

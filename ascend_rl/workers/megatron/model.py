@@ -1,0 +1,170 @@
+"""A Megatron-core `GPTModel` for a Hugging Face config (Qwen2/Qwen2.5, Qwen3, Llama, Qwen3-MoE), on the local
+layer spec (no Transformer Engine), its process groups, and HF weights loaded into it through `convert`.
+
+Settings keep verl's names (`actor.megatron.*`). Built: tensor parallelism with or without sequence
+parallelism, recompute and any other TransformerConfig field through `override_transformer_config`.
+Pipeline, virtual pipeline, context and expert parallelism are not: they raise NotImplementedError.
+
+Megatron's RoPE takes positions 0..S-1 whatever `position_ids` say, so rows must start at column 0
+(right-padded, which causal attention makes harmless to the real tokens); the trainer's left-padded rows need
+shifting first (not built yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ascend_rl.workers.megatron.arch import Architecture, architecture
+from ascend_rl.workers.megatron.convert import check_tp, hf_to_mcore, padded_vocab_size
+
+
+@dataclass(frozen=True)
+class MegatronParallel:
+    """The parallel layout (`actor.megatron.*`, verl's names)."""
+
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False  # verl's default is true; it turns it off at TP 1, as Megatron requires
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+    make_vocab_size_divisible_by: int = 128
+    override_transformer_config: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    def check(self) -> None:
+        unbuilt = [name for name, value, default in (
+            ("pipeline_model_parallel_size", self.pipeline_model_parallel_size, 1),
+            ("virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size, None),
+            ("context_parallel_size", self.context_parallel_size, 1),
+            ("expert_model_parallel_size", self.expert_model_parallel_size, 1),
+        ) if value != default]
+        if self.expert_tensor_parallel_size not in (None, self.tp):
+            unbuilt.append("expert_tensor_parallel_size (other than the TP size)")
+        if unbuilt:
+            raise NotImplementedError(f"Megatron with {', '.join(unbuilt)} is not built yet")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
+
+
+def init_model_parallel(parallel: MegatronParallel, seed: int = 42) -> None:
+    """Megatron's process groups over the default group (already initialised), and its seeded RNG streams."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel.check()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config_kwargs(arch: Architecture, parallel: MegatronParallel, dtype: torch.dtype) -> dict:
+    """TransformerConfig's fields for `arch`; `override_transformer_config` last."""
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,  # SwiGLU: linear_fc1 is [gate; up]
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=arch.attention_dropout,
+        tensor_model_parallel_size=parallel.tp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # The weights are overwritten from the HF model, but Megatron tags its TP-split parameters
+        # (tensor_model_parallel, partition_dim: what grad-norm, optimizer and dist checkpoints read) only
+        # while initialising them: perform_initialization=False would leave every parameter looking copied.
+        perform_initialization=True,
+        use_cpu_initialization=True,  # CPU only for now; on devices the initialisation belongs there
+        # The fused kernels need apex or Transformer Engine; the local spec runs the unfused PyTorch paths.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    if arch.moe:
+        kwargs.update(
+            num_moe_experts=arch.num_experts,
+            moe_router_topk=arch.moe_topk,
+            moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+            # HF: softmax over all experts, top-k, renormalised if norm_topk_prob. Megatron: top-k of the logits
+            # then softmax (the renormalised form), or softmax first (pre_softmax) without renormalising.
+            moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+            moe_router_load_balancing_type="none",  # the aux loss is a training choice, not the forward's
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+        )
+    overrides = dict(parallel.override_transformer_config)
+    if isinstance(overrides.get("attention_backend"), str):  # verl writes the enum's name
+        from megatron.core.transformer.enums import AttnBackend
+
+        overrides["attention_backend"] = AttnBackend[overrides["attention_backend"]]
+    kwargs.update(overrides)
+    return kwargs
+
+
+def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = torch.float32):
+    """This rank's GPTModel for `hf_config` (init_model_parallel first), weights uninitialised: load_hf_weights."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    arch = architecture(hf_config)
+    parallel.check()
+    check_tp(arch, parallel.tp)
+    if arch.moe and parallel.tp > 1 and not parallel.sequence_parallel:
+        raise ValueError("Megatron trains MoE models under tensor parallelism only with sequence_parallel=True")
+    config = TransformerConfig(**transformer_config_kwargs(arch, parallel, dtype))
+    spec = get_gpt_layer_local_spec(num_experts=arch.num_experts or None, qk_layernorm=arch.qk_norm,
+                                    normalization="RMSNorm")
+    return GPTModel(
+        config, spec,
+        vocab_size=padded_vocab_size(arch.vocab_size, parallel.tp, parallel.make_vocab_size_divisible_by),
+        max_sequence_length=arch.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        parallel_output=True,  # logits stay vocab-parallel: log-probs reduce over the TP group
+    )
+
+
+def load_hf_weights(model, hf_state: dict[str, torch.Tensor], hf_config, parallel: MegatronParallel) -> None:
+    """Every rank converts the whole HF state dict and keeps its TP slice."""
+    from megatron.core import parallel_state
+
+    shards = hf_to_mcore(hf_state, architecture(hf_config), parallel.tp, parallel.make_vocab_size_divisible_by)
+    load_mcore_shard(model, shards[parallel_state.get_tensor_model_parallel_rank()])
+
+
+def load_mcore_shard(model, shard: dict[str, torch.Tensor]) -> None:
+    """Load one rank's Megatron state dict; every parameter must be in it (Megatron's `_extra_state`
+    entries, which the local spec leaves empty, are kept as the model has them)."""
+    state = {k: v for k, v in model.state_dict().items() if k.endswith("._extra_state")}
+    state.update(shard)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"Megatron weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+def mcore_shard(model) -> dict[str, torch.Tensor]:
+    """This rank's parameters by Megatron name (what `convert.mcore_to_hf` takes from every rank)."""
+    return {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("._extra_state")}

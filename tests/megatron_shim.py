@@ -1,0 +1,116 @@
+"""Test-only patches that let Megatron-core run on a CPU build of torch with gloo, for tests/test_megatron.py.
+
+Megatron-core assumes CUDA in a few places even on its local (no Transformer Engine) layer spec. Each patch
+below replaces one such symbol with the CPU equivalent and says where it bites. They are pinned to the version
+they were written against: `missing()` lists the patched symbols that no longer exist (the smoke test fails on
+any), and `apply` refuses another version. Nothing in the package uses this module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MEGATRON_CORE = "0.16.1"
+
+
+def _current_device() -> str:
+    return "cpu"
+
+
+def _causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _get_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, *args, **kwargs) -> None:
+    torch.set_rng_state(state)
+
+
+def _tracker_add(self, name: str, seed: int) -> None:
+    """CudaRNGStatesTracker.add with a CPU generator's state (the original reads torch.cuda's)."""
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    self._is_initialized = True
+    self.seeds_.add(seed)
+    self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+
+def _dtoh_on_cpu(self, point: str, tokens_per_expert=None):
+    """MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize without its CUDA side stream: the counts are on
+    the CPU already, but the CUDA path also turns the split sizes into numpy arrays, which all_to_all_single
+    takes as sizes (a CPU tensor it refuses)."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for attr in ("input_splits", "output_splits", "output_splits_tp"):
+            if torch.is_tensor(getattr(self, attr)):
+                setattr(self, attr, getattr(self, attr).numpy())
+    return tokens_per_expert
+
+
+def _torch_norm(cls, config, hidden_size: int, eps: float = 1e-5, *args, **kwargs):
+    """WrappedTorchNorm.__new__ without its refusal of sequence parallelism: a norm is per position, so it
+    works on a sequence slice; its weight then gets only this slice's gradient, which Megatron sums over TP
+    for parameters tagged `sequence_parallel`, as apex's and TE's norms tag theirs."""
+    norm = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization](hidden_size, eps=eps)
+    for param in norm.parameters():
+        param.sequence_parallel = config.sequence_parallel
+    return norm
+
+
+def patches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, CPU replacement) for each CUDA-ism the tests reach."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return [
+        # Where Megatron allocates "on the current device": RotaryEmbedding.get_emb moves inv_freq there,
+        # GlobalMemoryBuffer.get_tensor allocates the attention-score buffer there.
+        (torch.cuda, "current_device", _current_device),
+        # The causal mask of the unfused softmax is built with device="cuda" (imported by name).
+        (fused_softmax, "get_default_causal_mask", _causal_mask),
+        # model_parallel_cuda_manual_seed and the RNG tracker's fork (dropout regions, recompute) save and
+        # restore the CUDA generator; on CPU the tracked streams are CPU generator states.
+        (random, "_get_cuda_rng_state", _get_rng_state),
+        (random, "_set_cuda_rng_state", _set_rng_state),
+        (random.CudaRNGStatesTracker, "add", _tracker_add),
+        # The local spec's norm (torch's, without apex or TE) asserts that sequence parallelism is off.
+        (WrappedTorchNorm, "__new__", _torch_norm),
+        # The MoE all-to-all dispatcher creates a torch.cuda.Stream for its device-to-host copies (a class
+        # attribute, made once when None) and uses it on every dispatch.
+        (MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", "no stream on the CPU"),
+        (MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize", _dtoh_on_cpu),
+        # Without Transformer Engine the router's gating GEMM reads `te_general_gemm`, which the failed TE
+        # import left undefined (not CPU-specific: any machine without TE). None selects its torch.mm path.
+        (moe_utils, "te_general_gemm", None),
+    ]
+
+
+def missing() -> list[str]:
+    """The patched symbols this Megatron-core no longer has or uses (each patch would silently do nothing)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    # vars(), not hasattr: a class's own __new__ or method, not one it would inherit.
+    gone = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _ in patches()
+            if owner is not moe_utils and name not in vars(owner)]
+    if "te_general_gemm" not in moe_utils.RouterGatingLinearFunction.forward.__code__.co_names:
+        gone.append("te_general_gemm in RouterGatingLinearFunction.forward")
+    return gone
+
+
+def apply(monkeypatch) -> None:
+    """Install every patch through `monkeypatch` (pytest's, undone after the tests; a plain
+    `pytest.MonkeyPatch()` in worker processes)."""
+    import megatron.core
+
+    if megatron.core.__version__ != MEGATRON_CORE:
+        raise RuntimeError(f"tests/megatron_shim.py is written for megatron-core {MEGATRON_CORE}, "
+                           f"found {megatron.core.__version__}: re-check each patch")
+    for owner, name, value in patches():
+        monkeypatch.setattr(owner, name, value, raising=False)  # te_general_gemm is the one that may not exist
