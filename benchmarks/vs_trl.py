@@ -28,10 +28,14 @@ PROMPTS, N, MAX_NEW, LR = 64, 8, 16, 3e-4
 WARMUP = 3
 
 
-def embedded_cfg(seed: int, steps: int, eval_every: int, out: Path):
+BF16 = ["actor_rollout_ref.actor.fsdp_config.dtype=bfloat16", "actor_rollout_ref.ref.fsdp_config.dtype=bfloat16",
+        "actor_rollout_ref.rollout.dtype=bfloat16"]  # ours with --bf16 (TRL: bf16=True)
+
+
+def embedded_cfg(seed: int, steps: int, eval_every: int, out: Path, bf16: bool = False):
     from ascend_rl.config.loader import load_config
 
-    return load_config([
+    return load_config([*(BF16 if bf16 else []),
         f"trainer.seed={seed}", f"trainer.total_training_steps={steps}", f"trainer.test_freq={eval_every}",
         f"trainer.default_local_dir={out}", "trainer.logger=[console]", "trainer.val_before_train=True",
         f"data.train_batch_size={PROMPTS}", f"data.max_response_length={MAX_NEW}",
@@ -49,11 +53,11 @@ def worker_assets(seed: int, **_) -> dict:
     return {}
 
 
-def worker_ours(seed: int, steps: int, eval_every: int, out: Path, **_) -> dict:
+def worker_ours(seed: int, steps: int, eval_every: int, out: Path, bf16: bool = False, **_) -> dict:
     from ascend_rl.trainer.components import build_components
     from ascend_rl.trainer.loop import RLTrainer
 
-    RLTrainer(build_components(embedded_cfg(seed, steps, eval_every, out), show_progress=False)).fit()
+    RLTrainer(build_components(embedded_cfg(seed, steps, eval_every, out, bf16), show_progress=False)).fit()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if "timing_s/step" in r]
     wall, curve = 0.0, []
@@ -106,7 +110,7 @@ class _Evaluator:
         return acc
 
 
-def worker_trl(seed: int, steps: int, eval_every: int, out: Path, **_) -> dict:
+def worker_trl(seed: int, steps: int, eval_every: int, out: Path, bf16: bool = False, **_) -> dict:
     import pyarrow.parquet as pq
     import transformers
     from datasets import Dataset
@@ -166,7 +170,7 @@ def worker_trl(seed: int, steps: int, eval_every: int, out: Path, **_) -> dict:
         gradient_accumulation_steps=1, steps_per_generation=1, max_completion_length=MAX_NEW, learning_rate=LR,
         lr_scheduler_type="constant", beta=0.0, epsilon=0.2, temperature=1.0, num_iterations=1, max_steps=steps,
         logging_steps=1, report_to="none", use_cpu=True, seed=seed, save_strategy="no", loss_type="dapo",
-        scale_rewards="group", disable_dropout=True, bf16=False)
+        scale_rewards="group", disable_dropout=True, bf16=bf16)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=reward, args=config,
                           train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_path),
                           callbacks=[Measure(), Lengths()])
@@ -190,12 +194,13 @@ def matmul_gflops(threads: int, size: int = 1024, repeats: int = 20) -> float:
 WORKERS = {"assets": worker_assets, "ours": worker_ours, "trl": worker_trl}
 
 
-def run_worker(kind: str, seed: int, steps: int, eval_every: int, threads: int, cache: Path, out: Path) -> dict:
+def run_worker(kind: str, seed: int, steps: int, eval_every: int, threads: int, cache: Path, out: Path,
+               bf16: bool = False) -> dict:
     env = {**os.environ, "ASCEND_RL_CACHE": str(cache), "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     result = out / f"{kind}.json"
     cmd = [sys.executable, __file__, "--worker", kind, "--seeds", str(seed), "--steps", str(steps),
-           "--eval-every", str(eval_every), "--threads", str(threads), "--out", str(out)]
+           "--eval-every", str(eval_every), "--threads", str(threads), "--out", str(out), *(["--bf16"] if bf16 else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -224,8 +229,11 @@ def write_report(results: dict, args, ceiling: float) -> None:
 
     out = args.report
     out.with_suffix(".json").write_text(json.dumps({"matmul_gflops": ceiling, "results": results}, indent=1))
-    lines = [f"`{' '.join(['benchmarks/vs_trl.py', '--seeds', *map(str, args.seeds), '--steps', str(args.steps), '--threads', str(args.threads)])}`"
-             f" on the 2-core dev machine, {args.threads} threads; medians over steps {WARMUP + 1}–{args.steps}.", "",
+    command = ['benchmarks/vs_trl.py', '--seeds', *map(str, args.seeds), '--steps', str(args.steps), '--threads',
+               str(args.threads), *(['--bf16', '--report', str(args.report)] if args.bf16 else [])]
+    precision = "bf16 (ours: actor, reference and rollout dtype bfloat16; TRL: bf16=True)" if args.bf16 else "fp32"
+    lines = [f"`{' '.join(command)}` on the 2-core dev machine, {args.threads} threads, {precision}; medians over "
+             f"steps {WARMUP + 1}–{args.steps}.", "",
              "| seed | framework | s/step | samples/s | gen tokens/s | generation s | log-prob s | update s | weight sync s "
              "| held-out acc start → end |", "|---|---|---|---|---|---|---|---|---|---|"]
     for seed, pair in results.items():
@@ -268,6 +276,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the .json")
+    parser.add_argument("--bf16", action="store_true", help="both frameworks compute in bf16")
     args = parser.parse_args()
     if args.report_only:
         saved = json.loads(args.report.with_suffix(".json").read_text())
@@ -278,7 +287,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         args.out.mkdir(parents=True, exist_ok=True)
-        result = WORKERS[args.worker](seed=args.seeds[0], steps=args.steps, eval_every=args.eval_every, out=args.out)
+        result = WORKERS[args.worker](seed=args.seeds[0], steps=args.steps, eval_every=args.eval_every, out=args.out,
+                                      bf16=args.bf16)
         (args.out / f"{args.worker}.json").write_text(json.dumps(result))
         return
     results = {}
@@ -287,7 +297,8 @@ def main() -> None:
         run_worker("assets", seed, args.steps, args.eval_every, args.threads, cache, work / "assets")
         pair = {}
         for name in ("ours", "trl"):  # one after the other, same machine state as far as we can make it
-            pair[name] = summarize(run_worker(name, seed, args.steps, args.eval_every, args.threads, cache, work / name))
+            pair[name] = summarize(run_worker(name, seed, args.steps, args.eval_every, args.threads, cache, work / name,
+                                              args.bf16))
             print(f"seed {seed} {name}: {pair[name]['step_s']:.2f} s/step, acc {pair[name]['acc_start']:.3f} → "
                   f"{pair[name]['acc_end']:.3f}", flush=True)
         results[seed] = pair
