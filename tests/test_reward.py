@@ -149,6 +149,53 @@ def test_a_dying_scorer_costs_only_its_sample_and_no_timeout(tmp_path):
             (0.0, "SystemExit: 3 (compute_score)"), (0.0, "SystemExit (compute_score)"), (1.0, None)]
 
 
+CHATTY = """
+import os, sys, time
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    print("scoring", solution_str)
+    if solution_str == "raise":
+        raise ValueError("bad")
+    if solution_str == "hang":
+        time.sleep(60)
+    if solution_str == "swallow":  # catches the alarm's exception and hangs on: only the backstop ends it
+        while True:
+            try:
+                time.sleep(60)
+            except BaseException:
+                pass
+    if solution_str == "die":
+        os._exit(1)
+    return float(solution_str == ground_truth)
+"""
+
+
+def test_chunks_keep_every_failure_to_its_own_sample(tmp_path):
+    """Enough samples to go in chunks: a raising, a hung and a dying sample each cost themselves only, with the
+    output they printed (not their chunk's); the rest score."""
+    (tmp_path / "r.py").write_text(CHATTY)
+    answers = ["a"] * 40
+    answers[3], answers[17], answers[30] = "raise", "hang", "die"
+    with RewardRunner(RewardFunction(str(tmp_path / "r.py")), num_workers=2, timeout_s=1.0) as runner:
+        start = time.monotonic()
+        out = runner.score(["x"] * 40, answers, ["a"] * 40)
+        elapsed = time.monotonic() - start
+    assert [s.score for s in out] == [0.0 if i in (3, 17, 30) else 1.0 for i in range(40)]
+    assert (out[3].error, out[3].output) == ("ValueError: bad (compute_score)", "scoring raise")
+    assert (out[17].error, out[17].output) == ("timeout after 1 s (compute_score)", "scoring hang")
+    assert out[30].error == "worker died with exit code 1 (compute_score)"
+    assert elapsed < 6.0  # one alarm of 1 s; the dead chunk's samples once more, one task each
+
+
+def test_a_scorer_that_swallows_the_alarm_is_stopped_by_the_backstop(tmp_path):
+    (tmp_path / "r.py").write_text(CHATTY)
+    answers = ["a"] * 20
+    answers[5] = "swallow"
+    with RewardRunner(RewardFunction(str(tmp_path / "r.py")), num_workers=2, timeout_s=0.5) as runner:
+        out = runner.score(["x"] * 20, answers, ["a"] * 20)
+    assert [s.score for s in out] == [0.0 if i == 5 else 1.0 for i in range(20)]
+    assert out[5].error == "timeout after 0.5 s (compute_score)"
+
+
 def test_a_worker_killed_while_idle_does_not_break_the_next_batch(tmp_path):
     (tmp_path / "r.py").write_text(DYING)
     with RewardRunner(RewardFunction(str(tmp_path / "r.py")), num_workers=2, timeout_s=10.0) as runner:
@@ -239,7 +286,8 @@ def test_tasks_the_pool_loses_are_rerun_once_then_failed(tmp_path, monkeypatch):
     schedule, lost, lose = runner_module.ProcessPool.schedule, [], 1
 
     def schedule_losing(pool, fn, args, timeout):  # pebble loses a task whose worker dies before starting it
-        if args[0][1] == "lost" and len(lost) < lose:
+        samples = args[0] if fn is runner_module._score_chunk else [args[0]]
+        if any(sample[1] == "lost" for sample in samples) and len(lost) < lose:
             lost.append(args)
             return Future()
         return schedule(pool, fn, args, timeout=timeout)

@@ -4,6 +4,12 @@ megabytes or kills its process costs one sample (score 0, with a reason) and nev
 Processes rather than threads: a hung pure-Python scorer in a thread would keep the GIL busy for the rest
 of training and cannot be stopped; a process can be terminated. pebble's pool times each task out on its
 own and replaces a worker that died or hung, failing only that worker's task, within its 0.1 s poll.
+
+Samples go to the workers in chunks (one task per sample cost ~0.4 ms of scheduling and output capture each:
+0.2 s of a 0.7 s step at 512 samples, where TRL scores in-process). In a chunk each sample has its own time
+limit (SIGALRM, which interrupts Python code); a chunk that dies, is lost, or outlasts its backstop (a scorer
+stuck in C code, or one that swallows the alarm) gives no verdict on its samples: they are scored again one
+task each, as before, so a bad sample still costs only itself.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 _OUTPUT_CHARS = 300  # of a failed sample's output kept for its reason
 _LOST_AFTER_S = 10.0  # no task done for timeout + this: pebble lost them (a worker died as it took one)
+_CHUNKS_PER_WORKER = 4  # enough chunks to keep every worker busy to the end of a batch
+_MAX_CHUNK = 64
 
 
 def load_custom_reward_fn(path: str, name: str = "compute_score") -> Callable:
@@ -119,6 +127,10 @@ def _capture_output(path: str) -> None:
 
 def _score_one(args: tuple, output_path: str) -> ScoredSample:
     _capture_output(output_path)
+    return _score(args)
+
+
+def _score(args: tuple) -> ScoredSample:
     data_source, solution, truth, extra_info = args
     try:
         return ScoredSample(*_parse(_worker_fn(data_source, solution, truth, extra_info, **_worker_kwargs)))
@@ -126,16 +138,46 @@ def _score_one(args: tuple, output_path: str) -> ScoredSample:
         return ScoredSample(0.0, {}, _describe(err))
 
 
-def _output_tail(path: str) -> str:
+class _SampleTimeout(BaseException):
+    """Raised by SIGALRM inside a scorer (a BaseException, so `except Exception` in the scorer lets it pass)."""
+
+
+def _alarm(signum, frame):
+    raise _SampleTimeout
+
+
+def _score_chunk(chunk: list[tuple], output_path: str, timeout_s: float) -> list[ScoredSample]:
+    """Each sample under its own time limit; a failed sample's output is what it printed itself."""
+    _capture_output(output_path)
+    signal.signal(signal.SIGALRM, _alarm)
+    out = []
+    for args in chunk:
+        start = os.lseek(1, 0, os.SEEK_CUR)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            sample = _score(args)
+        except _SampleTimeout:
+            sample = ScoredSample(0.0, {}, f"timeout after {timeout_s:g} s")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        if sample.error is not None:
+            sample = ScoredSample(0.0, {}, sample.error, _output_tail(output_path, start))
+        out.append(sample)
+    return out
+
+
+def _output_tail(path: str, begin: int = 0) -> str:
+    """The end of what was written to `path` from offset `begin` on, on one line."""
     try:
         with open(path, "rb") as f:
-            start = max(0, f.seek(0, os.SEEK_END) - 4 * _OUTPUT_CHARS)  # bytes to spare for blank lines
+            start = max(begin, f.seek(0, os.SEEK_END) - 4 * _OUTPUT_CHARS)  # bytes to spare for blank lines
             f.seek(start)
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
     one_line = " | ".join(line.strip() for line in text.splitlines() if line.strip())
-    return "…" + one_line[-_OUTPUT_CHARS:] if start or len(one_line) > _OUTPUT_CHARS else one_line
+    cut = start > begin or len(one_line) > _OUTPUT_CHARS
+    return "…" + one_line[-_OUTPUT_CHARS:] if cut else one_line
 
 
 def _died(exitcode: int | None) -> str:
@@ -172,12 +214,54 @@ class RewardRunner:
         work = list(zip(data_sources, solutions, ground_truths, extra_infos))
         results: list[ScoredSample | None] = [None] * len(work)
         with tempfile.TemporaryDirectory(prefix="ascend-rl-reward-", ignore_cleanup_errors=True) as out_dir:
-            for _ in range(2):  # samples a broken pool dropped run once more in a fresh one
+            self._run_chunks(work, results, out_dir)
+            for _ in range(2):  # what no chunk settled, one task per sample; what a broken pool dropped, once more
                 todo = [i for i, r in enumerate(results) if r is None]
                 if todo:
                     self._run(work, todo, results, out_dir)
         broke = f"no result from the scorer pool, twice ({self.name})"
         return [r or ScoredSample(0.0, {}, broke) for r in results]
+
+    def _run_chunks(self, work: list, results: list, out_dir: str) -> None:
+        """Fill results from chunks of samples; a chunk that fails as a whole leaves its samples None."""
+        n = len(work)
+        size = min(_MAX_CHUNK, max(1, math.ceil(n / (self.num_workers * _CHUNKS_PER_WORKER))))
+        chunks = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+        if len(chunks) == n:  # one sample per chunk: the per-sample tasks do that
+            return
+        pool = self._ensure_pool()
+        # A chunk's samples each have timeout_s in the worker; the backstop only catches what the alarm cannot.
+        backstop = self.timeout_s * 2 + 1.0 + 0.01 * size
+        try:
+            futures = {pool.schedule(_score_chunk, ([work[i] for i in chunk], os.path.join(out_dir, f"c{k}.out"),
+                                                     self.timeout_s), timeout=backstop): chunk
+                       for k, chunk in enumerate(chunks)}
+        except RuntimeError:  # the pool broke as we scheduled
+            self.close()
+            return
+        remaining = set(futures)
+        while remaining:
+            done, remaining = wait(remaining, timeout=backstop + _LOST_AFTER_S, return_when=FIRST_COMPLETED)
+            if not done:
+                break
+        settled = True
+        for future, chunk in futures.items():
+            samples = self._chunk_outcome(future) if future not in remaining else None
+            settled &= samples is not None
+            for i, sample in zip(chunk, samples or ()):
+                results[i] = sample if sample.error is None else ScoredSample(
+                    0.0, {}, f"{sample.error} ({self.name})", sample.output)
+        if not settled:  # a worker died or hung: start the per-sample passes from a fresh pool
+            self.close()
+
+    @staticmethod
+    def _chunk_outcome(future) -> list[ScoredSample] | None:
+        """The chunk's samples, or None: it timed out, its worker died, the pool broke, or something in it did
+        not pickle (the per-sample tasks then say which sample and why)."""
+        try:
+            return future.result()
+        except Exception:
+            return None
 
     def _run(self, work: list, todo: list[int], results: list, out_dir: str) -> None:
         """Fill results[i] for i in todo; one stays None when the pool broke or lost its task."""

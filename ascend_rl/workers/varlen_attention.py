@@ -65,7 +65,9 @@ def _sdpa_by_length(query, key, value, bounds: list[int], scaling: float | None)
                        for length, starts in by_length.items()])
     sizes = [len(starts) * length for length, starts in by_length.items()]
     gqa = query.shape[1] != key.shape[1]
-    grouped = zip(*(t[0][:, order].split(sizes, dim=1) for t in (query, key, value)))  # [heads, rows·length, D]
+    # Sequences of distinct lengths (the usual case for long, uneven rows) are already in group order: no gather.
+    in_place = bool(torch.equal(order, torch.arange(len(order), device=order.device)))
+    grouped = zip(*((t[0] if in_place else t[0][:, order]).split(sizes, dim=1) for t in (query, key, value)))
     outs = []
     for (q, k, v), (length, starts) in zip(grouped, by_length.items()):
         q, k, v = (t.unflatten(1, (len(starts), length)).transpose(0, 1) for t in (q, k, v))  # [rows, heads, L, D]
@@ -74,7 +76,8 @@ def _sdpa_by_length(query, key, value, bounds: list[int], scaling: float | None)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         outs.append(out.transpose(0, 1).flatten(1, 2))
-    return torch.cat(outs, dim=1)[:, order.argsort()][None]
+    out = torch.cat(outs, dim=1)
+    return (out if in_place else out[:, order.argsort()])[None]
 
 
 @functools.cache
