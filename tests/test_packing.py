@@ -68,12 +68,16 @@ def tiny(kind: str):
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
-def test_packed_log_probs_and_gradients_equal_padded(kind):
-    """Prompts of 1-24 tokens, responses of 0-17: log-probs and entropy to 1e-5, gradients to 1e-4 (fp32)."""
+SHORT = ([24, 1, 7, 3, 16, 2], [17, 1, 0, 9, 4, 12])  # every sequence within SHORT_KEYS: one padded batch
+LONG = ([100, 1, 7, 100, 16], [60, 1, 0, 60, 12])  # two past it: attention grouped by length (two of 160)
+
+
+@pytest.mark.parametrize("kind,lengths", [("qwen2", SHORT), ("qwen3", SHORT), ("llama", SHORT), ("qwen3", LONG)])
+def test_packed_log_probs_and_gradients_equal_padded(kind, lengths):
+    """Prompts of 1-100 tokens, responses of 0-60: log-probs and entropy to 1e-5, gradients to 1e-4 (fp32)."""
     padded_model, packed_model = tiny(kind), tiny(kind)
     packed_model.set_attn_implementation(ModelForward(PACKED).attn_implementation)
-    batch = uneven_batch(96, [24, 1, 7, 3, 16, 2], [17, 1, 0, 9, 4, 12], seed=1)
+    batch = uneven_batch(96, *lengths, seed=1)
     mask = batch["response_mask"].bool()
     a, ea = response_log_probs(padded_model, batch, temperature=0.7, with_entropy=True)
     b, eb = ModelForward(PACKED).log_probs(packed_model, batch, temperature=0.7, with_entropy=True)
@@ -177,7 +181,7 @@ def test_packed_bf16_stays_within_bf16_rounding_of_fp32():
     and gradients flow."""
     fp32, bf16 = tiny("qwen3"), tiny("qwen3")
     bf16.set_attn_implementation(ModelForward(PACKED).attn_implementation)
-    batch = uneven_batch(96, [24, 1, 7, 3], [17, 1, 0, 9], seed=3)
+    batch = uneven_batch(96, [24, 1, 7, 3, 100], [17, 1, 0, 9, 60], seed=3)  # short and long paths
     mask = batch["response_mask"].bool()
     reference, _ = response_log_probs(fp32, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -4,9 +4,10 @@ rank holds a slice of the row; an all-to-all trades it for all positions of a sh
 runs on whole sequences, and a second all-to-all trades back.
 
 Kernels: flash-attention's varlen kernel where transformers has it (flash-attn on CUDA, torch_npu's
-`npu_fusion_attention` on Ascend) for 16-bit inputs; elsewhere (the CPU) attention over the sequences of each
-length, which is exact and spends nothing on other sequences' positions: SDPA, or for 16-bit inputs of at most
-`SHORT_KEYS` positions two matmuls (SDPA's CPU kernel is slow there; workers/cpu_attention.py says why)."""
+`npu_fusion_attention` on Ascend) for 16-bit inputs; elsewhere (the CPU) exact attention that spends nothing
+across sequences: micro-batches of short sequences (at most `SHORT_KEYS`) as one padded batch for attention
+alone, longer ones grouped by length. 16-bit short sequences use two matmuls (SDPA's CPU kernel is slow there;
+workers/cpu_attention.py says why)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from ascend_rl.workers.cpu_attention import SHORT_KEYS, matmul_attention
 
 PACKED_ATTENTION = "ascend_rl_packed"
+HALF = (torch.float16, torch.bfloat16)
 _FLASH = "flash_attention_2"
 
 
@@ -37,8 +39,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         raise RuntimeError(f"{PACKED_ATTENTION} attention takes packed rows (cu_seq_lens_q), not padded batches")
     if sp_group is not None:
         query, key, value = (_AllToAll.apply(t, sp_group, 1, 2) for t in (query, key, value))
-    if query.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_available():
+    half = _sixteen_bit(query, value)
+    if half is not None and _flash_varlen_available():
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        query, key, value = (t.to(half) for t in (query, key, value))
 
         out, _ = ALL_ATTENTION_FUNCTIONS[_FLASH](module, query, key, value, None, dropout=dropout, scaling=scaling,
                                                  cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_q,
@@ -46,13 +51,48 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                                  max_length_k=kwargs.get("max_length_k"))
         out = out.transpose(1, 2)  # [1, H, N, D], as the SDPA path gives it
     else:
-        out = _sdpa_by_length(query, key, value, cu_seq_lens_q.tolist(), scaling)
+        bounds = cu_seq_lens_q.tolist()
+        if max(b - a for a, b in zip(bounds, bounds[1:])) <= SHORT_KEYS:
+            out = _short_sequences(query, key, value, bounds, scaling, half is not None)
+        else:
+            out = _sdpa_by_length(query, key, value, bounds, scaling, short_as_matmuls=half is not None)
     if sp_group is not None:
         out = _AllToAll.apply(out, sp_group, 2, 1)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _sdpa_by_length(query, key, value, bounds: list[int], scaling: float | None) -> torch.Tensor:
+def _sixteen_bit(query, value) -> torch.dtype | None:
+    """The 16-bit dtype attention computes in, if any: the tensors', or autocast's (RoPE's fp32 tables leave q
+    and k in fp32 under autocast, and SDPA then runs in autocast's dtype anyway)."""
+    if value.dtype in HALF:
+        return value.dtype
+    device = query.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF:
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _short_sequences(query, key, value, bounds: list[int], scaling: float | None, matmuls: bool) -> torch.Tensor:
+    """Short sequences as one padded batch [S, heads, longest, D] for attention alone (a causal mask that also
+    hides each row's padding): a few large ops instead of a few per sequence length, and only longest² per row."""
+    starts = torch.tensor(bounds[:-1], device=query.device)
+    lengths = torch.tensor(bounds, device=query.device).diff()
+    longest = int(lengths.max())
+    columns = torch.arange(longest, device=query.device)
+    valid = columns < lengths[:, None]  # [S, L]
+    index = starts[:, None] + torch.minimum(columns, (lengths - 1).clamp(min=0)[:, None])
+    q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # [S, heads, L, D]
+    mask = torch.ones(longest, longest, dtype=torch.bool, device=query.device).tril() & valid[:, None, None, :]
+    if matmuls:
+        out = matmul_attention(q, k, v, mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(0, 1)[:, valid][None]  # the real positions, in packed order
+
+
+def _sdpa_by_length(query, key, value, bounds: list[int], scaling: float | None,
+                    short_as_matmuls: bool = False) -> torch.Tensor:
     """Causal SDPA within each sequence, one call per distinct length: sequences of a length are gathered into a
     batch, so no mask is needed and a micro-batch of many short rows costs a few calls, not one per row. One
     gather in and one out (not one per group): each indexing op's backward fills a whole-row zero tensor."""
@@ -71,7 +111,7 @@ def _sdpa_by_length(query, key, value, bounds: list[int], scaling: float | None)
     outs = []
     for (q, k, v), (length, starts) in zip(grouped, by_length.items()):
         q, k, v = (t.unflatten(1, (len(starts), length)).transpose(0, 1) for t in (q, k, v))  # [rows, heads, L, D]
-        if q.dtype in (torch.float16, torch.bfloat16) and length <= SHORT_KEYS:
+        if short_as_matmuls and length <= SHORT_KEYS:
             out = matmul_attention(q, k, v, None, scaling)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
