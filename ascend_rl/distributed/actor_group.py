@@ -121,8 +121,8 @@ class ActorGroup:
         tokens = batch["attention_mask"].sum(-1).tolist()
         sp = self.ulysses_sp
         rows = balanced_partition(tokens, self.group.world_size // sp)
-        parts = self.group.call(method, [(batch[torch.tensor(rows[rank // sp])],) for rank in range(self.group.world_size)])
-        parts = parts[::sp]  # one answer per group
+        shares = [(batch[torch.tensor(rows[rank // sp])],) for rank in range(self.group.world_size)]
+        parts = self.group.call(method, shares)[::sp]  # one answer per group
         order = torch.tensor([i for r in rows for i in r]).argsort()
         columns = zip(*parts) if isinstance(parts[0], tuple) else [parts]
         return [torch.cat(list(column))[order] for column in columns]

@@ -33,6 +33,7 @@ from ascend_rl.trainer.checkpoint import check_run_dir
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.reporting import Reporter
 from ascend_rl.trainer.validation import Validator
+from ascend_rl.trainer.vocabulary import Vocabulary
 from ascend_rl.workers.actor import Actor, ActorSettings, ReferencePolicy, ReferenceSettings
 from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
 from ascend_rl.workers.fsdp import fsdp_settings
@@ -44,7 +45,7 @@ from ascend_rl.workers.trained import Batching
 @dataclass
 class Components:
     cfg: DictConfig
-    tokenizer: object
+    vocab: Vocabulary  # the tokenizer's pad id, decoding, and its copy in checkpoints
     actor: Actor | ActorGroup
     ref: ReferencePolicy | None  # or the shards in the actor's workers (same interface)
     critic: Critic | None  # PPO's value function, likewise
@@ -66,24 +67,13 @@ class Components:
     def engine(self):
         return self.rollout.engine
 
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
     def next_prompts(self) -> list[PromptRecord]:
         return [self.train_records[i] for i in self.sampler.next_batch()]
-
-    def decode(self, token_lists) -> list[str]:
-        return self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
-
-    def sleep_engine(self) -> None:
-        if self.cfg.actor_rollout_ref.rollout.free_cache_engine:
-            self.engine.release_memory_occupation(["kv_cache", "weights"])
 
     def save_models(self, step_dir: Path) -> None:
         """`actor/` (HF weights and tokenizer + sharded model and optimizer state) and, with a critic, `critic/`."""
         self.actor.save(step_dir / "actor")
-        self.tokenizer.save_pretrained(step_dir / "actor")
+        self.vocab.save(step_dir / "actor")
         if self.critic is not None:
             self.critic.save(step_dir / "critic")
 
@@ -153,10 +143,11 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     rollout = colocated_rollout(actor, rollout_spec) if rollout_spec else build_rollout(cfg, device, out_dir)
     # scoring is light: more processes than a few only add start-up time
     rewards = RewardRunner(reward_fn, num_workers=min(cfg.reward.num_workers, 4), timeout_s=cfg.reward.timeout_s)
-    validator = Validator(val_records, rewards, partial(tokenizer.batch_decode, skip_special_tokens=True),
+    vocab = Vocabulary(tokenizer)
+    validator = Validator(val_records, rewards, vocab.decode,
                           arr.rollout.val_kwargs, data.max_response_length, seed=seed + 7_777_777)
     return Components(
-        cfg=cfg, tokenizer=tokenizer, actor=actor, ref=ref, critic=critic, rollout=rollout, rewards=rewards,
+        cfg=cfg, vocab=vocab, actor=actor, ref=ref, critic=critic, rollout=rollout, rewards=rewards,
         validator=validator, reward_manager=make_reward_manager(cfg.reward.reward_manager.name, plain_map(cfg.reward.get("reward_kwargs"))),
         kl_controller=kl_controller, train_records=train_records, sampler=sampler,
         total_steps=total, seed=seed, out_dir=out_dir, profiler=StepProfiler(cfg, device),

@@ -129,7 +129,7 @@ class RLTrainer:
             if "reward_baselines" in self.estimator_needs:
                 with timed(timings, "gen_max"):
                     batch.baseline_outputs = self.generate_greedy(prompts)
-            self.c.sleep_engine()
+            self.sleep_engine()
             with timed(timings, "reward"):
                 metrics.update(self.compute_rewards(batch))
             if self.needs_old_log_probs:
@@ -174,7 +174,7 @@ class RLTrainer:
                   for i in range(len(prompts) * n)]
         inputs = [p.input_ids for p in prompts for _ in range(n)]
         outputs = self.c.engine.generate(inputs, params, return_logprob=True)
-        tensors = collate(inputs, [o.output_ids for o in outputs], self.c.pad_token_id)
+        tensors = collate(inputs, [o.output_ids for o in outputs], self.c.vocab.pad_token_id)
         rollout_lp = torch.zeros_like(tensors["response_mask"])
         for row, out in enumerate(outputs):
             rollout_lp[row, :len(out.output_logprobs)] = torch.tensor(out.output_logprobs, dtype=rollout_lp.dtype)
@@ -186,7 +186,7 @@ class RLTrainer:
             data_source=[r.data_source for r in records],
             ground_truth=[r.ground_truth for r in records],
             extra_info=[r.extra_info for r in records],
-            response_text=self.c.decode([o.output_ids for o in outputs]),
+            response_text=self.c.vocab.decode([o.output_ids for o in outputs]),
         )
 
     def generate_greedy(self, prompts) -> list:
@@ -214,7 +214,7 @@ class RLTrainer:
         n = self.cfg.actor_rollout_ref.rollout.n
         first = slice(0, len(batch), n)  # samples are interleaved: prompt i's are rows i·n … i·n + n − 1
         outputs = batch.baseline_outputs
-        scored = self.c.rewards.score(batch.data_source[first], self.c.decode([o.output_ids for o in outputs]),
+        scored = self.c.rewards.score(batch.data_source[first], self.c.vocab.decode([o.output_ids for o in outputs]),
                                       batch.ground_truth[first], batch.extra_info[first])
         lengths = torch.tensor([len(o.output_ids) for o in outputs])
         shaped = self.c.reward_manager(torch.tensor([s.score for s in scored]), lengths)
@@ -263,6 +263,11 @@ class RLTrainer:
             index=batch.uid, gamma=alg.gamma, lam=alg.lam, norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo,
             **inputs)
         return metrics
+
+    def sleep_engine(self) -> None:
+        """Free the engine's KV cache and weights for the training stages (verl's free_cache_engine)."""
+        if self.cfg.actor_rollout_ref.rollout.free_cache_engine:
+            self.c.engine.release_memory_occupation(["kv_cache", "weights"])
 
     def sync_weights(self, timings: dict[str, float] | None = None) -> dict[str, float]:
         """Wake the engine's weights, push the actor's in buckets, then wake its KV cache (verl's hybrid order)."""
