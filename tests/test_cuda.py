@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import fixed_batch
 
 from ascend_rl.distributed.actor_group import ActorGroup, _ActorWorker
 from ascend_rl.distributed.worker_group import ProcessWorkerGroup
@@ -56,21 +57,6 @@ def optim() -> OptimSettings:
 
 def on_host(named) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True) for name, t in named}
-
-
-def fixed_batch(actor, n=16, seed=0):
-    """Random prompts and responses (as in test_distributed), their old log-probs under `actor`, random advantages."""
-    from ascend_rl.data.collate import collate
-
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 40, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-    responses = [torch.randint(3, 40, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(n)]
-    batch = collate(prompts, responses, pad_token_id=0)
-    batch["old_log_probs"] = actor.log_probs(batch)[0]
-    batch["advantages"] = torch.randn(batch["response_mask"].shape, generator=g) * batch["response_mask"]
-    return batch
 
 
 def mean_distance(a: dict, b: dict) -> float:

@@ -304,7 +304,7 @@ def test_remax_scores_a_greedy_baseline_per_prompt(task, tmp_path):
         batch = trainer.generate(prompts, 2)
         batch.baseline_outputs = trainer.generate_greedy(prompts)
         trainer.compute_rewards(batch)
-        greedy = [trainer.c.decode([o.output_ids])[0] for o in batch.baseline_outputs]
+        greedy = [trainer.c.vocab.decode([o.output_ids])[0] for o in batch.baseline_outputs]
         expected = [s.score for s in trainer.c.rewards.score([p.data_source for p in prompts], greedy,
                                                              [p.ground_truth for p in prompts],
                                                              [p.extra_info for p in prompts])]

@@ -260,7 +260,7 @@ TABLE: tuple[tuple[str, Status], ...] = (
     (f"{A}.rollout.do_sample", _h("config/lint.py")),
     (f"{A}.rollout.val_kwargs.do_sample", _n("validation samples when val_kwargs.temperature > 0")),
     (f"{A}.rollout.val_kwargs.*", _h("trainer/validation.py")),
-    (f"{A}.rollout.free_cache_engine", _h("trainer/components.py")),
+    (f"{A}.rollout.free_cache_engine", _h("trainer/loop.py")),
     (f"{A}.rollout.gpu_memory_utilization", _h("rollout/factory.py")),
     (f"{A}.rollout.max_num_seqs", _h("rollout/factory.py")),
     (f"{A}.rollout.max_num_batched_tokens", _h("rollout/factory.py")),
