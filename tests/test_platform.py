@@ -134,3 +134,21 @@ def test_a_device_kind_this_machine_lacks_stops_the_run_at_once(monkeypatch):
     with pytest.raises(UserError, match=r"trainer.device=cuda: this machine has no usable cuda device .* set "
                                         r"trainer.device=cpu"):
         platform.usable_device("cuda")
+
+
+def test_serve_dtype_follows_sglang_and_the_model_config(tmp_path, monkeypatch):
+    import json
+
+    from ascend_rl import platform
+    from ascend_rl.cli.serve_cmd import engine_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    monkeypatch.setattr(platform, "cpu_units", lambda dtype: ["amx_bf16"])
+    assert engine_dtype("auto", str(tmp_path), "cpu") == torch.bfloat16
+    assert engine_dtype("half", str(tmp_path), "cuda") == torch.float16
+    assert engine_dtype("float", str(tmp_path), "cpu") == torch.float32
+    monkeypatch.setattr(platform, "cpu_units", lambda dtype: [])  # no bf16 units: fp32, said once
+    assert engine_dtype("bfloat16", str(tmp_path), "cpu") == torch.float32
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float64"}))
+    with pytest.raises(UserError, match=r"--dtype=auto: .*config.json torch_dtype=float64: expected one of"):
+        engine_dtype("auto", str(tmp_path), "cpu")

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 from ascend_rl.cli.argtypes import float_in, int_at_least
 
@@ -26,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port_number, default=30000, help="0: any free port")
     parser.add_argument("--device", default=None, help="cpu | cuda | npu (default: what this machine has)")
+    parser.add_argument("--dtype", choices=tuple(SERVE_DTYPES), default="auto",
+                        help="weights and compute, as SGLang's --dtype (auto: the model config's torch_dtype; a "
+                             "CPU without bf16/fp16 units computes in float32)")
     # SGLang's flag names, so a launch_server command line carries over
     parser.add_argument("--max-running-requests", type=positive, default=256,
                         help="rows decoded together (max_num_seqs)")
@@ -81,6 +86,22 @@ def api_key(args: argparse.Namespace, environ=os.environ) -> str | None:
     return args.api_key or environ.get(API_KEY_ENV) or None
 
 
+SERVE_DTYPES = {"auto": None, "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
+                "float32": "float32"}  # SGLang's --dtype choices
+
+
+def engine_dtype(name: str, model_path: str, device: str):
+    """`--dtype` as a torch dtype: auto is the model config's torch_dtype (float32 when it names none)."""
+    from ascend_rl.platform import compute_dtype, dtype_named
+
+    wanted, key = SERVE_DTYPES[name], "--dtype"
+    if wanted is None:
+        config = Path(model_path) / "config.json"
+        fields = json.loads(config.read_text())
+        wanted, key = fields.get("torch_dtype") or fields.get("dtype") or "float32", f"--dtype=auto: {config} torch_dtype"
+    return compute_dtype(device, dtype_named(key, wanted), "--dtype")
+
+
 def run(args: argparse.Namespace) -> int:
     from ascend_rl.cli.quiet import quiet_transformers
     from ascend_rl.data.model_dir import check_model_dir
@@ -98,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_tokenizer_init:  # a missing tokenizer stops here, before minutes of loading weights
         TextCodec.load(args.tokenizer_path or args.model_path,
                        "--tokenizer-path" if args.tokenizer_path else "--model-path")
-    engine = NativeEngine.from_pretrained(args.model_path, usable_device(args.device),
+    device = usable_device(args.device)
+    engine = NativeEngine.from_pretrained(args.model_path, device, dtype=engine_dtype(args.dtype, args.model_path, device),
                                           max_num_seqs=args.max_running_requests,
                                           max_num_batched_tokens=args.max_prefill_tokens,
                                           memory_utilization=args.mem_fraction_static,

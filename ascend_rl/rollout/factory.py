@@ -86,7 +86,8 @@ def _native_server(cfg: DictConfig, device: str, out_dir: Path) -> Rollout:
     ro = cfg.actor_rollout_ref.rollout
     port = free_port()
     argv = [sys.executable, "-m", "ascend_rl", "serve", "--model-path", cfg.actor_rollout_ref.model.path,
-            "--port", str(port), "--device", device, "--max-running-requests", str(ro.max_num_seqs),
+            "--port", str(port), "--device", device, "--dtype", str(rollout_dtype(cfg, device)).removeprefix("torch."),
+            "--max-running-requests", str(ro.max_num_seqs),
             "--max-prefill-tokens", str(ro.max_num_batched_tokens),
             "--mem-fraction-static", str(ro.gpu_memory_utilization), "--load-format", ro.load_format,
             "--skip-tokenizer-init",  # the trainer sends and reads token ids: no text to decode per output
