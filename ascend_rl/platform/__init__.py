@@ -115,9 +115,9 @@ def usable_device(requested: str | None) -> str:
     """As `resolve_device`, for a run that will compute there: a device kind this machine lacks is an error now,
     not a traceback after minutes of set-up."""
     device = resolve_device(requested)
-    if device != "cpu" and detect_device() != device:
+    if device != "cpu" and (present := detect_device()) != device:
         raise UserError(f"trainer.device={device}: this machine has no usable {device} device (torch sees "
-                        f"{detect_device()} only); set trainer.device={detect_device()} or run where there is one")
+                        f"{present} only); set trainer.device={present} or run where there is one")
     return device
 
 

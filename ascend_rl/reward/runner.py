@@ -239,11 +239,7 @@ class RewardRunner:
         except RuntimeError:  # the pool broke as we scheduled
             self.close()
             return
-        remaining = set(futures)
-        while remaining:
-            done, remaining = wait(remaining, timeout=backstop + _LOST_AFTER_S, return_when=FIRST_COMPLETED)
-            if not done:
-                break
+        remaining = _wait_unless_lost(futures, backstop)
         settled = True
         for future, chunk in futures.items():
             samples = self._chunk_outcome(future) if future not in remaining else None
@@ -272,11 +268,7 @@ class RewardRunner:
         except RuntimeError:  # the pool broke as we scheduled
             self.close()
             return
-        remaining = set(futures)
-        while remaining:
-            done, remaining = wait(remaining, timeout=self.timeout_s + _LOST_AFTER_S, return_when=FIRST_COMPLETED)
-            if not done:
-                break
+        remaining = _wait_unless_lost(futures, self.timeout_s)
         for future, i in futures.items():
             if future not in remaining:
                 results[i] = self._outcome(future, paths[i])
@@ -310,6 +302,17 @@ class RewardRunner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _wait_unless_lost(futures, task_timeout_s: float) -> set:
+    """Wait for every task; the ones still pending when none has finished for a task's timeout + _LOST_AFTER_S
+    (pebble lost them) are returned."""
+    remaining = set(futures)
+    while remaining:
+        done, remaining = wait(remaining, timeout=task_timeout_s + _LOST_AFTER_S, return_when=FIRST_COMPLETED)
+        if not done:
+            break
+    return remaining
 
 
 def failure_summary(scored: Sequence[ScoredSample], limit: int = 3) -> list[str]:

@@ -23,22 +23,18 @@ class FsdpSettings:
     reduce_dtype: torch.dtype = torch.float32  # gradients' all-reduce (mixed_precision.reduce_dtype)
 
 
-def dtype_of(key: str, name) -> torch.dtype:
-    return dtype_named(key, name)
-
-
 def fsdp_settings(fsdp_config, device: str, key: str = "actor_rollout_ref.actor.fsdp_config") -> FsdpSettings:
     """verl's keys: the compute dtype is `mixed_precision.param_dtype` where the config has that map (verl's
     FSDP engine reads it), else `dtype` (both default to bf16 in verl). A CPU without 16-bit matmul units
     computes in fp32 (platform.compute_dtype says so once). No offload on CPU: everything is in host memory."""
-    model_dtype = dtype_of(f"{key}.model_dtype", fsdp_config.model_dtype)
+    model_dtype = dtype_named(f"{key}.model_dtype", fsdp_config.model_dtype)
     mixed = fsdp_config.get("mixed_precision") or {}
     if mixed.get("param_dtype") is not None:
         name, asked = f"{key}.mixed_precision.param_dtype", mixed["param_dtype"]
     else:
         name, asked = f"{key}.dtype", fsdp_config.dtype
-    compute = compute_dtype(device, dtype_of(name, asked), name)
-    reduce = dtype_of(f"{key}.mixed_precision.reduce_dtype", mixed.get("reduce_dtype") or "fp32")
+    compute = compute_dtype(device, dtype_named(name, asked), name)
+    reduce = dtype_named(f"{key}.mixed_precision.reduce_dtype", mixed.get("reduce_dtype") or "fp32")
     offload = device != "cpu" and bool(fsdp_config.param_offload or fsdp_config.get("optimizer_offload", False))
     return FsdpSettings(model_dtype, compute, offload, bool(fsdp_config.reshard_after_forward), reduce)
 

@@ -58,19 +58,13 @@ def hf_to_mcore_full(hf: dict[str, Tensor], arch: Architecture, padded_vocab: in
         out["output_layer.weight"] = _pad_rows(take("lm_head.weight"), rows)
     for i in range(arch.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[m + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
-        out[m + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
+        out.update({m + mc: take(h + hf) for hf, mc in _one_to_one(arch)})
         a = h + "self_attn."
         names = ("weight", "bias") if arch.qkv_bias else ("weight",)
         for kind in names:
             q, k, v = (take(f"{a}{p}_proj.{kind}") for p in "qkv")
             out[f"{m}self_attention.linear_qkv.{kind}"] = fuse_qkv(q, k, v, arch)
-        out[m + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
-        if arch.qk_norm:
-            out[m + "self_attention.q_layernorm.weight"] = take(a + "q_norm.weight")
-            out[m + "self_attention.k_layernorm.weight"] = take(a + "k_norm.weight")
         if arch.moe:
-            out[m + "mlp.router.weight"] = take(h + "mlp.gate.weight")
             gate_up, down = take(h + "mlp.experts.gate_up_proj"), take(h + "mlp.experts.down_proj")
             for e in range(arch.num_experts):
                 out[f"{m}mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e].clone()
@@ -78,7 +72,6 @@ def hf_to_mcore_full(hf: dict[str, Tensor], arch: Architecture, padded_vocab: in
         else:
             out[m + "mlp.linear_fc1.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"),
                                                           take(h + "mlp.up_proj.weight")])
-            out[m + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
     if src:
         raise KeyError(f"HF weights the {arch.model_type} converter does not know: {sorted(src)[:8]}")
     return out
@@ -95,18 +88,12 @@ def mcore_full_to_hf(mc: dict[str, Tensor], arch: Architecture) -> dict[str, Ten
         out["lm_head.weight"] = take("output_layer.weight")[:vocab]
     for i in range(arch.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[h + "input_layernorm.weight"] = take(m + "input_layernorm.weight")
-        out[h + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
+        out.update({h + hf: take(m + mc) for hf, mc in _one_to_one(arch)})
         a = h + "self_attn."
         for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):
             q, k, v = split_qkv(take(f"{m}self_attention.linear_qkv.{kind}"), arch)
             out.update({f"{a}q_proj.{kind}": q, f"{a}k_proj.{kind}": k, f"{a}v_proj.{kind}": v})
-        out[a + "o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
-        if arch.qk_norm:
-            out[a + "q_norm.weight"] = take(m + "self_attention.q_layernorm.weight")
-            out[a + "k_norm.weight"] = take(m + "self_attention.k_layernorm.weight")
         if arch.moe:
-            out[h + "mlp.gate.weight"] = take(m + "mlp.router.weight")
             experts = range(arch.num_experts)
             out[h + "mlp.experts.gate_up_proj"] = torch.stack(
                 [take(f"{m}mlp.experts.local_experts.{e}.linear_fc1.weight") for e in experts])
@@ -114,11 +101,24 @@ def mcore_full_to_hf(mc: dict[str, Tensor], arch: Architecture) -> dict[str, Ten
                 [take(f"{m}mlp.experts.local_experts.{e}.linear_fc2.weight") for e in experts])
         else:
             gate, up = take(m + "mlp.linear_fc1.weight").chunk(2)
-            out.update({h + "mlp.gate_proj.weight": gate.clone(), h + "mlp.up_proj.weight": up.clone(),
-                        h + "mlp.down_proj.weight": take(m + "mlp.linear_fc2.weight")})
+            out.update({h + "mlp.gate_proj.weight": gate.clone(), h + "mlp.up_proj.weight": up.clone()})
     if src:
         raise KeyError(f"Megatron weights the {arch.model_type} converter does not know: {sorted(src)[:8]}")
     return out
+
+
+def _one_to_one(arch: Architecture) -> list[tuple[str, str]]:
+    """(HF, Megatron) names within a layer that rename one tensor, the same in both directions; QKV, the MLP's
+    [gate; up] and the experts are reshaped, above."""
+    pairs = [("input_layernorm.weight", "input_layernorm.weight"),
+             ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+             ("self_attn.o_proj.weight", "self_attention.linear_proj.weight")]
+    if arch.qk_norm:
+        pairs += [("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+                  ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight")]
+    pairs.append(("mlp.gate.weight", "mlp.router.weight") if arch.moe
+                 else ("mlp.down_proj.weight", "mlp.linear_fc2.weight"))
+    return pairs
 
 
 def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, arch: Architecture) -> Tensor:
