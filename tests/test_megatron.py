@@ -1,6 +1,6 @@
 """The Megatron-core model and converter (ascend_rl/workers/megatron): HF ↔ Megatron weights round-trip exactly,
 Megatron's forward gives the HF model's logits, and tensor parallelism (with sequence parallelism and recompute)
-gives TP 1's logits, loss and gradients. Tiny models built from configs, fp32, gloo; tests/megatron_shim.py
+gives TP 1's logits, loss and gradients. Tiny models built from configs, fp32, gloo; ascend_rl/workers/megatron/cpu_patches.py
 patches Megatron's CUDA-isms for the CPU."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
-import megatron_shim  # noqa: E402  (tests/ is on the path, as for test_cuda's workers)
-
+from ascend_rl.workers.megatron import cpu_patches  # noqa: E402
 from ascend_rl.workers.megatron.arch import architecture  # noqa: E402
 from ascend_rl.workers.megatron.convert import (  # noqa: E402
     hf_to_mcore,
@@ -124,7 +123,7 @@ class TpWorker:
     """A worker process of a ProcessWorkerGroup: Megatron on CPU, one step per call."""
 
     def __init__(self, rank: int, world_size: int):
-        megatron_shim.apply(pytest.MonkeyPatch())
+        cpu_patches.apply(pytest.MonkeyPatch())
 
     def step(self, name: str, parallel: MegatronParallel) -> dict:
         return megatron_step(name, parallel)
@@ -220,8 +219,8 @@ def test_the_shim_patches_symbols_that_exist():
     """Megatron-core moved on when this fails: each listed patch would silently do nothing."""
     import megatron.core
 
-    assert megatron.core.__version__ == megatron_shim.MEGATRON_CORE
-    assert megatron_shim.missing() == []
+    assert megatron.core.__version__ == cpu_patches.MEGATRON_CORE
+    assert cpu_patches.missing() == []
 
 
 # --- Megatron's forward and backward --------------------------------------------------------------------------
@@ -239,7 +238,7 @@ def one_process():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MASTER_ADDR", "127.0.0.1")
         patch.setenv("MASTER_PORT", str(free_port()))
-        megatron_shim.apply(patch)
+        cpu_patches.apply(patch)
         dist.init_process_group("gloo", rank=0, world_size=1)
         try:
             yield

@@ -13,7 +13,7 @@ Built (first slice):
   groups, HF weights loaded per TP rank; TP with or without sequence parallelism, recompute and other fields
   through `override_transformer_config`.
 - `logprobs`: log-probs from vocab-parallel logits, the vocabulary's padding masked.
-Tested on CPU (tests/test_megatron.py, with tests/megatron_shim.py patching Megatron's CUDA-isms): logits,
+Tested on CPU (tests/test_megatron.py, with `cpu_patches` patching Megatron's CUDA-isms): logits,
 loss and gradients equal the HF model's within 1e-5 at TP 1, TP 2, TP 2 + SP (+ recompute), MoE at TP 2 + SP.
 
 Not built yet (later slices of issue 19): the Megatron actor and reference behind the Actor interface

@@ -1,9 +1,11 @@
-"""Test-only patches that let Megatron-core run on a CPU build of torch with gloo, for tests/test_megatron.py.
+"""Patches that let Megatron-core run on a CPU build of torch with gloo: a Megatron run on a laptop (device
+cpu), and the tests. Applied only when the training device is the CPU (docs/megatron.md says so); a GPU or NPU
+run leaves Megatron as it ships.
 
 Megatron-core assumes CUDA in a few places even on its local (no Transformer Engine) layer spec. Each patch
 below replaces one such symbol with the CPU equivalent and says where it bites. They are pinned to the version
-they were written against: `missing()` lists the patched symbols that no longer exist (the smoke test fails on
-any), and `apply` refuses another version. Nothing in the package uses this module.
+they were written against: `missing()` lists the patched symbols that no longer exist (a test fails on any),
+and `apply` refuses another version.
 """
 
 from __future__ import annotations
@@ -104,13 +106,16 @@ def missing() -> list[str]:
     return gone
 
 
-def apply(monkeypatch) -> None:
-    """Install every patch through `monkeypatch` (pytest's, undone after the tests; a plain
-    `pytest.MonkeyPatch()` in worker processes)."""
+def apply(monkeypatch=None) -> None:
+    """Install every patch, for the rest of the process, or through `monkeypatch` (pytest's: undone after
+    the test). Idempotent."""
     import megatron.core
 
     if megatron.core.__version__ != MEGATRON_CORE:
-        raise RuntimeError(f"tests/megatron_shim.py is written for megatron-core {MEGATRON_CORE}, "
-                           f"found {megatron.core.__version__}: re-check each patch")
+        raise RuntimeError(f"ascend-rl's CPU patches are written for megatron-core {MEGATRON_CORE}, "
+                           f"found {megatron.core.__version__}: pip install 'megatron-core=={MEGATRON_CORE}'")
     for owner, name, value in patches():
-        monkeypatch.setattr(owner, name, value, raising=False)  # te_general_gemm is the one that may not exist
+        if monkeypatch is not None:
+            monkeypatch.setattr(owner, name, value, raising=False)  # te_general_gemm may not exist
+        else:
+            setattr(owner, name, value)
