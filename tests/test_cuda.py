@@ -24,7 +24,7 @@ from test_distributed import fixed_batch
 
 from ascend_rl.distributed.actor_group import ActorGroup, _ActorWorker
 from ascend_rl.distributed.worker_group import ProcessWorkerGroup
-from ascend_rl.workers.actor import Actor, ActorSettings
+from ascend_rl.workers.actor import Actor, ActorSettings, ActorSpec
 from ascend_rl.workers.fsdp import FsdpSettings
 from ascend_rl.workers.optimizer import OptimSettings
 
@@ -141,8 +141,9 @@ def rollout_spec():
 @pytest.fixture(scope="module")
 def bf16_group(tiny_model_dir):
     """One worker: the actor sharded by FSDP2 (bf16 compute, fp32 master weights) and a native fp32 engine."""
-    group = ActorGroup(probed_group(), str(tiny_model_dir), DEVICE, actor_settings(), optim(),
-                       fsdp=FsdpSettings(compute_dtype=torch.bfloat16), rollout=rollout_spec())
+    group = ActorGroup(probed_group(), DEVICE, ActorSpec(str(tiny_model_dir), actor_settings(), optim(),
+                                                         fsdp=FsdpSettings(compute_dtype=torch.bfloat16)),
+                       rollout=rollout_spec())
     yield group
     group.close()
 
@@ -259,8 +260,8 @@ def test_cpu_offload_keeps_the_shards_on_the_host_and_makes_the_device_update(ti
         pytest.skip("CPU offload moves parameters from an accelerator to pinned host memory: a CPU has neither")
     exact = Actor(str(tiny_model_dir), DEVICE, actor_settings(), optim())
     batch = fixed_batch(exact)
-    group = ActorGroup(probed_group(), str(tiny_model_dir), DEVICE, actor_settings(), optim(),
-                       fsdp=FsdpSettings(offload=True))
+    group = ActorGroup(probed_group(), DEVICE, ActorSpec(str(tiny_model_dir), actor_settings(), optim(),
+                                                         fsdp=FsdpSettings(offload=True)))
     try:
         layout = group.group.call_all("layout")[0]
         assert layout["dtensors"] and layout["devices"] == ["cpu"] and layout["dtypes"] == ["torch.float32"]

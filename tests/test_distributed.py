@@ -10,7 +10,7 @@ from ascend_rl.data.collate import collate
 from ascend_rl.distributed.actor_group import ActorGroup
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.distributed.worker_group import ProcessWorkerGroup, WorkerDied
-from ascend_rl.workers.actor import Actor, ActorSettings
+from ascend_rl.workers.actor import Actor, ActorSettings, ActorSpec
 from ascend_rl.workers.optimizer import OptimSettings
 
 A = "actor_rollout_ref"
@@ -40,7 +40,7 @@ def test_two_fsdp2_workers_make_the_update_of_one(tiny_model_dir, balance, tol):
     settings, optim = ActorSettings(**SETTINGS, balance_batch=balance), OptimSettings(lr=1e-2, total_steps=4)
     single = Actor(str(tiny_model_dir), "cpu", settings, optim)
     batch = fixed_batch(single)
-    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), "cpu", ActorSpec(str(tiny_model_dir), settings, optim))
     try:
         old_single, old_group = single.log_probs(batch)[0], group.log_probs(batch)[0]
         assert torch.allclose(old_single, old_group, atol=1e-6)
@@ -63,7 +63,7 @@ def test_workers_hold_the_reference_policy_beside_the_actor(tiny_model_dir):
     ref = ReferenceSettings(temperature=0.7, micro_batch_size=3)
     single = Actor(str(tiny_model_dir), "cpu", settings, optim)
     batch = fixed_batch(single)
-    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, ref=ref)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), "cpu", ActorSpec(str(tiny_model_dir), settings, optim, ref=ref))
     try:
         expected = ReferencePolicy(str(tiny_model_dir), "cpu", ref).log_probs(batch)
         before = group.reference.log_probs(batch)
@@ -84,7 +84,7 @@ def test_engines_in_the_workers_generate_what_one_engine_generates_and_follow_th
 
     settings, optim = ActorSettings(**SETTINGS), OptimSettings(lr=1e-2, total_steps=4)
     spec = WorkerRolloutSpec("native", devices_per_replica=1, bucket_megabytes=0)
-    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, rollout=spec)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), "cpu", ActorSpec(str(tiny_model_dir), settings, optim), rollout=spec)
     prompts = [[1, 21, 15, 22], [1, 25, 26, 15, 27, 33], [1, 30, 31], [1, 40, 41, 42, 43]]
     params = [SamplingParams(max_new_tokens=6, n=2, sampling_seed=10 * i, ignore_eos=True) for i in range(4)]
     try:
@@ -374,7 +374,7 @@ def test_bf16_compute_keeps_fp32_master_weights_in_workers_and_in_one_process(ti
     exact = Actor(str(tiny_model_dir), "cpu", settings, optim)
     batch = fixed_batch(exact)
     single = Actor(str(tiny_model_dir), "cpu", settings, optim, fsdp=bf16)
-    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, fsdp=bf16)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), "cpu", ActorSpec(str(tiny_model_dir), settings, optim, fsdp=bf16))
     try:
         initial = {n: t.clone() for n, t in exact.named_weights()}
         reference = exact.update(batch)["actor/pg_loss"]
@@ -466,7 +466,7 @@ def test_two_workers_hold_the_critic_and_make_the_update_of_one(tiny_model_dir):
     single_actor = Actor(str(tiny_model_dir), "cpu", settings, optim)
     batch = fixed_batch(single_actor)
     single = spec.build("cpu")
-    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", settings, optim, critic=spec)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), "cpu", ActorSpec(str(tiny_model_dir), settings, optim), critic=spec)
     try:
         values = single.values(batch)
         assert torch.allclose(group.critic.values(batch), values, atol=1e-6)  # the same seeded head
@@ -511,7 +511,7 @@ def test_token_budget_micro_batches_make_the_same_update(tiny_model_dir):
     batch = fixed_batch(one_fixed)
     assert len(one_dynamic.micro_batches(batch)) > len(batch) // 8  # the budget splits finer than one pass
     assert torch.allclose(one_dynamic.log_probs(batch)[0], one_fixed.log_probs(batch)[0], atol=1e-6)
-    group = ActorGroup(partial(ProcessWorkerGroup, 2), str(tiny_model_dir), "cpu", dynamic, optim)
+    group = ActorGroup(partial(ProcessWorkerGroup, 2), "cpu", ActorSpec(str(tiny_model_dir), dynamic, optim))
     try:
         assert torch.allclose(group.log_probs(batch)[0], one_fixed.log_probs(batch)[0], atol=1e-6)
         for _ in range(2):

@@ -196,8 +196,8 @@ def test_unbuilt_settings_raise_naming_them():
 
     with pytest.raises(NotImplementedError, match="pipeline_model_parallel_size, context_parallel_size"):
         MegatronParallel(pipeline_model_parallel_size=2, context_parallel_size=2).check()
-    with pytest.raises(NotImplementedError, match="expert_model_parallel_size"):
-        MegatronParallel(expert_model_parallel_size=2).check()
+    with pytest.raises(NotImplementedError, match="expert_tensor_parallel_size other than 1 or the TP size"):
+        MegatronParallel(tensor_model_parallel_size=4, expert_tensor_parallel_size=2).check()
     with pytest.raises(NotImplementedError, match="rope_type='llama3'"):
         architecture(transformers.LlamaConfig(**COMMON, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

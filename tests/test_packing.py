@@ -17,7 +17,7 @@ from ascend_rl.data.collate import position_ids_from_mask
 from ascend_rl.data.tiny_model import TinyModelSpec, build_tiny_model
 from ascend_rl.distributed.actor_group import ActorGroup
 from ascend_rl.distributed.worker_group import ProcessWorkerGroup
-from ascend_rl.workers.actor import Actor, ActorSettings
+from ascend_rl.workers.actor import Actor, ActorSettings, ActorSpec
 from ascend_rl.workers.critic import Critic, CriticSettings
 from ascend_rl.workers.model_io import ModelForward, response_log_probs, response_values
 from ascend_rl.workers.optimizer import OptimSettings
@@ -124,8 +124,9 @@ def test_ulysses_makes_the_update_of_one_process(tiny_model_dir, world, sp):
     settings = dict(**ONE_STEP, balance_batch=False)
     single = Actor(str(tiny_model_dir), "cpu", ActorSettings(**settings), optim)
     batch = fixed_batch(single)
-    group = ActorGroup(partial(ProcessWorkerGroup, world), str(tiny_model_dir), "cpu",
-                       ActorSettings(**settings, sequences=SequenceSettings(True, sp)), optim)
+    group = ActorGroup(partial(ProcessWorkerGroup, world), "cpu",
+                       ActorSpec(str(tiny_model_dir), ActorSettings(**settings, sequences=SequenceSettings(True, sp)),
+                                 optim))
     try:
         assert torch.allclose(group.log_probs(batch)[0], batch["old_log_probs"] * batch["response_mask"], atol=1e-5)
         for _ in range(2):

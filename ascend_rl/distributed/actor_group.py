@@ -17,30 +17,22 @@ from tensordict import TensorDict
 
 from ascend_rl.rollout.protocol import GenerateOutput, per_prompt
 from ascend_rl.rollout.weight_sync import PushStats
-from ascend_rl.workers.actor import ReferenceSettings
 from ascend_rl.workers.balance import balanced_partition, contiguous_partition
 from ascend_rl.workers.critic import CriticSpec
-from ascend_rl.workers.fsdp import FsdpSettings
 
 
 class _ActorWorker:
-    """Runs in each worker process: one FSDP2 shard of the actor, and of the reference policy and the critic
-    when there are (colocated on the same device, as in verl's hybrid engine)."""
+    """Runs in each worker process: one shard of the actor (FSDP2 or Megatron), and of the reference policy and
+    the critic when there are (colocated on the same device, as in verl's hybrid engine)."""
 
-    def __init__(self, rank: int, world_size: int, model_path: str, device: str, settings, optim,
-                 gradient_checkpointing: bool, fsdp, ref, rollout, critic=None):
-        from torch.distributed.device_mesh import init_device_mesh
-
+    def __init__(self, rank: int, world_size: int, device: str, spec, rollout, critic=None):
         from ascend_rl.platform import select_worker_device
-        from ascend_rl.workers.actor import Actor, ReferencePolicy
 
         own_device = select_worker_device(device)  # e.g. npu:3, made current before the mesh is built
-        mesh = init_device_mesh(device, (world_size,))
-        self.actor = Actor(model_path, own_device, settings, optim, gradient_checkpointing, mesh=mesh, fsdp=fsdp)
-        self.ref = ReferencePolicy(model_path, own_device, ref, mesh=mesh) if ref is not None else None
+        self.actor, self.ref, mesh = spec.build(own_device, world_size)
         self.critic = critic.build(own_device, mesh) if critic is not None else None
         # A whole model for generation on the first worker of each replica, loaded from the shards at each sync.
-        self.engine = rollout.engine_for(rank, model_path, own_device) if rollout is not None else None
+        self.engine = rollout.engine_for(rank, spec.model_path, own_device) if rollout is not None else None
         self.rollout, self.device, self.rank = rollout, own_device, rank
 
     def log_probs(self, rows: TensorDict):
@@ -95,20 +87,17 @@ class _ActorWorker:
 
 
 class ActorGroup:
-    def __init__(self, make_group, model_path: str, device: str, settings, optim, gradient_checkpointing: bool = False,
-                 fsdp: FsdpSettings | None = None, ref: ReferenceSettings | None = None, rollout=None,
-                 critic: CriticSpec | None = None):
-        """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`). With `ref`, every
-        worker also holds a shard of the reference policy (`reference`); with `critic`, of the critic
-        (`critic`); with `rollout` (a `rollout.colocated.WorkerRolloutSpec`), the first worker of each replica
-        its engine (`WorkerEngines`)."""
+    def __init__(self, make_group, device: str, spec, rollout=None, critic: CriticSpec | None = None):
+        """make_group(factory, kwargs) starts the workers (`launch.worker_group_factory`); each builds its shard
+        of the actor from `spec` (FSDP's `workers.actor.ActorSpec` or Megatron's `MegatronActorSpec`), and of the
+        reference policy when the spec has one (`reference`); with `critic`, of the critic (`critic`); with
+        `rollout` (a `rollout.colocated.WorkerRolloutSpec`), the first worker of each replica its engine
+        (`WorkerEngines`)."""
         self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
-                                dict(model_path=model_path, device=device, settings=settings, optim=optim,
-                                     gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, ref=ref,
-                                     rollout=rollout, critic=critic))
-        self.reference = _WorkerReference(self) if ref is not None else None
+                                dict(device=device, spec=spec, rollout=rollout, critic=critic))
+        self.reference = _WorkerReference(self) if spec.ref is not None else None
         self.critic = _WorkerCritic(self) if critic is not None else None
-        self.ulysses_sp = settings.sequences.ulysses_sp  # the reference's and the critic's are the same (validated)
+        self.rows_shared_by = spec.rows_shared_by  # the reference's and the critic's are the same (validated)
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs, entropy = self._by_rows("log_probs", batch)
@@ -116,10 +105,10 @@ class ActorGroup:
 
     def _by_rows(self, method: str, batch: TensorDict) -> list:
         """`method` on each data-parallel rank's share of the rows (balanced by tokens: the slowest rank sets the
-        pace; the ranks of a Ulysses group share one); the results (each a tensor or a tuple of them) come back as
+        pace; the ranks of a Ulysses or tensor-parallel group share one); the results (each a tensor or a tuple of them) come back as
         whole columns in the batch's row order."""
         tokens = batch["attention_mask"].sum(-1).tolist()
-        sp = self.ulysses_sp
+        sp = self.rows_shared_by
         rows = balanced_partition(tokens, self.group.world_size // sp)
         shares = [(batch[torch.tensor(rows[rank // sp])],) for rank in range(self.group.world_size)]
         parts = self.group.call(method, shares)[::sp]  # one answer per group

@@ -129,9 +129,10 @@ class ProcessWorkerGroup(WorkerGroup):
         return results
 
     def _first_dead(self, wait_s: float) -> int | None:
+        """A worker that crashed (a worker that failed to build reports it, then exits cleanly: not this)."""
         deadline = time.monotonic() + wait_s
         while True:
-            dead = [rank for rank, p in enumerate(self.processes) if not p.is_alive()]
+            dead = [rank for rank, p in enumerate(self.processes) if not p.is_alive() and p.exitcode != 0]
             if dead or time.monotonic() > deadline:
                 return dead[0] if dead else None
             time.sleep(0.1)

@@ -7,21 +7,20 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ascend_rl.algorithms import make_kl_controller, policy_loss_kwargs
+from ascend_rl.algorithms import make_kl_controller
 from ascend_rl.config.features import critic_in_use
 from ascend_rl.config.validate import data_files, plain_map
 from ascend_rl.data.dataset import PromptRecord, load_prompts
 from ascend_rl.data.model_dir import check_model_dir, load_tokenizer
 from ascend_rl.data.sampler import ResumableBatchSampler
 from ascend_rl.distributed.actor_group import ActorGroup
-from ascend_rl.distributed.colocated import WorkerRolloutSpec, colocated, colocated_rollout, worker_rollout_spec
+from ascend_rl.distributed.colocated import colocated, colocated_rollout, worker_rollout_spec
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, usable_device
@@ -29,15 +28,15 @@ from ascend_rl.preflight import context_problems, missing_scorers, sequence_para
 from ascend_rl.reward import RewardFunction, RewardRunner
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
 from ascend_rl.rollout.factory import Rollout, build_rollout
+from ascend_rl.trainer.actor_specs import actor_spec, optim_settings, token_budget
 from ascend_rl.trainer.checkpoint import check_run_dir
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.reporting import Reporter
 from ascend_rl.trainer.validation import Validator
 from ascend_rl.trainer.vocabulary import Vocabulary
-from ascend_rl.workers.actor import Actor, ActorSettings, ReferencePolicy, ReferenceSettings
+from ascend_rl.workers.actor import Actor, ActorSpec, ReferencePolicy
 from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
 from ascend_rl.workers.fsdp import fsdp_settings
-from ascend_rl.workers.optimizer import OptimSettings
 from ascend_rl.workers.packing import SequenceSettings
 from ascend_rl.workers.trained import Batching
 
@@ -123,18 +122,17 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     sampler = ResumableBatchSampler(len(train_records), data.train_batch_size, shuffle=data.shuffle,
                                     seed=data.seed if data.seed is not None else seed)
     total = total_training_steps(cfg, sampler.batches_per_epoch)
-    needs_ref = arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
-    ref_settings = ReferenceSettings(arr.rollout.temperature, arr.ref.log_prob_micro_batch_size_per_gpu,
-                                     fsdp_settings(arr.ref.fsdp_config, device, "actor_rollout_ref.ref.fsdp_config"),
-                                     _token_budget(arr.ref, "log_prob_use_dynamic_bsz", "log_prob_max_token_len_per_gpu"),
-                                     SequenceSettings(arr.model.use_remove_padding, arr.ref.ulysses_sequence_parallel_size))
+    spec = actor_spec(cfg, device, total, with_ref=arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward)
     rollout_spec = worker_rollout_spec(cfg, device) if colocated(cfg) else None
     critic_spec = _critic_spec(cfg, device, total) if critic_in_use(cfg) else None
-    actor = _build_actor(cfg, device, total, ref_settings if needs_ref else None, rollout_spec, critic_spec)
-    if isinstance(actor, ActorGroup):  # the workers hold the reference policy and the critic beside the actor
+    world = t.nnodes * t.n_gpus_per_node
+    if world > 1 or not isinstance(spec, ActorSpec):  # Megatron needs its process groups, even for one rank
+        # one worker process per device, holding the actor and, beside it, the reference, critic and engines
+        actor = ActorGroup(worker_group_factory(cfg, device), device, spec, rollout_spec, critic_spec)
         ref, critic = actor.reference, actor.critic
     else:
-        ref = ReferencePolicy(arr.model.path, device, ref_settings) if needs_ref else None
+        actor = Actor(spec.model_path, device, spec.settings, spec.optim, spec.gradient_checkpointing, fsdp=spec.fsdp)
+        ref = ReferencePolicy(spec.model_path, device, spec.ref) if spec.ref is not None else None
         critic = critic_spec.build(device) if critic_spec else None
     kl = cfg.algorithm.kl_ctrl
     kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \
@@ -156,17 +154,6 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     )
 
 
-def _optim_settings(optim: DictConfig, total_steps: int) -> OptimSettings:
-    """`*.optim` (the actor's or the critic's) as the workers take it."""
-    warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total_steps)
-    return OptimSettings(lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-                         lr_scheduler_type=optim.lr_scheduler_type, warmup_steps=warmup, total_steps=total_steps,
-                         min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles,
-                         optimizer_impl=optim.get("optimizer_impl", "torch.optim"),
-                         optimizer=optim.get("optimizer", "AdamW"),
-                         overrides=plain_map(optim.get("override_optimizer_config")))
-
-
 def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec:
     """`critic.*`: its own model (critic.model.path), batches counted in prompts as the actor's, optimizer."""
     critic, n = cfg.critic, cfg.actor_rollout_ref.rollout.n
@@ -174,50 +161,11 @@ def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec:
     check_model_dir(path, "critic.model.path")
     batching = Batching(critic.ppo_mini_batch_size * n, critic.ppo_micro_batch_size_per_gpu, critic.ppo_epochs,
                         critic.shuffle, critic.data_loader_seed, cfg.trainer.balance_batch,
-                        _token_budget(critic, "use_dynamic_bsz", "ppo_max_token_len_per_gpu"))
+                        token_budget(critic, "use_dynamic_bsz", "ppo_max_token_len_per_gpu"))
     settings = CriticSettings(batching, critic.forward_micro_batch_size_per_gpu,
-                              _token_budget(critic, "use_dynamic_bsz", "forward_max_token_len_per_gpu"),
+                              token_budget(critic, "use_dynamic_bsz", "forward_max_token_len_per_gpu"),
                               critic.cliprange_value, critic.loss_agg_mode, critic.get("loss_scale_factor"),
                               critic.grad_clip,
                               SequenceSettings(critic.model.use_remove_padding, critic.ulysses_sequence_parallel_size))
-    return CriticSpec(path, settings, _optim_settings(critic.optim, total_steps),
+    return CriticSpec(path, settings, optim_settings(critic.optim, total_steps),
                       fsdp_settings(critic.fsdp, device, "critic.fsdp"), critic.model.enable_gradient_checkpointing)
-
-
-def _build_actor(cfg: DictConfig, device: str, total_steps: int, ref: ReferenceSettings | None,
-                 rollout: WorkerRolloutSpec | None, critic: CriticSpec | None) -> Actor | ActorGroup:
-    """One process, or one FSDP2 worker process per device (`trainer.n_gpus_per_node`) holding the actor and,
-    with `ref`, the reference policy, with `critic` the critic, and with `rollout`, the rollout engines."""
-    arr = cfg.actor_rollout_ref
-    actor_cfg = arr.actor
-    world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    make = Actor if world == 1 else partial(ActorGroup, worker_group_factory(cfg, device), ref=ref, rollout=rollout,
-                                            critic=critic)
-    return make(
-        arr.model.path, device,
-        ActorSettings(
-            ppo_mini_batch_size=actor_cfg.ppo_mini_batch_size * arr.rollout.n,  # verl counts prompts; we count samples
-            ppo_micro_batch_size_per_gpu=actor_cfg.ppo_micro_batch_size_per_gpu,
-            ppo_epochs=actor_cfg.ppo_epochs, shuffle=actor_cfg.shuffle, data_loader_seed=actor_cfg.data_loader_seed,
-            loss_mode=actor_cfg.policy_loss.loss_mode, loss_agg_mode=actor_cfg.loss_agg_mode,
-            clip_ratio_low=actor_cfg.clip_ratio_low, clip_ratio_high=actor_cfg.clip_ratio_high,
-            clip_ratio_c=actor_cfg.clip_ratio_c, entropy_coeff=actor_cfg.entropy_coeff,
-            use_kl_loss=actor_cfg.use_kl_loss, kl_loss_coef=actor_cfg.kl_loss_coef,
-            kl_loss_type=actor_cfg.kl_loss_type, grad_clip=actor_cfg.grad_clip, temperature=arr.rollout.temperature,
-            log_prob_micro_batch_size=arr.rollout.log_prob_micro_batch_size_per_gpu,
-            ppo_max_token_len_per_gpu=_token_budget(actor_cfg, "use_dynamic_bsz", "ppo_max_token_len_per_gpu"),
-            log_prob_max_token_len=_token_budget(arr.rollout, "log_prob_use_dynamic_bsz",
-                                                 "log_prob_max_token_len_per_gpu"),
-            balance_batch=cfg.trainer.balance_batch, loss_scale_factor=actor_cfg.get("loss_scale_factor"),
-            policy_loss_kwargs=policy_loss_kwargs(actor_cfg, cfg.algorithm),
-            sequences=SequenceSettings(actor_cfg.get("use_remove_padding", arr.model.use_remove_padding),
-                                       actor_cfg.ulysses_sequence_parallel_size)),
-        _optim_settings(actor_cfg.optim, total_steps),
-        gradient_checkpointing=arr.model.enable_gradient_checkpointing,
-        fsdp=fsdp_settings(actor_cfg.fsdp_config, device),
-    )
-
-
-def _token_budget(section: DictConfig, switch: str, budget: str) -> int | None:
-    """verl's dynamic batch size: micro-batches of at most `budget` tokens per device when `switch` is on."""
-    return section.get(budget) if section.get(switch) else None

@@ -27,7 +27,8 @@ from ascend_rl.workers.trained import (
     split,
 )
 
-__all__ = ["DCP_DIR", "Actor", "ActorSettings", "ReferencePolicy", "ReferenceSettings", "load_model", "load_policy"]
+__all__ = ["DCP_DIR", "Actor", "ActorSettings", "ActorSpec", "ReferencePolicy", "ReferenceSettings", "load_model",
+           "load_policy"]
 
 
 def load_policy(path: str, device: str, fsdp: FsdpSettings | None, forward: ModelForward, mesh=None,
@@ -101,6 +102,42 @@ class ReferencePolicy:
                                  for mb in split(batch, rows)], rows).cpu()
 
 
+def needs_entropy(s: ActorSettings, micro: TensorDict) -> bool:
+    """The entropy bonus needs it, and so does an on-policy step (its forward's metrics stand in for the
+    old-log-prob pass's)."""
+    return s.entropy_coeff != 0 or "old_log_probs" not in micro
+
+
+def policy_loss(s: ActorSettings, micro: TensorDict, log_prob: torch.Tensor, entropy: torch.Tensor | None,
+                agg_kw: dict, metrics: dict[str, list[float]], totals: dict[str, float]) -> torch.Tensor:
+    """One micro-batch's share of the mini-batch loss (policy loss, entropy bonus, KL loss) from the log-probs
+    the training engine computed; its metrics go to `metrics`, its summed losses to `totals`."""
+    mode, mask = s.loss_agg_mode, micro["response_mask"]
+    # Without old log-probs the step is on-policy (one mini-batch, one epoch): they equal this forward's.
+    on_policy = "old_log_probs" not in micro
+    old_log_prob = log_prob.detach() if on_policy else micro["old_log_probs"]
+    if on_policy:  # this forward stands in for the old-log-prob pass, and so do its metrics
+        for name, value in logprob_metrics(log_prob.detach(), entropy.detach(), micro["rollout_log_probs"],
+                                           mask).items():
+            metrics[name].append(value)
+    pg_loss, pg_metrics = compute_policy_loss(
+        s.loss_mode, old_log_prob=old_log_prob, log_prob=log_prob, advantages=micro["advantages"],
+        response_mask=mask, loss_agg_mode=mode, clip_ratio_low=s.clip_ratio_low,
+        clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
+        rollout_is_weights=micro.get("rollout_is_weights", None), **s.policy_loss_kwargs, **agg_kw)
+    loss = pg_loss
+    if s.entropy_coeff != 0:
+        loss = loss - s.entropy_coeff * agg_loss(entropy, mask, mode, **agg_kw)
+    if s.use_kl_loss:
+        kl = agg_loss(kl_penalty(log_prob, micro["ref_log_prob"], s.kl_loss_type), mask, mode, **agg_kw)
+        loss = loss + s.kl_loss_coef * kl
+        totals["kl_loss"] += kl.item()
+    totals["pg_loss"] += pg_loss.item()
+    for name, value in pg_metrics.items():
+        metrics[name].append(value.item())
+    return loss
+
+
 class Actor(TrainedModel):
     """One process's actor (a shard of it, with a device mesh): old log-probs and the PPO-family update."""
 
@@ -133,40 +170,17 @@ class Actor(TrainedModel):
 
     def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
         s = self.settings
-        mode = s.loss_agg_mode
         # The whole mini-batch's counts make the micro-batch losses of all ranks add up to the mini-batch loss.
         agg_kw = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
         mini = mini[torch.tensor(self.rows_of_rank(mini))]
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = defaultdict(float)
-        # Without old log-probs the step is on-policy (one mini-batch, one epoch): they equal this forward's.
-        on_policy = "old_log_probs" not in mini
         for micro in self.micro_batches(mini):
-            mask = micro["response_mask"]
             with self._compute():
                 log_prob, entropy = self.forward.log_probs(self.model, micro, s.temperature,
-                                                           with_entropy=s.entropy_coeff != 0 or on_policy)
-            old_log_prob = log_prob.detach() if on_policy else micro["old_log_probs"]
-            if on_policy:  # this forward stands in for the old-log-prob pass, and so do its metrics
-                for name, value in logprob_metrics(log_prob.detach(), entropy.detach(), micro["rollout_log_probs"],
-                                                   mask).items():
-                    metrics[name].append(value)
-            pg_loss, pg_metrics = compute_policy_loss(
-                s.loss_mode, old_log_prob=old_log_prob, log_prob=log_prob, advantages=micro["advantages"],
-                response_mask=mask, loss_agg_mode=mode, clip_ratio_low=s.clip_ratio_low,
-                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
-                rollout_is_weights=micro.get("rollout_is_weights", None), **s.policy_loss_kwargs, **agg_kw)
-            loss = pg_loss
-            if s.entropy_coeff != 0:
-                loss = loss - s.entropy_coeff * agg_loss(entropy, mask, mode, **agg_kw)
-            if s.use_kl_loss:
-                kl = agg_loss(kl_penalty(log_prob, micro["ref_log_prob"], s.kl_loss_type), mask, mode, **agg_kw)
-                loss = loss + s.kl_loss_coef * kl
-                totals["kl_loss"] += kl.item()
+                                                           with_entropy=needs_entropy(s, micro))
+            loss = policy_loss(s, micro, log_prob, entropy, agg_kw, metrics, totals)
             (loss * self.world_size).backward()  # FSDP averages gradients over the ranks; we want their sum
-            totals["pg_loss"] += pg_loss.item()
-            for name, value in pg_metrics.items():
-                metrics[name].append(value.item())
         metrics["grad_norm"].append(self.optimizer_step(s.grad_clip))
         for name, value in totals.items():
             metrics[name].append(value)
@@ -175,3 +189,30 @@ class Actor(TrainedModel):
         """HF parameter names and whole tensors, for weight sync (sharded: a collective over the ranks)."""
         for name, param in self.model.named_parameters():
             yield name, full_tensor(param.detach())
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """Everything to build the FSDP actor and, with `ref`, the reference policy in each worker (it pickles)."""
+
+    model_path: str
+    settings: ActorSettings
+    optim: OptimSettings
+    gradient_checkpointing: bool = False
+    fsdp: FsdpSettings | None = None
+    ref: ReferenceSettings | None = None
+
+    @property
+    def rows_shared_by(self) -> int:
+        """Consecutive ranks that take the same rows (a Ulysses group)."""
+        return self.settings.sequences.ulysses_sp
+
+    def build(self, device: str, world_size: int):
+        """This rank's actor and reference shards over a mesh of every rank, and the mesh (a critic's too)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.split(":")[0], (world_size,))
+        actor = Actor(self.model_path, device, self.settings, self.optim, self.gradient_checkpointing, mesh=mesh,
+                      fsdp=self.fsdp)
+        ref = ReferencePolicy(self.model_path, device, self.ref, mesh=mesh) if self.ref is not None else None
+        return actor, ref, mesh

@@ -122,22 +122,29 @@ def _one_process_is_intended():
         yield
 
 
-class TrainedModel:
-    """A model, its optimizer and schedule. With a device mesh every rank takes its slice of each mini-batch;
-    losses are normalised by the whole mini-batch's counts, so N ranks make the update one process would."""
+def reduced_metrics(metrics: dict[str, list[float]], section: str, summed: tuple[str, ...], dp_size: int,
+                    lr: float) -> dict[str, float]:
+    """Per-mini-batch metrics as one number each over every rank: a "_max" metric is a maximum, the others
+    means; the `summed` losses are each data-parallel rank's share of the mini-batch loss, so they add up (the
+    ranks of a Ulysses or tensor-parallel group each hold their group's)."""
+    local = {(k if "/" in k else f"{section}/{k}"): max(v) if k.endswith("_max") else sum(v) / len(v)
+             for k, v in metrics.items()}
+    out = reduce_over_ranks(local, maxed=frozenset(k for k in local if k.endswith("_max")))
+    for name in summed:
+        if f"{section}/{name}" in out:
+            out[f"{section}/{name}"] *= dp_size
+    out[f"{section}/lr"] = lr
+    return out
 
-    def __init__(self, model, compute, forward: ModelForward, device: str, optim: OptimSettings, batching: Batching,
-                 mesh=None):
-        self.model, self._compute, self.forward = model, compute, forward
-        self.device = torch.device(device)
-        self.batching = batching
-        self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
-        self.sharded = mesh is not None  # FSDP2's DTensors, even on one rank
-        # The ranks of a Ulysses group share their rows; data parallelism is over the groups.
-        sp = dist.get_world_size(forward.sp_group) if forward.sp_group is not None else 1
-        self.dp_rank, self.dp_size = self.rank // sp, self.world_size // sp
-        self.optimizer = build_optimizer(self.model.parameters(), optim)
-        self.scheduler = build_scheduler(self.optimizer, optim)
+
+class MiniBatchWalk:
+    """How an update walks a batch: epochs of mini-batches, each rank's rows of one, its micro-batches. Needs
+    `batching`, `dp_rank`, `dp_size` and `device` (any training engine: FSDP here, Megatron's)."""
+
+    batching: Batching
+    dp_rank: int
+    dp_size: int
+    device: torch.device
 
     def mini_batches(self, batch: TensorDict) -> Iterator[TensorDict]:
         """`ppo_epochs` passes over the batch in mini-batches (a seeded shuffle per epoch when asked)."""
@@ -163,6 +170,24 @@ class TrainedModel:
             return list(rows.split(size)) if size else [rows]
         return split(rows, micro_batch_rows(rows, None, b.ppo_max_token_len_per_gpu, self.device))
 
+
+class TrainedModel(MiniBatchWalk):
+    """A model, its optimizer and schedule. With a device mesh every rank takes its slice of each mini-batch;
+    losses are normalised by the whole mini-batch's counts, so N ranks make the update one process would."""
+
+    def __init__(self, model, compute, forward: ModelForward, device: str, optim: OptimSettings, batching: Batching,
+                 mesh=None):
+        self.model, self._compute, self.forward = model, compute, forward
+        self.device = torch.device(device)
+        self.batching = batching
+        self.rank, self.world_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+        self.sharded = mesh is not None  # FSDP2's DTensors, even on one rank
+        # The ranks of a Ulysses group share their rows; data parallelism is over the groups.
+        sp = dist.get_world_size(forward.sp_group) if forward.sp_group is not None else 1
+        self.dp_rank, self.dp_size = self.rank // sp, self.world_size // sp
+        self.optimizer = build_optimizer(self.model.parameters(), optim)
+        self.scheduler = build_scheduler(self.optimizer, optim)
+
     def optimizer_step(self, grad_clip: float) -> float:
         """Clip and step; a non-finite gradient would poison the weights: that mini-batch's step is skipped."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
@@ -173,17 +198,7 @@ class TrainedModel:
         return grad_norm.item()
 
     def reduced(self, metrics: dict[str, list[float]], section: str, summed: tuple[str, ...]) -> dict[str, float]:
-        """Per-mini-batch metrics as one number each over every rank: a "_max" metric is a maximum, the others
-        means; the `summed` losses are each data-parallel rank's share of the mini-batch loss, so they add up (the
-        ranks of a Ulysses group each hold their group's)."""
-        local = {(k if "/" in k else f"{section}/{k}"): max(v) if k.endswith("_max") else sum(v) / len(v)
-                 for k, v in metrics.items()}
-        out = reduce_over_ranks(local, maxed=frozenset(k for k in local if k.endswith("_max")))
-        for name in summed:
-            if f"{section}/{name}" in out:
-                out[f"{section}/{name}"] *= self.dp_size
-        out[f"{section}/lr"] = self.optimizer.param_groups[0]["lr"]
-        return out
+        return reduced_metrics(metrics, section, summed, self.dp_size, self.optimizer.param_groups[0]["lr"])
 
     def save(self, path: Path) -> None:
         """`path`: an HF model directory (rank 0 writes the weights gathered from every rank) and `path/dcp`, the

@@ -1,5 +1,5 @@
 """Hugging Face state dict ↔ Megatron-core state dict (the local layer spec's names), whole or split over
-tensor-parallel ranks. Pure tensor functions, exact both ways: no megatron import.
+tensor- and expert-parallel ranks. Pure tensor functions, exact both ways: no megatron import.
 
 Megatron's layout, as `GPTModel` with `get_gpt_layer_local_spec` names and shapes its parameters:
 - `linear_qkv` fuses q, k, v per key/value group: for each group its heads' q rows, then its k rows, then its v
@@ -8,15 +8,19 @@ Megatron's layout, as `GPTModel` with `get_gpt_layer_local_spec` names and shape
 - Column-parallel (qkv, fc1) split on dim 0, row-parallel (proj, fc2) on dim 1; norms and the router are copied.
 - The embedding and the untied output layer are vocab-parallel: their rows padded with zeros to a multiple of
   TP × `make_vocab_size_divisible_by` (Megatron-LM's rule), then split on dim 0.
-- MoE experts (SequentialMLP: `mlp.experts.local_experts.E.linear_fc{1,2}`) are split like the dense MLP over
-  the expert-tensor-parallel ranks, taken equal to TP here (Megatron's default); expert parallelism is not
-  built yet.
+- MoE experts (SequentialMLP: `mlp.experts.local_experts.E.linear_fc{1,2}`): expert-parallel rank r of EP
+  holds experts r·E/EP .. (r+1)·E/EP - 1, named by their local index 0..E/EP-1, each split like the dense MLP
+  over the expert-tensor-parallel (ETP) ranks. `hf_to_mcore` / `split_tp` / `merge_tp` take Megatron's
+  default EP 1, ETP = TP; `Place`, `rank_shard` and `merge_ranks` any EP and ETP.
 
 HF names are those of the models transformers 5 builds (Qwen3-MoE experts fused into `gate_up_proj` [E, 2F, H]
 and `down_proj` [E, H, F]). A tied `lm_head.weight` is left out, as `save_pretrained` does.
 """
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +44,12 @@ def hf_to_mcore(hf: dict[str, Tensor], arch: Architecture, tp: int = 1, divisibl
 def mcore_to_hf(shards: list[dict[str, Tensor]], arch: Architecture) -> dict[str, Tensor]:
     """The HF state dict from every TP rank's Megatron state dict, in rank order."""
     return mcore_full_to_hf(merge_tp(shards, arch), arch)
+
+
+def hf_to_mcore_rank(hf: dict[str, Tensor], arch: Architecture, place: Place, divisible_by: int = 128) -> dict:
+    """The Megatron state dict of the rank at `place` (its TP slice, its experts' ETP slices)."""
+    return rank_shard(hf_to_mcore_full(hf, arch, padded_vocab_size(arch.vocab_size, place.tp, divisible_by)),
+                      arch, place)
 
 
 # --- whole model (TP 1) -----------------------------------------------------------------------------------
@@ -80,30 +90,44 @@ def hf_to_mcore_full(hf: dict[str, Tensor], arch: Architecture, padded_vocab: in
 def mcore_full_to_hf(mc: dict[str, Tensor], arch: Architecture) -> dict[str, Tensor]:
     """The HF state dict from the TP-1 Megatron one (padding rows dropped)."""
     src = {k: v for k, v in mc.items() if not k.endswith("._extra_state")}
+    out = mcore_outer_to_hf(src, arch)
+    for i in range(arch.num_layers):
+        out.update(mcore_layer_to_hf(src, arch, i))
+    if src:
+        raise KeyError(f"Megatron weights the {arch.model_type} converter does not know: {sorted(src)[:8]}")
+    return out
+
+
+def mcore_outer_to_hf(src: dict[str, Tensor], arch: Architecture) -> dict[str, Tensor]:
+    """The HF tensors outside the decoder layers (embedding, final norm, untied output layer), taken out of the
+    TP-1 Megatron `src`."""
     take = src.pop
     vocab = arch.vocab_size
     out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:vocab],
            "model.norm.weight": take("decoder.final_layernorm.weight")}
     if not arch.tie_word_embeddings:
         out["lm_head.weight"] = take("output_layer.weight")[:vocab]
-    for i in range(arch.num_layers):
-        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out.update({h + hf: take(m + mc) for hf, mc in _one_to_one(arch)})
-        a = h + "self_attn."
-        for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):
-            q, k, v = split_qkv(take(f"{m}self_attention.linear_qkv.{kind}"), arch)
-            out.update({f"{a}q_proj.{kind}": q, f"{a}k_proj.{kind}": k, f"{a}v_proj.{kind}": v})
-        if arch.moe:
-            experts = range(arch.num_experts)
-            out[h + "mlp.experts.gate_up_proj"] = torch.stack(
-                [take(f"{m}mlp.experts.local_experts.{e}.linear_fc1.weight") for e in experts])
-            out[h + "mlp.experts.down_proj"] = torch.stack(
-                [take(f"{m}mlp.experts.local_experts.{e}.linear_fc2.weight") for e in experts])
-        else:
-            gate, up = take(m + "mlp.linear_fc1.weight").chunk(2)
-            out.update({h + "mlp.gate_proj.weight": gate.clone(), h + "mlp.up_proj.weight": up.clone()})
-    if src:
-        raise KeyError(f"Megatron weights the {arch.model_type} converter does not know: {sorted(src)[:8]}")
+    return out
+
+
+def mcore_layer_to_hf(src: dict[str, Tensor], arch: Architecture, i: int) -> dict[str, Tensor]:
+    """Decoder layer `i`'s HF tensors, taken out of the TP-1 Megatron `src` (global expert indices)."""
+    take = src.pop
+    h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+    out = {h + hf: take(m + mc) for hf, mc in _one_to_one(arch)}
+    a = h + "self_attn."
+    for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):
+        q, k, v = split_qkv(take(f"{m}self_attention.linear_qkv.{kind}"), arch)
+        out.update({f"{a}q_proj.{kind}": q, f"{a}k_proj.{kind}": k, f"{a}v_proj.{kind}": v})
+    if arch.moe:
+        experts = range(arch.num_experts)
+        out[h + "mlp.experts.gate_up_proj"] = torch.stack(
+            [take(f"{m}mlp.experts.local_experts.{e}.linear_fc1.weight") for e in experts])
+        out[h + "mlp.experts.down_proj"] = torch.stack(
+            [take(f"{m}mlp.experts.local_experts.{e}.linear_fc2.weight") for e in experts])
+    else:
+        gate, up = take(m + "mlp.linear_fc1.weight").chunk(2)
+        out.update({h + "mlp.gate_proj.weight": gate.clone(), h + "mlp.up_proj.weight": up.clone()})
     return out
 
 
@@ -139,8 +163,9 @@ def split_qkv(qkv: Tensor, arch: Architecture) -> tuple[Tensor, Tensor, Tensor]:
 # --- tensor parallelism -----------------------------------------------------------------------------------
 
 
-def _kind(name: str) -> str:
-    """How a parameter is laid out over TP ranks: vocab, column, gated (fc1), row, or copied."""
+def split_kind(name: str) -> str:
+    """How a parameter is laid out over TP (or, for an expert, ETP) ranks: vocab, column, gated (fc1), row, or
+    copied."""
     if name in VOCAB_PARALLEL:
         return "vocab"
     if ".linear_qkv." in name:
@@ -152,57 +177,131 @@ def _kind(name: str) -> str:
     return "copied"  # norms, q/k norms, router
 
 
+def split_tensor(name: str, t: Tensor, n: int) -> list[Tensor]:
+    """`t`'s slices for n TP (ETP) ranks, in rank order."""
+    kind = split_kind(name)
+    if kind == "vocab" and t.shape[0] % n:
+        raise ValueError(f"{name} has {t.shape[0]} rows, not a multiple of TP {n}: pad the vocabulary for it")
+    if kind in ("vocab", "column"):
+        return list(t.chunk(n, dim=0))
+    if kind == "row":
+        return list(t.chunk(n, dim=1))
+    if kind == "gated":
+        gates, ups = (half.chunk(n, dim=0) for half in t.chunk(2, dim=0))
+        return [torch.cat([g, u]) for g, u in zip(gates, ups)]
+    return [t] * n
+
+
+def merge_tensors(name: str, pieces: list[Tensor]) -> Tensor:
+    """The whole tensor from its TP (ETP) slices in rank order; copies must be equal."""
+    kind = split_kind(name)
+    if kind in ("vocab", "column"):
+        return torch.cat(pieces, dim=0)
+    if kind == "row":
+        return torch.cat(pieces, dim=1)
+    if kind == "gated":
+        halves = [p.chunk(2, dim=0) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    if any(not torch.equal(p, pieces[0]) for p in pieces[1:]):
+        raise ValueError(f"{name} differs between TP ranks; it should be a copy")
+    return pieces[0]
+
+
 def split_tp(full: dict[str, Tensor], arch: Architecture, tp: int) -> list[dict[str, Tensor]]:
     """Each TP rank's slice of the TP-1 Megatron state dict (the vocabulary already padded for `tp`)."""
-    check_tp(arch, tp)
+    check_layout(arch, tp)
     shards: list[dict[str, Tensor]] = [{} for _ in range(tp)]
     for name, t in full.items():
-        kind = _kind(name)
-        if kind == "vocab" and t.shape[0] % tp:
-            raise ValueError(f"{name} has {t.shape[0]} rows, not a multiple of TP {tp}: pad the vocabulary for it")
-        if kind in ("vocab", "column"):
-            pieces = t.chunk(tp, dim=0)
-        elif kind == "row":
-            pieces = t.chunk(tp, dim=1)
-        elif kind == "gated":
-            gates, ups = (half.chunk(tp, dim=0) for half in t.chunk(2, dim=0))
-            pieces = [torch.cat([g, u]) for g, u in zip(gates, ups)]
-        else:
-            pieces = [t] * tp
-        for shard, piece in zip(shards, pieces):
+        for shard, piece in zip(shards, split_tensor(name, t, tp)):
             shard[name] = piece.clone()
     return shards
 
 
 def merge_tp(shards: list[dict[str, Tensor]], arch: Architecture) -> dict[str, Tensor]:
     """The TP-1 Megatron state dict from every rank's (the vocabulary keeps its padding)."""
+    return {name: merge_tensors(name, [s[name] for s in shards]) for name in shards[0]
+            if not name.endswith("._extra_state")}
+
+
+def check_layout(arch: Architecture, tp: int, ep: int = 1, etp: int | None = None) -> None:
+    """Megatron splits whole heads, whole key/value groups and equal MLP slices over TP ranks, whole experts
+    over EP ranks and equal expert slices over ETP ranks (default: TP)."""
+    etp = tp if etp is None else etp
+    sizes = [("num_attention_heads", arch.num_attention_heads, "TP", tp),
+             ("num_key_value_heads", arch.num_query_groups, "TP", tp)]
+    if arch.moe:
+        sizes += [("num_experts", arch.num_experts, "EP", ep), ("moe_intermediate_size", arch.moe_ffn_hidden_size,
+                                                                "ETP", etp)]
+    else:
+        sizes.append(("intermediate_size", arch.ffn_hidden_size, "TP", tp))
+    problems = [f"{what} ({n}) is not a multiple of {how} {size}" for what, n, how, size in sizes if n % size]
+    if problems:
+        raise ValueError("; ".join(problems))
+    if ep > 1 and not arch.moe:
+        raise ValueError(f"expert parallelism (EP {ep}) needs an MoE model, not {arch.model_type}")
+
+
+# --- expert parallelism -----------------------------------------------------------------------------------
+
+_EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+
+
+@dataclass(frozen=True)
+class Place:
+    """A rank's coordinates in Megatron's layout: its slice of the dense weights (TP rank of `tp`), its experts
+    (EP rank of `ep`) and their slice (ETP rank of `etp`)."""
+
+    tp: int = 1
+    tp_rank: int = 0
+    ep: int = 1
+    ep_rank: int = 0
+    etp: int = 1
+    etp_rank: int = 0
+
+
+def expert_index(name: str) -> tuple[str, int, str] | None:
+    """(prefix, expert index, suffix) of an expert's parameter name; None for any other parameter."""
+    match = _EXPERT.match(name)
+    return (match[1], int(match[2]), match[3]) if match else None
+
+
+def rank_shard(full: dict[str, Tensor], arch: Architecture, place: Place) -> dict[str, Tensor]:
+    """The rank at `place`'s slice of the TP-1 Megatron state dict (vocabulary padded for its TP): dense weights
+    split over TP, its EP rank's experts renamed to local indices and split over ETP."""
+    check_layout(arch, place.tp, place.ep, place.etp)
+    per_rank = arch.num_experts // place.ep
+    first = place.ep_rank * per_rank
     out = {}
-    for name in shards[0]:
-        if name.endswith("._extra_state"):
-            continue
-        pieces = [s[name] for s in shards]
-        kind = _kind(name)
-        if kind in ("vocab", "column"):
-            out[name] = torch.cat(pieces, dim=0)
-        elif kind == "row":
-            out[name] = torch.cat(pieces, dim=1)
-        elif kind == "gated":
-            halves = [p.chunk(2, dim=0) for p in pieces]
-            out[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-        else:
-            if any(not torch.equal(p, pieces[0]) for p in pieces[1:]):
-                raise ValueError(f"{name} differs between TP ranks; it should be a copy")
-            out[name] = pieces[0]
+    for name, t in full.items():
+        expert = expert_index(name)
+        if expert is None:
+            out[name] = split_tensor(name, t, place.tp)[place.tp_rank].clone()
+        elif first <= expert[1] < first + per_rank:
+            prefix, e, suffix = expert
+            out[f"{prefix}{e - first}{suffix}"] = split_tensor(name, t, place.etp)[place.etp_rank].clone()
     return out
 
 
-def check_tp(arch: Architecture, tp: int) -> None:
-    """Megatron splits whole heads, whole key/value groups and equal MLP slices over TP ranks."""
-    problems = [f"{what} ({n}) is not a multiple of TP {tp}" for what, n in (
-        ("num_attention_heads", arch.num_attention_heads), ("num_key_value_heads", arch.num_query_groups),
-        ("intermediate_size", arch.ffn_hidden_size if not arch.moe else arch.moe_ffn_hidden_size)) if n % tp]
-    if problems:
-        raise ValueError("; ".join(problems))
+def merge_ranks(shards: list[dict[str, Tensor]], places: list[Place], arch: Architecture) -> dict[str, Tensor]:
+    """The TP-1 Megatron state dict (global expert indices) from the shards of ranks at `places`, which must
+    cover every TP rank and every (EP, ETP) rank; of ranks at the same coordinates, the first counts."""
+    tp, ep, etp = places[0].tp, places[0].ep, places[0].etp
+    by_tp: dict[int, dict] = {}
+    by_expert: dict[tuple[int, int], dict] = {}
+    for place, shard in zip(places, shards):
+        by_tp.setdefault(place.tp_rank, shard)
+        by_expert.setdefault((place.ep_rank, place.etp_rank), shard)
+    if len(by_tp) != tp or len(by_expert) != ep * etp:
+        raise ValueError(f"the shards cover TP ranks {sorted(by_tp)} and (EP, ETP) ranks {sorted(by_expert)}")
+    dense = [{k: v for k, v in by_tp[r].items() if expert_index(k) is None} for r in range(tp)]
+    out = merge_tp(dense, arch)
+    per_rank = arch.num_experts // ep
+    for r in range(ep):
+        local = merge_tp([{k: v for k, v in by_expert[r, e].items() if expert_index(k)} for e in range(etp)], arch)
+        for name, t in local.items():
+            prefix, e, suffix = expert_index(name)
+            out[f"{prefix}{r * per_rank + e}{suffix}"] = t
+    return out
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:

@@ -10,6 +10,9 @@ and `apply` refuses another version.
 
 from __future__ import annotations
 
+import inspect
+import textwrap
+
 import torch
 
 MEGATRON_CORE = "0.16.1"
@@ -63,10 +66,102 @@ def _torch_norm(cls, config, hidden_size: int, eps: float = 1e-5, *args, **kwarg
     return norm
 
 
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t.contiguous()
+
+
+def _gather_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """mappings._gather_along_first_dim for gloo, which all-gathers equal sizes only: the pieces are padded to
+    the largest and cut back. The MoE dispatcher gathers uneven ones over ETP > 1 under EP (each rank received
+    its own count of tokens)."""
+    import torch.distributed as dist
+
+    n = group.size()
+    if n == 1:
+        return input_
+    sizes = output_split_sizes or [input_.shape[0]] * n
+    out = input_.new_empty(n * max(sizes), *input_.shape[1:])
+    dist.all_gather_into_tensor(out, _pad_rows(input_, max(sizes)), group=group)
+    return torch.cat([piece[:size] for piece, size in zip(out.chunk(n), sizes)])
+
+
+def _reduce_scatter_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """mappings._reduce_scatter_along_first_dim for gloo, padded likewise (the dispatcher's combine, the
+    backward of the gather above)."""
+    import torch.distributed as dist
+
+    n = group.size()
+    if n == 1:
+        return input_
+    if input_split_sizes is None:
+        assert input_.shape[0] % n == 0, "First dimension of the tensor should be divisible by tensor parallel size"
+    sizes = input_split_sizes or [input_.shape[0] // n] * n
+    padded = torch.cat([_pad_rows(piece, max(sizes)) for piece in input_.split(sizes)])
+    out = input_.new_empty(max(sizes), *input_.shape[1:])
+    dist.reduce_scatter_tensor(out, padded, group=group)
+    return out[:sizes[group.rank()]]
+
+
+# Megatron's optimizer and gradient clipping write `device='cuda'` and compare `param.type()` with
+# 'torch.cuda.FloatTensor' inside long functions, so these are recompiled from Megatron's own source with those
+# literals (and only those) made the CPU's. Each function must still contain one of them (`missing` checks).
+CUDA_LITERALS = {"device='cuda'": "device='cpu'", 'device="cuda"': 'device="cpu"', "'torch.cuda.": "'torch.",
+                 ".cuda()": ".cpu()"}
+
+
+def _on_cpu(function):
+    """`function` recompiled from its source with the CUDA literals replaced; a method's bare `super()` is
+    spelled out with its class (a function compiled outside its class body has no __class__ cell)."""
+    raw = inspect.unwrap(function)
+    source = textwrap.dedent(inspect.getsource(raw))
+    for cuda, cpu in CUDA_LITERALS.items():
+        source = source.replace(cuda, cpu)
+    owner = raw.__qualname__.rpartition(".")[0]
+    if owner:
+        source = source.replace("super()", f"super({owner}, self)")
+    first_line = inspect.getsourcelines(raw)[1]
+    source = "\n" * (first_line - 1) + source  # tracebacks point into Megatron's file at the right lines
+    namespace: dict = {}
+    exec(compile(source, inspect.getsourcefile(raw), "exec"), raw.__globals__, namespace)  # noqa: S102
+    function = namespace[raw.__name__]
+    function.cuda_original = raw
+    return function
+
+
+def _cuda_literal_functions() -> list[tuple[object, str, object]]:
+    """(owner, name, function) of each Megatron function with CUDA literals on the CPU update's path."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    methods = [(optimizer.MixedPrecisionOptimizer, "__init__"), (optimizer.FP32Optimizer, "__init__"),
+               (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+               (distrib_optimizer.DistributedOptimizer, "__init__"),
+               (distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups")]
+    found = [(owner, name, vars(owner)[name]) for owner, name in methods]
+    # clip_grads' functions, also imported by name where they are called
+    for name in ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"):
+        found += [(module, name, getattr(clip_grads, name)) for module in (clip_grads, optimizer)]
+    # Without apex or TE clip_grads computes norms with Megatron's local implementation, kept under its own name.
+    found.append((clip_grads, "l2_norm_impl", utils.local_multi_tensor_l2_norm))
+    return [(owner, name, _original(function)) for owner, name, function in found]
+
+
+def _original(function):
+    """Megatron's function, also after `apply` replaced it (each recompiled one keeps its original)."""
+    if isinstance(function, staticmethod):
+        return staticmethod(_original(function.__func__))
+    return getattr(function, "cuda_original", function)
+
+
+def _recompiled(owner, name: str, original):
+    function = _on_cpu(original.__func__ if isinstance(original, staticmethod) else original)
+    return staticmethod(function) if isinstance(original, staticmethod) else function
+
+
 def patches() -> list[tuple[object, str, object]]:
     """(owner, attribute, CPU replacement) for each CUDA-ism the tests reach."""
     from megatron.core.fusions import fused_softmax
-    from megatron.core.tensor_parallel import random
+    from megatron.core.tensor_parallel import mappings, random
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -91,6 +186,12 @@ def patches() -> list[tuple[object, str, object]]:
         # Without Transformer Engine the router's gating GEMM reads `te_general_gemm`, which the failed TE
         # import left undefined (not CPU-specific: any machine without TE). None selects its torch.mm path.
         (moe_utils, "te_general_gemm", None),
+        # Expert parallelism: gloo all-gathers and reduce-scatters equal-sized pieces only, and the dispatcher
+        # moves uneven ones over the expert-tensor-parallel group (the tokens each rank got from the all-to-all).
+        (mappings, "_gather_along_first_dim", _gather_first_dim),
+        (mappings, "_reduce_scatter_along_first_dim", _reduce_scatter_first_dim),
+        # The optimizer, gradient clipping and norms: their CUDA literals (see CUDA_LITERALS).
+        *((owner, name, _recompiled(owner, name, original)) for owner, name, original in _cuda_literal_functions()),
     ]
 
 
@@ -103,6 +204,10 @@ def missing() -> list[str]:
             if owner is not moe_utils and name not in vars(owner)]
     if "te_general_gemm" not in moe_utils.RouterGatingLinearFunction.forward.__code__.co_names:
         gone.append("te_general_gemm in RouterGatingLinearFunction.forward")
+    gone += [f"a CUDA literal in {getattr(owner, '__name__', owner)}.{name}"
+             for owner, name, original in _cuda_literal_functions()
+             if not any(cuda in inspect.getsource(inspect.unwrap(getattr(original, "__func__", original)))
+                        for cuda in CUDA_LITERALS)]
     return gone
 
 

@@ -2,8 +2,9 @@
 layer spec (no Transformer Engine), its process groups, and HF weights loaded into it through `convert`.
 
 Settings keep verl's names (`actor.megatron.*`). Built: tensor parallelism with or without sequence
-parallelism, recompute and any other TransformerConfig field through `override_transformer_config`.
-Pipeline, virtual pipeline, context and expert parallelism are not: they raise NotImplementedError.
+parallelism, expert parallelism (EP) with expert tensor parallelism (ETP) equal to TP or 1, recompute and any
+other TransformerConfig field through `override_transformer_config`. Pipeline, virtual pipeline and context
+parallelism are not: they raise NotImplementedError.
 
 Megatron's RoPE takes positions 0..S-1 whatever `position_ids` say, so rows must start at column 0
 (right-padded, which causal attention makes harmless to the real tokens); the trainer's left-padded rows need
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ascend_rl.workers.megatron.arch import Architecture, architecture
-from ascend_rl.workers.megatron.convert import check_tp, hf_to_mcore, padded_vocab_size
+from ascend_rl.workers.megatron.convert import Place, check_layout, hf_to_mcore_rank, padded_vocab_size
 
 
 @dataclass(frozen=True)
@@ -38,30 +39,56 @@ class MegatronParallel:
     def tp(self) -> int:
         return self.tensor_model_parallel_size
 
+    @property
+    def ep(self) -> int:
+        return self.expert_model_parallel_size
+
+    @property
+    def etp(self) -> int:
+        """Megatron's default ETP is TP."""
+        return self.tp if self.expert_tensor_parallel_size is None else self.expert_tensor_parallel_size
+
     def check(self) -> None:
         unbuilt = [name for name, value, default in (
             ("pipeline_model_parallel_size", self.pipeline_model_parallel_size, 1),
             ("virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size, None),
             ("context_parallel_size", self.context_parallel_size, 1),
-            ("expert_model_parallel_size", self.expert_model_parallel_size, 1),
         ) if value != default]
-        if self.expert_tensor_parallel_size not in (None, self.tp):
-            unbuilt.append("expert_tensor_parallel_size (other than the TP size)")
+        if self.etp not in (1, self.tp):
+            unbuilt.append("expert_tensor_parallel_size other than 1 or the TP size")
         if unbuilt:
             raise NotImplementedError(f"Megatron with {', '.join(unbuilt)} is not built yet")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
+        if self.etp != self.tp and self.ep == 1:
+            # EP 1 makes the experts ordinary parameters to Megatron's DDP, which then sums their gradients
+            # over the data-parallel group only, not over the TP ranks that fed them other tokens.
+            raise ValueError("expert_tensor_parallel_size other than the TP size needs expert_model_parallel_size > 1")
+
+    def check_world(self, world_size: int) -> None:
+        """initialize_model_parallel's conditions, in verl's names before Megatron's terser RuntimeError: TP
+        divides the world, and so does EP × ETP (with ETP = TP: EP divides the data-parallel size)."""
+        if world_size % self.tp:
+            raise ValueError(f"world size {world_size} is not a multiple of tensor_model_parallel_size {self.tp}")
+        if world_size % (self.ep * self.etp):
+            hint = f": EP must divide the data-parallel size {world_size // self.tp}" if self.etp == self.tp else ""
+            raise ValueError(f"world size {world_size} is not a multiple of expert_model_parallel_size × "
+                             f"expert_tensor_parallel_size ({self.ep} × {self.etp}){hint}")
 
 
 def init_model_parallel(parallel: MegatronParallel, seed: int = 42) -> None:
     """Megatron's process groups over the default group (already initialised), and its seeded RNG streams."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     parallel.check()
+    parallel.check_world(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp,
+                                             expert_model_parallel_size=parallel.ep,
+                                             expert_tensor_parallel_size=parallel.etp)
     model_parallel_cuda_manual_seed(seed)
 
 
@@ -85,6 +112,8 @@ def transformer_config_kwargs(arch: Architecture, parallel: MegatronParallel, dt
         attention_dropout=arch.attention_dropout,
         tensor_model_parallel_size=parallel.tp,
         sequence_parallel=parallel.sequence_parallel,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -130,7 +159,7 @@ def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = 
 
     arch = architecture(hf_config)
     parallel.check()
-    check_tp(arch, parallel.tp)
+    check_layout(arch, parallel.tp, parallel.ep, parallel.etp)
     if arch.moe and parallel.tp > 1 and not parallel.sequence_parallel:
         raise ValueError("Megatron trains MoE models under tensor parallelism only with sequence_parallel=True")
     config = TransformerConfig(**transformer_config_kwargs(arch, parallel, dtype))
@@ -148,11 +177,18 @@ def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = 
 
 
 def load_hf_weights(model, hf_state: dict[str, torch.Tensor], hf_config, parallel: MegatronParallel) -> None:
-    """Every rank converts the whole HF state dict and keeps its TP slice."""
-    from megatron.core import parallel_state
+    """Every rank converts the whole HF state dict and keeps its TP slice and its experts' ETP slices."""
+    shard = hf_to_mcore_rank(hf_state, architecture(hf_config), rank_place(), parallel.make_vocab_size_divisible_by)
+    load_mcore_shard(model, shard)
 
-    shards = hf_to_mcore(hf_state, architecture(hf_config), parallel.tp, parallel.make_vocab_size_divisible_by)
-    load_mcore_shard(model, shards[parallel_state.get_tensor_model_parallel_rank()])
+
+def rank_place() -> Place:
+    """This rank's coordinates in Megatron's process groups (init_model_parallel first)."""
+    from megatron.core import parallel_state as ps
+
+    return Place(tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                 ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
+                 etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank())
 
 
 def load_mcore_shard(model, shard: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,160 @@
+"""The actor and the reference policy on Megatron-core (`actor.strategy=megatron`), with the FSDP actor's
+interface and losses: old log-probs, the PPO-family update over mini- and micro-batches, weights out in HF names.
+
+Every rank of a data-parallel group takes its slice of each mini-batch (`MiniBatchWalk`); the ranks of a
+tensor-parallel group share theirs. Losses are normalised by the whole mini-batch's counts and Megatron's DDP
+averages gradients over the data-parallel ranks, so each rank's loss is scaled by their number: N ranks make the
+update one process would."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+
+from ascend_rl.algorithms import global_counts
+from ascend_rl.workers.actor import ActorSettings, ReferenceSettings, needs_entropy, policy_loss
+from ascend_rl.workers.megatron import cpu_patches
+from ascend_rl.workers.megatron.arch import architecture
+from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module, build_optimizer, wrap_ddp
+from ascend_rl.workers.megatron.forward import response_log_probs
+from ascend_rl.workers.megatron.gather import hf_weights
+from ascend_rl.workers.trained import MiniBatchWalk, in_row_order, micro_batch_rows, reduced_metrics, split
+
+
+class MegatronPolicy:
+    """A Megatron GPTModel of an HF causal LM and how it computes response log-probs in micro-batches."""
+
+    def __init__(self, model_path: str, engine: MegatronEngine):
+        self.module, self.hf_config = build_module(model_path, engine)
+        self.vocab_size = architecture(self.hf_config).vocab_size
+        self.engine = engine
+
+    def forward(self, model, micro: TensorDict, temperature: float, with_entropy: bool):
+        return response_log_probs(model, micro, self.vocab_size, temperature, with_entropy,
+                                  self.engine.sequence_multiple)
+
+    @torch.no_grad()
+    def log_probs(self, model, batch: TensorDict, micro_size: int | None, max_tokens: int | None,
+                  temperature: float, with_entropy: bool):
+        rows = micro_batch_rows(batch, micro_size, max_tokens)
+        parts = [self.forward(model, mb, temperature, with_entropy) for mb in split(batch, rows)]
+        log_probs = in_row_order([p[0] for p in parts], rows)
+        return log_probs, in_row_order([p[1] for p in parts], rows) if with_entropy else None
+
+
+class MegatronReference:
+    """The frozen initial policy for the KL term, on the actor's Megatron layout."""
+
+    def __init__(self, model_path: str, engine: MegatronEngine, temperature: float = 1.0,
+                 micro_batch_size: int | None = None, max_token_len: int | None = None):
+        self.policy = MegatronPolicy(model_path, engine)
+        self.policy.module.eval().requires_grad_(False)
+        self.temperature, self.micro_batch_size, self.max_token_len = temperature, micro_batch_size, max_token_len
+
+    def log_probs(self, batch: TensorDict) -> torch.Tensor:
+        return self.policy.log_probs(self.policy.module, batch, self.micro_batch_size, self.max_token_len,
+                                     self.temperature, with_entropy=False)[0]
+
+
+class MegatronActor(MiniBatchWalk):
+    """One rank's actor: its Megatron shard under DDP, Megatron's optimizer and LR schedule."""
+
+    def __init__(self, model_path: str, settings: ActorSettings, optim: MegatronOptim, engine: MegatronEngine):
+        from megatron.core import parallel_state
+
+        self.policy = MegatronPolicy(model_path, engine)
+        self.model = wrap_ddp(self.policy.module, engine)
+        self.optimizer, self.scheduler = build_optimizer(self.model, engine, optim)
+        self.settings, self.batching, self.engine = settings, settings.batching, engine
+        self.device = torch.device("cpu")
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+    @torch.no_grad()
+    def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Old log-probs and entropy of the sampled responses under the current weights."""
+        self.model.eval()
+        s = self.settings
+        return self.policy.log_probs(self.model, batch, s.log_prob_micro_batch_size, s.log_prob_max_token_len,
+                                     s.temperature, with_entropy=True)
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        """`ppo_epochs` passes over mini-batches; one optimizer step per mini-batch; one LR step per call."""
+        self.model.train()
+        metrics: dict[str, list[float]] = defaultdict(list)
+        for mini in self.mini_batches(batch):
+            self._update_mini_batch(mini, metrics)
+        self.scheduler.step(1)
+        return reduced_metrics(metrics, "actor", ("pg_loss", "kl_loss"), self.dp_size,
+                               self.optimizer.param_groups[0]["lr"])
+
+    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        s = self.settings
+        agg_kw = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
+        mini = mini[torch.tensor(self.rows_of_rank(mini))]
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        totals: dict[str, float] = defaultdict(float)
+        for micro in self.micro_batches(mini):
+            log_prob, entropy = self.policy.forward(self.model, micro, s.temperature, needs_entropy(s, micro))
+            loss = policy_loss(s, micro, log_prob, entropy, agg_kw, metrics, totals)
+            (loss * self.dp_size).backward()  # DDP averages over the data-parallel ranks; we want their sum
+        # DP all-reduce, and the sums over TP of weights each rank saw a part of (sequence-parallel norms, q/k norms)
+        finalize_model_grads([self.model])
+        metrics["grad_norm"].append(self._step())
+        for name, value in totals.items():
+            metrics[name].append(value)
+
+    def _step(self) -> float:
+        """Megatron's clipped step; a non-finite gradient anywhere would poison the weights: skipped."""
+        if not _finite_everywhere(p.main_grad for p in self.model.parameters() if p.requires_grad):
+            self.optimizer.zero_grad()
+            return float("nan")
+        _, grad_norm, _ = self.optimizer.step()
+        return float(grad_norm)
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF names and whole tensors gathered from every rank's shard, a layer at a time (a collective: every
+        rank iterates to the end). Some share memory with the parameters."""
+        yield from hf_weights(self.policy.module, self.policy.hf_config)
+
+
+def _finite_everywhere(grads) -> bool:
+    flag = torch.tensor([all(bool(torch.isfinite(g).all()) for g in grads)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@dataclass(frozen=True)
+class MegatronActorSpec:
+    """Everything to build the Megatron actor and, with `ref`, the reference policy on its layout, in each
+    worker (it pickles)."""
+
+    model_path: str
+    settings: ActorSettings
+    optim: MegatronOptim
+    engine: MegatronEngine
+    ref: ReferenceSettings | None = None
+
+    @property
+    def rows_shared_by(self) -> int:
+        """Consecutive ranks that take the same rows: a tensor-parallel group (Megatron numbers TP innermost)."""
+        return self.engine.parallel.tp
+
+    def build(self, device: str, world_size: int):
+        """This rank's actor and reference (no device mesh: Megatron makes its own process groups)."""
+        if device == "cpu":
+            cpu_patches.apply()
+        actor = MegatronActor(self.model_path, self.settings, self.optim, self.engine)
+        ref = None
+        if self.ref is not None:
+            ref = MegatronReference(self.model_path, self.engine, self.ref.temperature, self.ref.micro_batch_size,
+                                    self.ref.max_token_len)
+        return actor, ref, None
