@@ -74,9 +74,10 @@ class Feature:
 # Values (not keys) a config can choose that this build does not have; key_status.TABLE has the keys' features.
 # `train` stops at start-up on these.
 UNSUPPORTED = (
-    Feature(features.MEGATRON.name,
-            lambda c, w: c[A].actor.strategy == "megatron" or features.MEGATRON.in_use(c),
-            features.MEGATRON.instead),
+    Feature(features.MEGATRON_CRITIC.name, lambda c, w: features.MEGATRON_CRITIC.in_use(c),
+            features.MEGATRON_CRITIC.instead),
+    Feature(features.MEGATRON_DEVICE.name, lambda c, w: features.MEGATRON_DEVICE.in_use(c),
+            features.MEGATRON_DEVICE.instead),
     Feature(features.TORCHTITAN.name, lambda c, w: features.TORCHTITAN.in_use(c), features.TORCHTITAN.instead),
     Feature(features.VEOMNI.name, lambda c, w: features.VEOMNI.in_use(c), features.VEOMNI.instead),
     Feature(lambda c: f"the {c[A].rollout.name} rollout (rollout.name; native and sglang are built)",

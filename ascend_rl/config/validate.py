@@ -30,7 +30,7 @@ WEIGHT_TRANSPORTS = ("auto", "tensor", "disk", "distributed")
 
 def validate(cfg: DictConfig, layout: Layout) -> list[str]:
     return [*_check_choices(cfg), *_check_numbers(cfg), *_check_ranges(cfg), *_check_batches(cfg, layout),
-            *_check_rollout(cfg, layout), *_check_sequence_parallel(cfg)]
+            *_check_rollout(cfg, layout), *_check_sequence_parallel(cfg), *_check_megatron(cfg)]
 
 
 def _check_numbers(cfg: DictConfig) -> list[str]:
@@ -181,6 +181,26 @@ def _check_batches(cfg: DictConfig, layout: Layout) -> list[str]:
     elif micro is not None and per_rank and micro <= per_rank and per_rank % micro:
         errors.append(f"{A}.actor.ppo_micro_batch_size_per_gpu={micro} does not divide the {per_rank} samples "
                       f"each rank gets per mini-batch")
+    return errors
+
+
+MEGATRON_LAYOUT = ("tensor_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
+                   "pipeline_model_parallel_size", "context_parallel_size")
+
+
+def _check_megatron(cfg: DictConfig) -> list[str]:
+    """The reference policy lives in the actor's Megatron engine, on its layout (verl's recipes set both the
+    same); experts split over EP; experts' TP (ETP) defaults to TP."""
+    if cfg[A].actor.strategy != "megatron" or "megatron" not in cfg[A].actor:
+        return []
+    actor, ref = cfg[A].actor.megatron, (cfg[A].ref.get("megatron") or {})
+    errors = [f"{A}.ref.megatron.{key}={ref[key]} differs from {A}.actor.megatron.{key}={actor[key]}: the "
+              f"reference policy runs on the actor's layout" for key in MEGATRON_LAYOUT
+              if key in ref and ref[key] != actor[key] and not (key == "expert_tensor_parallel_size" and ref[key] is None)]
+    tp, etp = actor.tensor_model_parallel_size, actor.expert_tensor_parallel_size
+    if etp is not None and etp not in (tp, 1):
+        errors.append(f"{A}.actor.megatron.expert_tensor_parallel_size={etp}: expected 1 or the tensor-parallel "
+                      f"size ({tp})")
     return errors
 
 

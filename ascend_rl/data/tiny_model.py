@@ -31,6 +31,9 @@ class TinyModelSpec:
     intermediate_size: int = 384
     max_position_embeddings: int = 512
     seed: int = 0
+    num_experts: int = 0  # > 0: a Qwen3-MoE (every layer's MLP is experts), e.g. a twin of Qwen3-30B-A3B
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 64
 
 
 def build_tokenizer():
@@ -53,11 +56,14 @@ def build_tokenizer():
 def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Write a randomly initialised tiny Qwen3 model and its tokenizer to `out_dir`, a new directory."""
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config, Qwen3MoeConfig
 
     out = Path(out_dir)
     tokenizer = build_tokenizer()
-    config = Qwen3Config(
+    moe = dict(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+               moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=True)
+    config = (Qwen3MoeConfig if spec.num_experts else Qwen3Config)(
+        **(moe if spec.num_experts else {}),
         vocab_size=_round_up(len(tokenizer), 64),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -73,7 +79,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec())
         torch_dtype="float32",
     )
     torch.manual_seed(spec.seed)
-    model = Qwen3ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id,
     )
