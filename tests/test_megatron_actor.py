@@ -10,6 +10,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 from test_distributed import fixed_batch  # noqa: E402
 
+from ascend_rl.data.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 from ascend_rl.distributed.worker_group import ProcessWorkerGroup  # noqa: E402
 from ascend_rl.workers.actor import Actor, ActorSettings  # noqa: E402
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim  # noqa: E402
@@ -100,3 +101,18 @@ def test_one_megatron_rank_makes_the_fsdp_actors_update(fsdp_run, one_rank):
 def test_two_megatron_ranks_make_the_update_of_one(tiny_model_dir, fsdp_run, one_rank, parallel):
     assert_same_run(run_megatron(tiny_model_dir, fsdp_run[0], 2, parallel), one_rank, 1e-5,
                     fsdp_run[0]["response_mask"])
+
+
+@pytest.mark.timeout(300)
+def test_tp2_ep2_megatron_moe_makes_the_fsdp_actors_update(tmp_path):
+    """A tiny Qwen3-MoE (4 experts, top 2): four ranks at TP 2 × EP 2 (ETP 2, SP) against the FSDP actor on the
+    transformers model."""
+    model = build_tiny_model(tmp_path / "moe", TinyModelSpec(num_key_value_heads=4, num_experts=4))
+    actor = Actor(str(model), "cpu", SETTINGS, FSDP_OPTIM)
+    batch = fixed_batch(actor)
+    log_probs, entropy = actor.log_probs(batch)
+    fsdp = {"log_probs": log_probs, "entropy": entropy, "metrics": [actor.update(batch) for _ in range(2)],
+            "weights": dict(actor.named_weights())}
+    parallel = MegatronParallel(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
+                                expert_tensor_parallel_size=2)
+    assert_same_run(run_megatron(model, batch, 4, parallel), fsdp, 1e-4, batch["response_mask"])

@@ -1,6 +1,7 @@
 """The seed's Qwen3-30B-A3B Megatron recipe, run as written with only what a CPU needs changed: a tiny Qwen3-MoE
 (4 experts, top 2), arithmetic data, short lengths, 4 CPU workers at TP 2 × EP 2 (ETP 2), the native rollout,
-fp32. Two GRPO steps; the same run on one process gives the same losses, gradient norms and log-prob gaps."""
+fp32. Two GRPO steps; the same run on one process gives the same losses, gradient norms and log-prob gaps; its
+checkpoint (a Megatron dist checkpoint and an HF export transformers loads) resumes at TP 1 × EP 2 for a third."""
 
 from __future__ import annotations
 
@@ -55,20 +56,42 @@ def steps(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_30b_recipe_cpu_twin_trains_at_tp2_ep2_as_one_process(tmp_path, task):
+def test_30b_recipe_cpu_twin_trains_at_tp2_ep2_as_one_process_resumes_at_another_layout_and_exports(tmp_path, task):
     model = build_tiny_model(tmp_path / "model", TinyModelSpec(num_key_value_heads=4, num_experts=4))
     plan = json.loads(run(tmp_path, task, model, "plan", "plan --json", *layout(2, 2, 4)).stdout)
     assert plan["errors"] == [] and plan["missing_inputs"] == [] and plan["unsupported"] == []
     assert (plan["layout"]["train"]["strategy"], plan["layout"]["train"]["tp"]) == ("megatron", 2)
-    four = run(tmp_path, task, model, "four", "train", *layout(2, 2, 4))
+    saving = ["trainer.save_freq=2", f"{A}.actor.megatron.dist_ckpt_optim_fully_reshardable=True"]
+    four = run(tmp_path, task, model, "four", "train", *layout(2, 2, 4), *saving)
     assert four.returncode == 0, four.stderr[-3000:]
-    one = run(tmp_path, task, model, "one", "train", *layout(1, 1, 1))
+    one = run(tmp_path, task, model, "one", "train", *layout(1, 1, 1), "trainer.total_training_steps=3")
     assert one.returncode == 0, one.stderr[-3000:]
+    # the TP 2 × EP 2 checkpoint of step 2 resumes at TP 1 × EP 2 on two processes for step 3 (not at EP 1:
+    # Megatron keeps experts in an optimizer of their own only under expert parallelism)
+    resumed = run(tmp_path, task, model, "four", "train", *layout(1, 2, 2), "trainer.total_training_steps=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     sharded, whole = steps(tmp_path / "four"), steps(tmp_path / "one")
-    assert len(sharded) == len(whole) == 2
+    assert len(sharded) == len(whole) == 3
     for a, b in zip(sharded, whole):
         assert a["critic/score/mean"] == b["critic/score/mean"]  # the same rollouts
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
         assert a["actor/grad_norm"] > 0 and a["actor/pg_loss"] != 0 and a["actor/kl_loss"] >= 0
         assert 0 < a["actor/entropy"] < math.log(128)
+    assert (tmp_path / "four" / "global_step_2" / "actor" / "dcp" / "model" / "dist_ckpt").is_dir()
+    assert_exported_model_is_the_trained_one(tmp_path / "four" / "global_step_2" / "actor", model)
+
+
+def assert_exported_model_is_the_trained_one(exported: Path, initial: Path) -> None:
+    """The HF export of the sharded run loads in transformers as the same architecture, and its weights moved
+    from the initial ones by what two Adam steps at lr 1e-6 allow."""
+    import torch
+    import transformers
+
+    trained = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    start = transformers.AutoModelForCausalLM.from_pretrained(initial, dtype=torch.float32)
+    assert type(trained) is type(start) and trained.config.num_experts == 4
+    ids = torch.arange(3, 30)[None]
+    moved = (trained(ids).logits - start(ids).logits).abs().max().item()
+    assert 0 < moved < 1e-2
+    assert trained.state_dict().keys() == start.state_dict().keys()

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ascend_rl.cli import data_cmd, doctor_cmd, export_cmd, plan_cmd, serve_cmd, sft_cmd, train_cmd
+from ascend_rl.cli import convert_cmd, data_cmd, doctor_cmd, export_cmd, plan_cmd, serve_cmd, sft_cmd, train_cmd
 from ascend_rl.errors import UserError
 from ascend_rl.platform import apply_cpu_thread_defaults
 
@@ -18,6 +18,7 @@ COMMANDS = {
     "serve": (serve_cmd, "serve a model over HTTP with SGLang's endpoints (the native engine)"),
     "data": (data_cmd, "build the tiny model and datasets, convert GSM8K"),
     "export": (export_cmd, "copy a training checkpoint out as a Hugging Face model directory"),
+    "convert": (convert_cmd, "convert a Hugging Face model to a Megatron dist checkpoint (verl's converter)"),
     "doctor": (doctor_cmd, "check this machine's software stack (Python, torch, torch_npu, CANN, driver, SGLang, "
                            "environment) and print the fix for each problem"),
 }

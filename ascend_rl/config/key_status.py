@@ -135,7 +135,11 @@ MEGATRON_ROWS: tuple[tuple[str, Status], ...] = (
     *((f"{M}.{k}", _h(_SPECS)) for k in (
         "tensor_model_parallel_size", "sequence_parallel", "expert_model_parallel_size",
         "expert_tensor_parallel_size", "dtype", "seed", "use_distributed_optimizer", "use_dist_checkpointing",
-        "dist_checkpointing_path", "override_ddp_config")),
+        "dist_checkpointing_path", "override_ddp_config", "dist_ckpt_optim_fully_reshardable")),
+    (f"{M}.distrib_optim_fully_reshardable_mem_efficient", _n("the fully reshardable state is always gathered "
+                                                              "the memory-efficient way (over gloo)")),
+    (f"{M}.dist_checkpointing_prefix", _n("verl 0.9.1 does not read it either: a converted checkpoint's keys are "
+                                          "the model's own")),
     (f"{M}.override_transformer_config*", _h(_SPECS, "override_transformer_config")),
     (f"{M}.pipeline_model_parallel_size", _x(MEGATRON_PIPELINE)),
     (f"{M}.virtual_pipeline_model_parallel_size", _x(MEGATRON_PIPELINE)),

@@ -97,7 +97,7 @@ def megatron_engine(m: DictConfig, device: str, key: str = f"{A}.actor.megatron"
     dtype = compute_dtype(device, dtype_named(f"{key}.dtype", m.dtype), f"{key}.dtype")
     return MegatronEngine(parallel, dtype, bool(m.use_distributed_optimizer), m.seed,
                           m.dist_checkpointing_path if m.use_dist_checkpointing else None,
-                          plain_map(m.override_ddp_config))
+                          plain_map(m.override_ddp_config), bool(m.dist_ckpt_optim_fully_reshardable))
 
 
 def megatron_optim(optim: DictConfig, total_steps: int) -> MegatronOptim:

@@ -235,7 +235,7 @@ def load_state(path: Path, roles: tuple[str, ...] = ("actor",)) -> dict:
     from ascend_rl.workers.trained import DCP_DIR
 
     for role in roles:
-        if not (path / role / DCP_DIR / ".metadata").is_file():
+        if not (path / role / DCP_DIR).is_dir():  # FSDP's DCP shards, or Megatron's dist checkpoint
             raise UserError(f"{path}: no {role}/{DCP_DIR}/ shards (model and optimizer state): the checkpoint is "
                             f"incomplete, from an ascend-rl before sharded checkpoints, or from a run without a "
                             f"{role}; its actor/ weights can still be exported or used as actor_rollout_ref.model.path")

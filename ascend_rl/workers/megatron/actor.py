@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,10 +21,11 @@ from ascend_rl.algorithms import global_counts
 from ascend_rl.workers.actor import ActorSettings, ReferenceSettings, needs_entropy, policy_loss
 from ascend_rl.workers.megatron import cpu_patches
 from ascend_rl.workers.megatron.arch import architecture
+from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module, build_optimizer, wrap_ddp
 from ascend_rl.workers.megatron.forward import response_log_probs
 from ascend_rl.workers.megatron.gather import hf_weights
-from ascend_rl.workers.trained import MiniBatchWalk, in_row_order, micro_batch_rows, reduced_metrics, split
+from ascend_rl.workers.trained import DCP_DIR, MiniBatchWalk, in_row_order, micro_batch_rows, reduced_metrics, split
 
 
 class MegatronPolicy:
@@ -124,6 +126,31 @@ class MegatronActor(MiniBatchWalk):
         """HF names and whole tensors gathered from every rank's shard, a layer at a time (a collective: every
         rank iterates to the end). Some share memory with the parameters."""
         yield from hf_weights(self.policy.module, self.policy.hf_config)
+
+    def save(self, path: Path) -> None:
+        """`path`: an HF model directory (rank 0 writes the weights gathered from every rank, a layer at a time)
+        and `path/dcp`, the model and optimizer as a Megatron dist checkpoint in verl's layout (every rank writes
+        its shards), which another layout resumes from (the distributed optimizer's state: with
+        dist_ckpt_optim_fully_reshardable)."""
+        from huggingface_hub import save_torch_state_dict
+
+        writer = dist.get_rank() == 0
+        state = {name: tensor.clone() for name, tensor in self.named_weights() if writer}  # all take part
+        path.mkdir(parents=True, exist_ok=True)  # inside the trainer's new, partial step directory
+        if writer:
+            save_torch_state_dict(state, path)
+            self.policy.hf_config.save_pretrained(path)
+        del state
+        save_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer,
+                             fully_reshardable=self.engine.optim_fully_reshardable)
+
+    def state_dict(self) -> dict:
+        """What the trainer keeps beside the shards (the same on every rank)."""
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, path: Path, state: dict) -> None:
+        load_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _finite_everywhere(grads) -> bool:

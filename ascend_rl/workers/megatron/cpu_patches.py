@@ -22,6 +22,10 @@ def _current_device() -> str:
     return "cpu"
 
 
+def _synchronize(device=None) -> None:
+    """Nothing to wait for: CPU work is done when its call returns."""
+
+
 def _causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
@@ -59,8 +63,10 @@ def _dtoh_on_cpu(self, point: str, tokens_per_expert=None):
 def _torch_norm(cls, config, hidden_size: int, eps: float = 1e-5, *args, **kwargs):
     """WrappedTorchNorm.__new__ without its refusal of sequence parallelism: a norm is per position, so it
     works on a sequence slice; its weight then gets only this slice's gradient, which Megatron sums over TP
-    for parameters tagged `sequence_parallel`, as apex's and TE's norms tag theirs."""
-    norm = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization](hidden_size, eps=eps)
+    for parameters tagged `sequence_parallel`, as apex's and TE's norms tag theirs. In the model's dtype, as
+    Megatron's own norms are (its 16-bit optimizer keeps fp32 copies of 16-bit parameters only)."""
+    norm = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization](
+        hidden_size, eps=eps, dtype=config.params_dtype)
     for param in norm.parameters():
         param.sequence_parallel = config.sequence_parallel
     return norm
@@ -158,9 +164,28 @@ def _recompiled(owner, name: str, original):
     return staticmethod(function) if isinstance(original, staticmethod) else function
 
 
+@torch.no_grad()
+def _set_main_param_and_optimizer_states(self, model_param, tensors: dict) -> None:
+    """DistributedOptimizer's, for torch's Adam (without TE or apex, so no precision-aware optimizer), whose state
+    holds a per-parameter `step`. load_state_dict restores it from param_groups just before this, as one tensor
+    shared by every parameter (which Adam would advance once per parameter per step: each gets its own here),
+    and the original then copies over it what `tensors` holds: nothing in the fully reshardable format
+    (KeyError), the stale step of the template the load filled in the dp_reshardable one. Also without
+    autograd: the fp32 main params are views of parameters that require grad."""
+    group_index, group_order = self.model_param_group_index_map[model_param]
+    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+    state = self.optimizer.state[main_param]
+    if "step" in state:
+        state["step"] = state["step"].clone()
+    for key, dst in {"param": main_param, **state}.items():
+        if key != "step":
+            dst.copy_(tensors[key])
+
+
 def patches() -> list[tuple[object, str, object]]:
     """(owner, attribute, CPU replacement) for each CUDA-ism the tests reach."""
     from megatron.core.fusions import fused_softmax
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import mappings, random
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -170,6 +195,8 @@ def patches() -> list[tuple[object, str, object]]:
         # Where Megatron allocates "on the current device": RotaryEmbedding.get_emb moves inv_freq there,
         # GlobalMemoryBuffer.get_tensor allocates the attention-score buffer there.
         (torch.cuda, "current_device", _current_device),
+        # Dist checkpointing waits for its non-blocking device-to-host copies (FileSystemWriterAsync.preload_tensors).
+        (torch.cuda, "synchronize", _synchronize),
         # The causal mask of the unfused softmax is built with device="cuda" (imported by name).
         (fused_softmax, "get_default_causal_mask", _causal_mask),
         # model_parallel_cuda_manual_seed and the RNG tracker's fork (dropout regions, recompute) save and
@@ -192,6 +219,9 @@ def patches() -> list[tuple[object, str, object]]:
         (mappings, "_reduce_scatter_along_first_dim", _reduce_scatter_first_dim),
         # The optimizer, gradient clipping and norms: their CUDA literals (see CUDA_LITERALS).
         *((owner, name, _recompiled(owner, name, original)) for owner, name, original in _cuda_literal_functions()),
+        # Dist checkpoints (checkpoint.py): loading the distributed optimizer's state into torch's Adam, which
+        # Megatron uses without apex or TE (see the function; not CUDA-specific, but a CPU has neither).
+        (DistributedOptimizer, "_set_main_param_and_optimizer_states", _set_main_param_and_optimizer_states),
     ]
 
 

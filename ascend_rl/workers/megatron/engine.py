@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ascend_rl.workers.megatron.checkpoint import load_dist_weights
 from ascend_rl.workers.megatron.model import MegatronParallel, build_gpt_model, init_model_parallel, load_hf_weights
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class MegatronEngine:
     seed: int = 42
     dist_checkpointing_path: str | None = None  # use_dist_checkpointing: a converted checkpoint, not the HF weights
     ddp_overrides: dict = field(default_factory=dict, hash=False)  # override_ddp_config
+    optim_fully_reshardable: bool = False  # dist_ckpt_optim_fully_reshardable: its state resumes at any layout
 
     @property
     def sequence_multiple(self) -> int:
@@ -89,8 +91,6 @@ def build_module(model_path: str, engine: MegatronEngine):
     except TypeError as err:  # an override_transformer_config field TransformerConfig does not have
         raise ValueError(f"megatron.override_transformer_config: {err}") from None
     if engine.dist_checkpointing_path:
-        from ascend_rl.workers.megatron.checkpoint import load_dist_weights
-
         load_dist_weights(engine.dist_checkpointing_path, module)
     else:  # every rank reads the whole HF model and keeps its shard
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=engine.dtype)
