@@ -229,7 +229,7 @@ def test_the_shim_patches_symbols_that_exist():
 @pytest.fixture(scope="module")
 def one_process():
     """A one-process gloo group in this process for TP 1, with the shim; both undone afterwards (the rest of
-    the suite expects no process group)."""
+    the suite expects no process group, nor the attention-backend variables Megatron sets in os.environ)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -238,6 +238,8 @@ def one_process():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MASTER_ADDR", "127.0.0.1")
         patch.setenv("MASTER_PORT", str(free_port()))
+        for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):  # Megatron sets them per backend
+            patch.delenv(name, raising=False)  # and the patch's undo removes what it set
         cpu_patches.apply(patch)
         dist.init_process_group("gloo", rank=0, world_size=1)
         try:

@@ -44,7 +44,8 @@ def run(tmp_path: Path, task, model: Path, name: str, command: str, *extra: str)
             f"{A}.ref.megatron.use_dist_checkpointing=False", f"{A}.actor.megatron.dtype=float32",
             "trainer.total_training_steps=2", f"trainer.default_local_dir={tmp_path / name}",
             f"reward.custom_reward_function.path={reward}", *extra]
-    env = {**os.environ, "WORKSPACE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1", "ASCEND_RL_COMMAND": command,
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("NVTE_")},  # Megatron checks them per backend
+           "WORKSPACE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1", "ASCEND_RL_COMMAND": command,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     return subprocess.run(["bash", str(RECIPE), *twin], capture_output=True, env=env, text=True, timeout=540)
 
