@@ -103,10 +103,19 @@ def describe_workers(cfg: DictConfig, device: str) -> str:
     """Where the training processes go, in one line (for `plan`)."""
     t = cfg.trainer
     world = t.nnodes * t.n_gpus_per_node
-    if world == 1:
+    actor = cfg.actor_rollout_ref.actor
+    megatron = actor.strategy == "megatron"
+    if world == 1 and not megatron:
         return "one process: actor, reference and rollout engine"
-    held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
-    if (sp := cfg.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1)) > 1:
+    if megatron:  # Megatron needs its process groups, even for one rank
+        m = actor.megatron
+        held = (f"each a Megatron rank of the actor (and of the reference, when the KL needs one): TP groups of "
+                f"{m.tensor_model_parallel_size} consecutive ranks share their rows")
+        if m.expert_model_parallel_size > 1:
+            held += f", experts split over EP groups of {m.expert_model_parallel_size}"
+    else:
+        held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
+    if (sp := actor.get("ulysses_sequence_parallel_size", 1)) > 1:
         held += f", in Ulysses groups of {sp} that split each packed micro-batch's positions"
     if not colocated(cfg):
         held += "; the driver holds the rollout engine"

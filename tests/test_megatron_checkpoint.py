@@ -97,13 +97,13 @@ class CheckpointWorker:
         return {"weights": mcore_shard(model), "logits": logits(model)}
 
     def train(self, parallel: MegatronParallel, distributed: bool, save: str | None = None,
-              resume: str | None = None, fully_reshardable: bool = False) -> dict:
+              resume: str | None = None, fully_reshardable: bool = False, name: str = "qwen3") -> dict:
         """Step 1 from the HF weights then step 2; with `save`, stop after step 1 and save there; with
         `resume`, a fresh (randomly initialised) model and optimizer load it and take step 2."""
         from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
         from ascend_rl.workers.megatron.model import mcore_shard
 
-        hf = hf_model("qwen3")
+        hf = hf_model(name)
         ddp, optimizer = trainer(build(hf.config, parallel, None if resume else hf.state_dict()), distributed)
         if resume:
             load_dist_checkpoint(resume, ddp, optimizer)
@@ -189,6 +189,16 @@ def test_dp_reshardable_optimizer_state_refuses_another_tp(workers, tmp_path):
                           "tensor_model_parallel_size=2"), got
     got = workers.call_all("refused", "load_weights", hf_config("qwen3"), TP2, str(path))[0]
     assert got.endswith(f"a training checkpoint: its weights are in {path}/model/dist_ckpt"), got
+
+
+def test_an_moe_optimizer_state_saved_under_expert_parallelism_refuses_a_run_without(workers, tmp_path):
+    """Megatron gives experts an optimizer of their own only under expert parallelism: the chained state of EP 2
+    cannot fill the single optimizer of EP 1 (it would fail inside Megatron with a KeyError)."""
+    path = tmp_path / "ckpt"
+    workers.call_all("train", MegatronParallel(expert_model_parallel_size=2), True, str(path), None, True, "qwen3_moe")
+    got = workers.call_all("refused", "train", MegatronParallel(), True, None, str(path), False, "qwen3_moe")[0]
+    assert got.startswith(f"{path}/optimizer/dist_ckpt: the optimizer's state was saved as 2 optimizer(s) and this "
+                          "run has 1"), got
 
 
 def test_convert_command_end_to_end(workers, tmp_path):

@@ -131,6 +131,8 @@ MEGATRON_ROWS: tuple[tuple[str, Status], ...] = (
     *((f"{A}.ref.megatron.{k}", _h("config/validate.py")) for k in (
         "tensor_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
         "pipeline_model_parallel_size", "context_parallel_size")),
+    (f"{A}.ref.megatron.use_dist_checkpointing", _h(_SPECS)),
+    (f"{A}.ref.megatron.dist_checkpointing_path", _h(_SPECS)),
     (f"{A}.ref.megatron.*", _n("the reference policy runs in the actor's Megatron engine, on its layout")),
     *((f"{M}.{k}", _h(_SPECS)) for k in (
         "tensor_model_parallel_size", "sequence_parallel", "expert_model_parallel_size",

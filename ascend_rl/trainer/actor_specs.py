@@ -79,9 +79,11 @@ def megatron_spec(cfg: DictConfig, device: str, total_steps: int, with_ref: bool
     `actor.optim.*` (Megatron's names), clipping from `optim.clip_grad`."""
     arr = cfg[A]
     actor = arr.actor
+    ref = arr.ref.megatron
     return MegatronActorSpec(arr.model.path, actor_settings(cfg, actor.optim.clip_grad, SequenceSettings(False)),
                              megatron_optim(actor.optim, total_steps), megatron_engine(actor.megatron, device),
-                             reference_settings(cfg) if with_ref else None)
+                             reference_settings(cfg) if with_ref else None,
+                             ref.dist_checkpointing_path if ref.use_dist_checkpointing else None)
 
 
 def megatron_engine(m: DictConfig, device: str, key: str = f"{A}.actor.megatron") -> MegatronEngine:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -169,6 +169,7 @@ class MegatronActorSpec:
     optim: MegatronOptim
     engine: MegatronEngine
     ref: ReferenceSettings | None = None
+    ref_dist_checkpointing_path: str | None = None  # ref.megatron's converted weights (else the HF model's)
 
     @property
     def rows_shared_by(self) -> int:
@@ -182,6 +183,7 @@ class MegatronActorSpec:
         actor = MegatronActor(self.model_path, self.settings, self.optim, self.engine)
         ref = None
         if self.ref is not None:
-            ref = MegatronReference(self.model_path, self.engine, self.ref.temperature, self.ref.micro_batch_size,
+            engine = replace(self.engine, dist_checkpointing_path=self.ref_dist_checkpointing_path)
+            ref = MegatronReference(self.model_path, engine, self.ref.temperature, self.ref.micro_batch_size,
                                     self.ref.max_token_len)
         return actor, ref, None

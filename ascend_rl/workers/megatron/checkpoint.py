@@ -33,6 +33,7 @@ from ascend_rl.errors import UserError, first_line
 MODEL_DIR = Path("model", "dist_ckpt")
 OPTIMIZER_DIR = Path("optimizer", "dist_ckpt")
 LAYOUT_KEY = "ascend_rl_model_parallel"  # content metadata: the layout a dp_reshardable optimizer state needs
+OPTIMIZERS_KEY = "ascend_rl_optimizers"  # content metadata: how many optimizers Megatron chained (experts' own)
 
 
 def save_dist_weights(path: str | os.PathLike, model) -> None:
@@ -85,7 +86,7 @@ def load_dist_checkpoint(path: str | os.PathLike, model, optimizer=None) -> None
     if optimizer is None:
         return
     _require_checkpoint(optimizer_dir)
-    _check_optimizer_layout(optimizer_dir, metadata)
+    _check_optimizer_layout(optimizer_dir, metadata, optimizer)
     # a new model state dict: loading replaced some of the tensors in the first (the vocabulary's, resized)
     model_state = {"model": _model_state(model, metadata)}
     _init_torch_adam_state(optimizer)
@@ -154,6 +155,8 @@ def _content_metadata(optimizer, fully_reshardable: bool) -> dict:
     from megatron.core import parallel_state
 
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if optimizer is not None:
+        metadata[OPTIMIZERS_KEY] = len(getattr(optimizer, "chained_optimizers", [optimizer]))
     if optimizer is not None and _distributed(optimizer):
         if fully_reshardable:
             metadata["distrib_optim_sharding_type"] = "fully_reshardable"
@@ -170,9 +173,14 @@ def _model_parallel_sizes(parallel_state) -> dict:
             "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size()}
 
 
-def _check_optimizer_layout(path: Path, metadata: dict) -> None:
+def _check_optimizer_layout(path: Path, metadata: dict, optimizer) -> None:
     from megatron.core import parallel_state
 
+    saved, now = metadata.get(OPTIMIZERS_KEY), len(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if saved not in (None, now):  # Megatron gives experts an optimizer of their own under expert parallelism
+        raise UserError(f"{path}: the optimizer's state was saved as {saved} optimizer(s) and this run has {now}: "
+                        "an MoE's experts have an optimizer of their own only with expert_model_parallel_size > 1; "
+                        "resume with expert parallelism as it was saved (on or off), or load the weights only")
     saved, now = metadata.get(LAYOUT_KEY), _model_parallel_sizes(parallel_state)
     if metadata.get("distrib_optim_sharding_type") == "dp_reshardable" and saved not in (None, now):
         raise UserError(f"{path}: the distributed optimizer's state was saved at {_sizes(saved)} and loads only "
