@@ -186,7 +186,7 @@ def test_one_rank_fsdp2_on_nccl_computes_in_bf16_over_fp32_master_weights(tiny_m
 def test_the_engine_in_the_worker_follows_the_fsdp2_actor(tiny_model_dir, bf16_group):
     """The weight sync gathers the shards on the device and pushes them into the worker's engine; it then
     generates what an engine in this process given those weights generates."""
-    from ascend_rl.distributed.actor_group import WorkerEngines
+    from ascend_rl.distributed.colocated import WorkerEngines
     from ascend_rl.rollout.native import NativeEngine
     from ascend_rl.rollout.protocol import SamplingParams
 

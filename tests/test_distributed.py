@@ -77,8 +77,7 @@ def test_workers_hold_the_reference_policy_beside_the_actor(tiny_model_dir):
 
 @pytest.mark.timeout(300)
 def test_engines_in_the_workers_generate_what_one_engine_generates_and_follow_the_actor(tiny_model_dir):
-    from ascend_rl.distributed.actor_group import WorkerEngines
-    from ascend_rl.distributed.colocated import WorkerRolloutSpec
+    from ascend_rl.distributed.colocated import WorkerEngines, WorkerRolloutSpec
     from ascend_rl.rollout.native import NativeEngine
     from ascend_rl.rollout.protocol import SamplingParams
 

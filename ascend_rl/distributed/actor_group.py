@@ -1,6 +1,6 @@
 """The actor over N processes (FSDP2 over a gloo/hccl/nccl group), with the single actor's interface, so the
 driver's step loop does not change; beside it in the same processes, the reference policy's shards
-(`reference`) and the rollout engines (`WorkerEngines`), as in verl's hybrid engine.
+(`reference`) and the rollout engines (`colocated.WorkerEngines`), as in verl's hybrid engine.
 
 Log-probs: each rank computes a share of the rows, balanced by tokens. Update: every rank receives the whole
 batch and takes its slice of each mini-batch (`Actor._update_mini_batch`), so mini-batch membership, shuffling
@@ -9,15 +9,14 @@ and loss normalisation are those of one process.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tensordict import TensorDict
 
-from ascend_rl.rollout.protocol import GenerateOutput, per_prompt
 from ascend_rl.rollout.weight_sync import PushStats
-from ascend_rl.workers.balance import balanced_partition, contiguous_partition
+from ascend_rl.workers.balance import balanced_partition
 from ascend_rl.workers.critic import CriticSpec
 
 
@@ -92,7 +91,7 @@ class ActorGroup:
         of the actor from `spec` (FSDP's `workers.actor.ActorSpec` or Megatron's `MegatronActorSpec`), and of the
         reference policy when the spec has one (`reference`); with `critic`, of the critic (`critic`); with
         `rollout` (a `rollout.colocated.WorkerRolloutSpec`), the first worker of each replica its engine
-        (`WorkerEngines`)."""
+        (`colocated.WorkerEngines`)."""
         self.group = make_group("ascend_rl.distributed.actor_group:_ActorWorker",
                                 dict(device=device, spec=spec, rollout=rollout, critic=critic))
         self.reference = _WorkerReference(self) if spec.ref is not None else None
@@ -136,39 +135,6 @@ class ActorGroup:
 
     def close(self) -> None:
         self.group.close()
-
-
-class WorkerEngines:
-    """The engines in the actor's workers (one per replica) as one engine of the rollout protocol: each
-    replica generates a contiguous share of the prompts (a prompt's n samples stay together, sharing a
-    prefill); outputs come back in the protocol's order. Sampling noise depends only on each sample's seed, so
-    native engines give the outputs one engine with the same weights gives."""
-
-    def __init__(self, group, spec):
-        self.group = group
-        self.leaders = [rank for rank in range(group.world_size) if spec.leads(rank)]
-
-    def generate(self, input_ids: Sequence[Sequence[int]], sampling_params, return_logprob: bool = False,
-                 ) -> list[GenerateOutput]:
-        params = per_prompt(sampling_params, len(input_ids))
-        shares = dict(zip(self.leaders, contiguous_partition(len(input_ids), len(self.leaders))))
-        parts = self.group.call("generate", [([list(input_ids[i]) for i in shares.get(rank, [])],
-                                              [params[i] for i in shares.get(rank, [])], return_logprob)
-                                             for rank in range(self.group.world_size)])
-        return [out for part in parts for out in part]
-
-    def release_memory_occupation(self, tags=None) -> None:
-        self.group.call_all("engine_call", "release_memory_occupation", tags)
-
-    def resume_memory_occupation(self, tags=None) -> None:
-        self.group.call_all("engine_call", "resume_memory_occupation", tags)
-
-    def flush_cache(self) -> None:
-        self.group.call_all("engine_call", "flush_cache")
-
-    def close(self) -> None:
-        """SGLang engines stop their scheduler processes; native ones have nothing to stop."""
-        self.group.call_all("engine_call", "close")
 
 
 class _WorkerReference:

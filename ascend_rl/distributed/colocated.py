@@ -6,19 +6,55 @@ workers' own shards, without the driver."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
 from ascend_rl.config.layout import compute_layout
-from ascend_rl.distributed.actor_group import WorkerEngines
 from ascend_rl.distributed.launch import uses_ray
 from ascend_rl.errors import UserError
 from ascend_rl.platform import get_platform, worker_env
 from ascend_rl.rollout.factory import Rollout, bucket_megabytes, native_engine_kwargs
+from ascend_rl.rollout.protocol import GenerateOutput, per_prompt
 from ascend_rl.rollout.sglang.fields import current_fields
 from ascend_rl.rollout.sglang.server_args import plan_server_args
 from ascend_rl.rollout.weight_sync import PushStats
+from ascend_rl.workers.balance import contiguous_partition
+
+
+class WorkerEngines:
+    """The engines in the actor's workers (one per replica) as one engine of the rollout protocol: each
+    replica generates a contiguous share of the prompts (a prompt's n samples stay together, sharing a
+    prefill); outputs come back in the protocol's order. Sampling noise depends only on each sample's seed, so
+    native engines give the outputs one engine with the same weights gives."""
+
+    def __init__(self, group, spec):
+        self.group = group
+        self.leaders = [rank for rank in range(group.world_size) if spec.leads(rank)]
+
+    def generate(self, input_ids: Sequence[Sequence[int]], sampling_params, return_logprob: bool = False,
+                 ) -> list[GenerateOutput]:
+        params = per_prompt(sampling_params, len(input_ids))
+        shares = dict(zip(self.leaders, contiguous_partition(len(input_ids), len(self.leaders))))
+        parts = self.group.call("generate", [([list(input_ids[i]) for i in shares.get(rank, [])],
+                                              [params[i] for i in shares.get(rank, [])], return_logprob)
+                                             for rank in range(self.group.world_size)])
+        return [out for part in parts for out in part]
+
+    def release_memory_occupation(self, tags=None) -> None:
+        self.group.call_all("engine_call", "release_memory_occupation", tags)
+
+    def resume_memory_occupation(self, tags=None) -> None:
+        self.group.call_all("engine_call", "resume_memory_occupation", tags)
+
+    def flush_cache(self) -> None:
+        self.group.call_all("engine_call", "flush_cache")
+
+    def close(self) -> None:
+        """SGLang engines stop their scheduler processes; native ones have nothing to stop."""
+        self.group.call_all("engine_call", "close")
+
 
 
 def colocated(cfg: DictConfig) -> bool:
