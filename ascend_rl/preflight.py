@@ -20,8 +20,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ascend_rl.config.features import critic_in_use
-from ascend_rl.config.validate import data_files
+from ascend_rl.config.validate import data_files, plain_map
 from ascend_rl.reward.scorers import scorer_for
+from ascend_rl.workers.megatron.arch import architecture
+from ascend_rl.workers.megatron.convert import check_layout
+from ascend_rl.workers.megatron.engine import unknown_overrides
+from ascend_rl.workers.megatron.model import MegatronParallel
 
 A = "actor_rollout_ref"
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # console needs nothing
@@ -29,7 +33,7 @@ REWARD_IMPORT_TIMEOUT_S = 60
 
 
 def preflight(cfg: DictConfig) -> list[str]:
-    return [*context_problems(cfg), *sequence_parallel_problems(cfg), *logger_problems(cfg),
+    return [*context_problems(cfg), *sequence_parallel_problems(cfg), *megatron_problems(cfg), *logger_problems(cfg),
             *reward_function_problems(cfg), *scorer_problems(cfg)]
 
 
@@ -64,6 +68,36 @@ def sequence_parallel_problems(cfg: DictConfig) -> list[str]:
             if (n := config.get(heads)) and n % sp:
                 problems.append(f"{A}.actor.ulysses_sequence_parallel_size={sp} does not divide the {n} {heads} of "
                                 f"{key} ({path}): Ulysses gives each rank of its group a share of the heads")
+    return problems
+
+
+def megatron_problems(cfg: DictConfig) -> list[str]:
+    """What would stop a Megatron run's workers as they start: megatron-core missing, a model the converter
+    does not know or whose heads, experts or MLP do not split over the layout, an override Megatron's config
+    dataclass has no field for."""
+    if cfg[A].actor.strategy != "megatron":
+        return []
+    if importlib.util.find_spec("megatron.core") is None:
+        return [f"{A}.actor.strategy=megatron needs megatron-core: pip install -e '.[megatron]'"]
+    m, problems = cfg[A].actor.megatron, []
+    parallel = MegatronParallel(tensor_model_parallel_size=m.tensor_model_parallel_size,
+                                expert_model_parallel_size=m.expert_model_parallel_size,
+                                expert_tensor_parallel_size=m.expert_tensor_parallel_size)
+    try:
+        parallel.check_world(cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node)
+    except ValueError as err:
+        problems.append(f"{A}.actor.megatron: {err} (trainer.nnodes × trainer.n_gpus_per_node)")
+    if _model_config(cfg[A].model.path):  # else the model check says what is missing
+        import transformers
+
+        try:
+            check_layout(architecture(transformers.AutoConfig.from_pretrained(Path(cfg[A].model.path).expanduser())),
+                         m.tensor_model_parallel_size, m.expert_model_parallel_size, m.expert_tensor_parallel_size)
+        except (NotImplementedError, ValueError) as err:
+            problems.append(f"{A}.model.path={cfg[A].model.path} on Megatron's layout ({A}.actor.megatron): {err}")
+    for key, fields in unknown_overrides(plain_map(m.override_transformer_config), plain_map(m.override_ddp_config),
+                                         plain_map(cfg[A].actor.optim.get("override_optimizer_config"))).items():
+        problems.append(f"{A}.{key}: Megatron has no field {', '.join(fields)}")
     return problems
 
 

@@ -99,3 +99,23 @@ def assert_exports_are_the_trained_model(sharded: Path, whole: Path, initial: Pa
     trained = logits(sharded)
     torch.testing.assert_close(trained, logits(whole), atol=1e-5, rtol=0)
     assert 0 < (trained - logits(initial)).abs().max().item() < 1e-2
+
+
+def test_start_up_names_what_would_stop_megatron_workers(tmp_path):
+    """A layout the world or the model does not split into, and an override Megatron has no field for, stop
+    `train` at start-up (and show in `plan`) instead of failing inside the workers; MindSpeed's own
+    `use_flash_attn` is not one of them."""
+    from ascend_rl.config import load_config
+    from ascend_rl.preflight import megatron_problems
+
+    model = build_tiny_model(tmp_path / "model", TinyModelSpec(num_key_value_heads=4, num_experts=4))
+    cfg = load_config([f"{A}.model.path={model}", f"{A}.actor.strategy=megatron", "trainer.device=cpu",
+                       "trainer.n_gpus_per_node=4", f"{A}.actor.megatron.expert_model_parallel_size=3",
+                       f"+{A}.actor.megatron.override_transformer_config.use_flash_attn=True",
+                       f"+{A}.actor.megatron.override_transformer_config.no_such_field=1"])
+    assert megatron_problems(cfg) == [
+        f"{A}.actor.megatron: world size 4 is not a multiple of expert_model_parallel_size × "
+        "expert_tensor_parallel_size (3 × 1): EP must divide the data-parallel size 4 (trainer.nnodes × "
+        "trainer.n_gpus_per_node)",
+        f"{A}.model.path={model} on Megatron's layout ({A}.actor.megatron): num_experts (4) is not a multiple of EP 3",
+        f"{A}.actor.megatron.override_transformer_config: Megatron has no field no_such_field"]

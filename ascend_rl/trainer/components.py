@@ -24,7 +24,7 @@ from ascend_rl.distributed.colocated import colocated, colocated_rollout, worker
 from ascend_rl.distributed.launch import worker_group_factory
 from ascend_rl.errors import UserError
 from ascend_rl.platform import make_deterministic, usable_device
-from ascend_rl.preflight import context_problems, missing_scorers, sequence_parallel_problems
+from ascend_rl.preflight import context_problems, megatron_problems, missing_scorers, sequence_parallel_problems
 from ascend_rl.reward import RewardFunction, RewardRunner
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
 from ascend_rl.rollout.factory import Rollout, build_rollout
@@ -105,7 +105,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     check_model_dir(arr.model.path, "actor_rollout_ref.model.path")
     tokenizer = load_tokenizer(*((data.tokenizer, "data.tokenizer") if data.tokenizer
                                  else (arr.model.path, "actor_rollout_ref.model.path")))
-    if problems := context_problems(cfg) + sequence_parallel_problems(cfg):
+    if problems := context_problems(cfg) + sequence_parallel_problems(cfg) + megatron_problems(cfg):
         raise UserError(problems)
     load = dict(tokenizer=tokenizer, max_prompt_length=data.max_prompt_length, prompt_key=data.prompt_key,
                 reward_fn_key=data.reward_fn_key, filter_overlong_prompts=data.filter_overlong_prompts,

@@ -52,15 +52,15 @@ class MegatronPolicy:
 class MegatronReference:
     """The frozen initial policy for the KL term, on the actor's Megatron layout."""
 
-    def __init__(self, model_path: str, engine: MegatronEngine, temperature: float = 1.0,
-                 micro_batch_size: int | None = None, max_token_len: int | None = None):
+    def __init__(self, model_path: str, engine: MegatronEngine, settings: ReferenceSettings):
         self.policy = MegatronPolicy(model_path, engine)
         self.policy.module.eval().requires_grad_(False)
-        self.temperature, self.micro_batch_size, self.max_token_len = temperature, micro_batch_size, max_token_len
+        self.settings = settings
 
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
-        return self.policy.log_probs(self.policy.module, batch, self.micro_batch_size, self.max_token_len,
-                                     self.temperature, with_entropy=False)[0]
+        s = self.settings
+        return self.policy.log_probs(self.policy.module, batch, s.micro_batch_size, s.max_token_len, s.temperature,
+                                     with_entropy=False)[0]
 
 
 class MegatronActor(MiniBatchWalk):
@@ -73,7 +73,7 @@ class MegatronActor(MiniBatchWalk):
         self.model = wrap_ddp(self.policy.module, engine)
         self.optimizer, self.scheduler = build_optimizer(self.model, engine, optim)
         self.settings, self.batching, self.engine = settings, settings.batching, engine
-        self.device = torch.device("cpu")
+        self.device = torch.device("cpu")  # Megatron on accelerators is not built yet (train stops on it)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
@@ -184,6 +184,5 @@ class MegatronActorSpec:
         ref = None
         if self.ref is not None:
             engine = replace(self.engine, dist_checkpointing_path=self.ref_dist_checkpointing_path)
-            ref = MegatronReference(self.model_path, engine, self.ref.temperature, self.ref.micro_batch_size,
-                                    self.ref.max_token_len)
+            ref = MegatronReference(self.model_path, engine, self.ref)
         return actor, ref, None

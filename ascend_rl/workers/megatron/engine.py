@@ -36,6 +36,26 @@ def transformer_overrides(overrides: dict, key: str) -> dict:
     return kept
 
 
+def unknown_overrides(transformer: dict, ddp: dict, optimizer: dict) -> dict[str, list[str]]:
+    """The override maps' fields Megatron's config dataclasses do not have, by the map's key (MindSpeed's own
+    fields are known: they are left out where MindSpeed is not installed)."""
+    import dataclasses
+
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer import TransformerConfig
+
+    maps = {"actor.megatron.override_transformer_config": (transformer, TransformerConfig, set(MINDSPEED_FIELDS)),
+            "actor.megatron.override_ddp_config": (ddp, DistributedDataParallelConfig, set()),
+            "actor.optim.override_optimizer_config": (optimizer, OptimizerConfig, set())}
+    unknown = {}
+    for key, (given, cls, extra) in maps.items():
+        fields = {f.name for f in dataclasses.fields(cls)} | extra
+        if missing := sorted(set(given) - fields):
+            unknown[key] = missing
+    return unknown
+
+
 @dataclass(frozen=True)
 class MegatronOptim:
     """The Megatron tree's `actor.optim.*` (verl passes lr, min_lr, clip_grad and weight_decay to Megatron's
@@ -104,10 +124,19 @@ def wrap_ddp(module, engine: MegatronEngine):
     mini-batch (no overlap: the update is not communication-bound at these sizes, and it keeps the step exact)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    config = DistributedDataParallelConfig(**{"use_distributed_optimizer": engine.use_distributed_optimizer,
-                                              "overlap_grad_reduce": False, "grad_reduce_in_fp32": True,
-                                              **engine.ddp_overrides})
+    config = _config(DistributedDataParallelConfig, "megatron.override_ddp_config", engine.ddp_overrides,
+                     use_distributed_optimizer=engine.use_distributed_optimizer, overlap_grad_reduce=False,
+                     grad_reduce_in_fp32=True)
     return DistributedDataParallel(module.config, config, module)
+
+
+def _config(cls, key: str, overrides: dict, **settings):
+    """Megatron's config dataclass `cls` from our settings with the user's `key` map on top; a field it does not
+    have is named."""
+    try:
+        return cls(**{**settings, **overrides})
+    except TypeError as err:
+        raise ValueError(f"{key}: {err}") from None
 
 
 def build_optimizer(ddp, engine: MegatronEngine, optim: MegatronOptim):
@@ -116,10 +145,10 @@ def build_optimizer(ddp, engine: MegatronEngine, optim: MegatronOptim):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     sixteen = {torch.bfloat16: {"bf16": True}, torch.float16: {"fp16": True}}.get(engine.dtype, {})
-    config = OptimizerConfig(optimizer=optim.optimizer, lr=optim.lr, min_lr=optim.min_lr, clip_grad=optim.clip_grad,
-                             weight_decay=optim.weight_decay, adam_beta1=optim.betas[0], adam_beta2=optim.betas[1],
-                             use_distributed_optimizer=engine.use_distributed_optimizer, params_dtype=engine.dtype,
-                             **sixteen, **optim.overrides)
+    config = _config(OptimizerConfig, "optim.override_optimizer_config", optim.overrides, optimizer=optim.optimizer,
+                     lr=optim.lr, min_lr=optim.min_lr, clip_grad=optim.clip_grad, weight_decay=optim.weight_decay,
+                     adam_beta1=optim.betas[0], adam_beta2=optim.betas[1],
+                     use_distributed_optimizer=engine.use_distributed_optimizer, params_dtype=engine.dtype, **sixteen)
     optimizer = get_megatron_optimizer(config, [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=optim.lr_warmup_init, max_lr=optim.lr, min_lr=optim.min_lr,
