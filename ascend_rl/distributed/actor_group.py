@@ -1,4 +1,4 @@
-"""The actor over N processes (FSDP2 over a gloo/hccl/nccl group), with the single actor's interface, so the
+"""The actor over N processes (FSDP2 or Megatron over a gloo/hccl/nccl group), with the single actor's interface, so the
 driver's step loop does not change; beside it in the same processes, the reference policy's shards
 (`reference`) and the rollout engines (`colocated.WorkerEngines`), as in verl's hybrid engine.
 
@@ -104,13 +104,13 @@ class ActorGroup:
 
     def _by_rows(self, method: str, batch: TensorDict) -> list:
         """`method` on each data-parallel rank's share of the rows (balanced by tokens: the slowest rank sets the
-        pace; the ranks of a Ulysses or tensor-parallel group share one); the results (each a tensor or a tuple of them) come back as
-        whole columns in the batch's row order."""
+        pace; the ranks of a Ulysses or tensor-parallel group share one); the results (each a tensor or a tuple
+        of them) come back as whole columns in the batch's row order."""
         tokens = batch["attention_mask"].sum(-1).tolist()
-        sp = self.rows_shared_by
-        rows = balanced_partition(tokens, self.group.world_size // sp)
-        shares = [(batch[torch.tensor(rows[rank // sp])],) for rank in range(self.group.world_size)]
-        parts = self.group.call(method, shares)[::sp]  # one answer per group
+        shared = self.rows_shared_by
+        rows = balanced_partition(tokens, self.group.world_size // shared)
+        shares = [(batch[torch.tensor(rows[rank // shared])],) for rank in range(self.group.world_size)]
+        parts = self.group.call(method, shares)[::shared]  # one answer per group
         order = torch.tensor([i for r in rows for i in r]).argsort()
         columns = zip(*parts) if isinstance(parts[0], tuple) else [parts]
         return [torch.cat(list(column))[order] for column in columns]

@@ -34,7 +34,7 @@ from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.reporting import Reporter
 from ascend_rl.trainer.validation import Validator
 from ascend_rl.trainer.vocabulary import Vocabulary
-from ascend_rl.workers.actor import Actor, ActorSpec, ReferencePolicy
+from ascend_rl.workers.actor import Actor, ReferencePolicy
 from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
 from ascend_rl.workers.fsdp import fsdp_settings
 from ascend_rl.workers.packing import SequenceSettings
@@ -125,14 +125,12 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     spec = actor_spec(cfg, device, total, with_ref=arr.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward)
     rollout_spec = worker_rollout_spec(cfg, device) if colocated(cfg) else None
     critic_spec = _critic_spec(cfg, device, total) if critic_in_use(cfg) else None
-    world = t.nnodes * t.n_gpus_per_node
-    if world > 1 or not isinstance(spec, ActorSpec):  # Megatron needs its process groups, even for one rank
+    if spec.in_workers(t.nnodes * t.n_gpus_per_node):
         # one worker process per device, holding the actor and, beside it, the reference, critic and engines
         actor = ActorGroup(worker_group_factory(cfg, device), device, spec, rollout_spec, critic_spec)
         ref, critic = actor.reference, actor.critic
     else:
-        actor = Actor(spec.model_path, device, spec.settings, spec.optim, spec.gradient_checkpointing, fsdp=spec.fsdp)
-        ref = ReferencePolicy(spec.model_path, device, spec.ref) if spec.ref is not None else None
+        actor, ref = spec.build_in_process(device)
         critic = critic_spec.build(device) if critic_spec else None
     kl = cfg.algorithm.kl_ctrl
     kl_controller = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon) \

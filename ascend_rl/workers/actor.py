@@ -207,6 +207,15 @@ class ActorSpec:
         """Consecutive ranks that take the same rows (a Ulysses group)."""
         return self.settings.sequences.ulysses_sp
 
+    def in_workers(self, world_size: int) -> bool:
+        """One device trains in the driver's process; several in worker processes."""
+        return world_size > 1
+
+    def build_in_process(self, device: str):
+        """The actor and reference in this process, unsharded."""
+        actor = Actor(self.model_path, device, self.settings, self.optim, self.gradient_checkpointing, fsdp=self.fsdp)
+        return actor, ReferencePolicy(self.model_path, device, self.ref) if self.ref is not None else None
+
     def build(self, device: str, world_size: int):
         """This rank's actor and reference shards over a mesh of every rank, and the mesh (a critic's too)."""
         from torch.distributed.device_mesh import init_device_mesh

@@ -176,6 +176,10 @@ class MegatronActorSpec:
         """Consecutive ranks that take the same rows: a tensor-parallel group (Megatron numbers TP innermost)."""
         return self.engine.parallel.tp
 
+    def in_workers(self, world_size: int) -> bool:
+        """Always: Megatron needs its process groups, even for one rank."""
+        return True
+
     def build(self, device: str, world_size: int):
         """This rank's actor and reference (no device mesh: Megatron makes its own process groups)."""
         if device == "cpu":
