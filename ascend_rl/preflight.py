@@ -92,7 +92,7 @@ def megatron_problems(cfg: DictConfig) -> list[str]:
 
         try:
             check_layout(architecture(transformers.AutoConfig.from_pretrained(Path(cfg[A].model.path).expanduser())),
-                         m.tensor_model_parallel_size, m.expert_model_parallel_size, m.expert_tensor_parallel_size)
+                         parallel.tp, parallel.ep, parallel.etp)
         except (NotImplementedError, ValueError) as err:
             problems.append(f"{A}.model.path={cfg[A].model.path} on Megatron's layout ({A}.actor.megatron): {err}")
     for key, fields in unknown_overrides(plain_map(m.override_transformer_config), plain_map(m.override_ddp_config),

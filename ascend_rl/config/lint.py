@@ -70,16 +70,16 @@ class Feature:
     requested: Callable[[DictConfig, int], bool]
     instead: str
 
+    @classmethod
+    def of(cls, missing: features.Missing) -> Feature:
+        """A not-built feature the config's values (not its keys) turn on: its own `in_use` says when."""
+        return cls(missing.name, lambda c, w: missing.in_use(c), missing.instead)
+
 
 # Values (not keys) a config can choose that this build does not have; key_status.TABLE has the keys' features.
 # `train` stops at start-up on these.
 UNSUPPORTED = (
-    Feature(features.MEGATRON_CRITIC.name, lambda c, w: features.MEGATRON_CRITIC.in_use(c),
-            features.MEGATRON_CRITIC.instead),
-    Feature(features.MEGATRON_DEVICE.name, lambda c, w: features.MEGATRON_DEVICE.in_use(c),
-            features.MEGATRON_DEVICE.instead),
-    Feature(features.TORCHTITAN.name, lambda c, w: features.TORCHTITAN.in_use(c), features.TORCHTITAN.instead),
-    Feature(features.VEOMNI.name, lambda c, w: features.VEOMNI.in_use(c), features.VEOMNI.instead),
+    *map(Feature.of, (features.MEGATRON_CRITIC, features.MEGATRON_DEVICE, features.TORCHTITAN, features.VEOMNI)),
     Feature(lambda c: f"the {c[A].rollout.name} rollout (rollout.name; native and sglang are built)",
             lambda c, w: c[A].rollout.name not in ("native", "sglang"), f"{A}.rollout.name=native"),
     Feature("greedy training rollouts (rollout.do_sample=false: a group's samples would all be the same)",

@@ -79,11 +79,14 @@ def megatron_spec(cfg: DictConfig, device: str, total_steps: int, with_ref: bool
     `actor.optim.*` (Megatron's names), clipping from `optim.clip_grad`."""
     arr = cfg[A]
     actor = arr.actor
-    ref = arr.ref.megatron
     return MegatronActorSpec(arr.model.path, actor_settings(cfg, actor.optim.clip_grad, SequenceSettings(False)),
                              megatron_optim(actor.optim, total_steps), megatron_engine(actor.megatron, device),
-                             reference_settings(cfg) if with_ref else None,
-                             ref.dist_checkpointing_path if ref.use_dist_checkpointing else None)
+                             reference_settings(cfg) if with_ref else None, converted_weights(arr.ref.megatron))
+
+
+def converted_weights(m: DictConfig) -> str | None:
+    """A `*.megatron` section's dist checkpoint to load the weights from (None: the HF model directory)."""
+    return m.dist_checkpointing_path if m.use_dist_checkpointing else None
 
 
 def megatron_engine(m: DictConfig, device: str, key: str = f"{A}.actor.megatron") -> MegatronEngine:
@@ -97,8 +100,7 @@ def megatron_engine(m: DictConfig, device: str, key: str = f"{A}.actor.megatron"
         override_transformer_config=transformer_overrides(plain_map(m.override_transformer_config),
                                                           f"{key}.override_transformer_config"))
     dtype = compute_dtype(device, dtype_named(f"{key}.dtype", m.dtype), f"{key}.dtype")
-    return MegatronEngine(parallel, dtype, bool(m.use_distributed_optimizer), m.seed,
-                          m.dist_checkpointing_path if m.use_dist_checkpointing else None,
+    return MegatronEngine(parallel, dtype, bool(m.use_distributed_optimizer), m.seed, converted_weights(m),
                           plain_map(m.override_ddp_config), bool(m.dist_ckpt_optim_fully_reshardable))
 
 

@@ -211,17 +211,15 @@ class ActorSpec:
         """One device trains in the driver's process; several in worker processes."""
         return world_size > 1
 
-    def build_in_process(self, device: str):
-        """The actor and reference in this process, unsharded."""
-        actor = Actor(self.model_path, device, self.settings, self.optim, self.gradient_checkpointing, fsdp=self.fsdp)
-        return actor, ReferencePolicy(self.model_path, device, self.ref) if self.ref is not None else None
+    def build_in_process(self, device: str, mesh=None):
+        """The actor and reference in this process: unsharded, or this rank's shards over `mesh`."""
+        actor = Actor(self.model_path, device, self.settings, self.optim, self.gradient_checkpointing, mesh=mesh,
+                      fsdp=self.fsdp)
+        return actor, ReferencePolicy(self.model_path, device, self.ref, mesh=mesh) if self.ref is not None else None
 
     def build(self, device: str, world_size: int):
         """This rank's actor and reference shards over a mesh of every rank, and the mesh (a critic's too)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.split(":")[0], (world_size,))
-        actor = Actor(self.model_path, device, self.settings, self.optim, self.gradient_checkpointing, mesh=mesh,
-                      fsdp=self.fsdp)
-        ref = ReferencePolicy(self.model_path, device, self.ref, mesh=mesh) if self.ref is not None else None
-        return actor, ref, mesh
+        return *self.build_in_process(device, mesh), mesh
