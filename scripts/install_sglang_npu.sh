@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Ascend NPU stack for ascend-rl: torch + torch_npu, SGLang (NPU build), sgl-kernel-npu (kernels,
-# DeepEP, the NPU torch_memory_saver), triton-ascend, optionally MindSpeed + Megatron, then ascend-rl itself.
+# DeepEP, the NPU torch_memory_saver), triton-ascend, optionally MindSpeed + megatron-core, then ascend-rl itself.
 # Versions come from ascend_rl/versions.toml.
 #
 #   NPU_DEVICE=A3|A2 USE_MEGATRON=0|1 bash scripts/install_sglang_npu.sh [--dry-run]
@@ -30,8 +30,9 @@ v = tomllib.load(open("ascend_rl/versions.toml", "rb"))
 pins, device = v["pins"]["npu"], v["pins"]["npu"][sys.argv[1].lower()]
 values = {"PY_VERSION": v["minimum"]["python"], "TORCH": pins["torch"], "TORCH_NPU": pins["torch_npu"],
           "TORCHVISION": pins["torchvision"], "SGLANG": pins["sglang"], "SGL_KERNEL_NPU": pins["sgl_kernel_npu"],
-          "TRITON_ASCEND": pins["triton_ascend"], "MINDSPEED": pins["mindspeed"], "MEGATRON": pins["megatron"],
-          "KERNEL_BUILD": device["sgl_kernel_npu_build"]}
+          "TRITON_ASCEND": pins["triton_ascend"], "MINDSPEED": pins["mindspeed"],
+          "MEGATRON_LM": pins["megatron_lm"], "MEGATRON_LINE": v["megatron"]["minimum"],
+          "MEGATRON_CANN": pins["megatron"]["cann"], "KERNEL_BUILD": device["sgl_kernel_npu_build"]}
 print("\n".join(f"{k}={shlex.quote(str(x))}" for k, x in values.items()))
 EOF
 )" || { echo "cannot read ascend_rl/versions.toml with $PYTHON (needs Python 3.11)" >&2; exit 2; }
@@ -62,6 +63,18 @@ run() {  # run one command (printed in --dry-run); stop at the first failure wit
 
 installed() {  # installed DIST VERSION: pip has exactly this version
   $PIP show "$1" 2>/dev/null | grep -qx "Version: $2"
+}
+
+cann_note() {  # one line when this machine's CANN is older than any the MindSpeed + Megatron pair is run on
+  "$PYTHON" - "$MEGATRON_CANN" "$MINDSPEED" 2>/dev/null <<'EOF' || true
+import os, sys
+from ascend_rl.doctor.probe import cann_version
+from ascend_rl.stack import ascend_at_least
+found, _ = cann_version(dict(os.environ))
+if found and not ascend_at_least(found, sys.argv[1]):
+    print(f"   note: CANN {found} here; MindSpeed {sys.argv[2]}'s sources run it on CANN >= {sys.argv[1]} "
+          "(ascend_rl/versions.toml [pins.npu.megatron]); installing it anyway")
+EOF
 }
 
 echo "Ascend NPU stack for $NPU_DEVICE (Megatron: $USE_MEGATRON)$([ "$DRY_RUN" = 1 ] && echo ', dry run: nothing is changed')"
@@ -99,12 +112,18 @@ if step "triton-ascend $TRITON_ASCEND (instead of triton)" "installed triton-asc
   run "$PIP install triton-ascend==$TRITON_ASCEND"
 fi
 
+# Megatron-LM from git at the branch verl HEAD installs (megatron.core and megatron.training: MindSpeed patches
+# both; the megatron-core wheel has only the first). On the pinned torch (MindSpeed's own pairing for
+# this branch); a CANN older than the pair's sources use gets a note, not a refusal: nothing shows it failing
+# there, and CANN is the host's to change (ascend_rl/versions.toml [pins.npu.megatron]). Done when both are
+# there for Megatron core $MEGATRON_LINE (MindSpeed's version follows the core line its branch adapts).
 if [ "$USE_MEGATRON" = 0 ]; then
   echo; echo "== MindSpeed + Megatron-LM: skipped (USE_MEGATRON=0)"
-elif step "MindSpeed $MINDSPEED + Megatron-LM $MEGATRON" "$PYTHON -c 'import mindspeed, megatron.core'"; then
+elif step "MindSpeed $MINDSPEED + Megatron-LM $MEGATRON_LM" "$PIP show megatron-core | grep -q '^Version: $MEGATRON_LINE\.' && $PIP show mindspeed | grep -q '^Version: $MEGATRON_LINE\.'"; then
+  cann_note
   run "rm -rf '$WORKDIR/MindSpeed' && git clone --depth 1 -b $MINDSPEED https://gitcode.com/Ascend/MindSpeed.git '$WORKDIR/MindSpeed'"
   run "$PIP install -e '$WORKDIR/MindSpeed'"
-  run "$PIP install 'git+https://github.com/NVIDIA/Megatron-LM.git@$MEGATRON'"
+  run "$PIP install 'git+https://github.com/NVIDIA/Megatron-LM.git@$MEGATRON_LM'"
 fi
 
 if step "ascend-rl" ""; then

@@ -12,7 +12,7 @@ from ascend_rl.cli.main import main
 from ascend_rl.config import load_config
 from ascend_rl.doctor import diagnose
 from ascend_rl.doctor.checks import Context, run_checks
-from ascend_rl.doctor.probe import gather, parse_chip_table
+from ascend_rl.doctor.probe import PACKAGES, Machine, gather, parse_chip_table
 
 GOOD = {"torch": "2.7.1", "torch_npu": "2.7.1.post2", "torchvision": "0.22.1", "sglang": "0.5.8",
         "sgl_kernel_npu": "2026.1.21", "deep_ep": "1.0.0", "torch_memory_saver": "0.0.9", "triton_ascend": "3.2.0",
@@ -45,7 +45,7 @@ torch.npu = types.SimpleNamespace(is_available=lambda: count > 0, device_count=l
 
 # Rows that fail together with another because they read the same fact.
 DEPENDS = {"torch": {"torch_npu"}, "HDK (driver)": {"IPC (weight sync)"}, "IPC (weight sync)": {"HDK (driver)"},
-           "torch_npu": {"NPU devices"}, "CANN": {"IPC (weight sync)"}}
+           "torch_npu": {"NPU devices"}, "CANN": {"IPC (weight sync)"}, "megatron-core": {"MindSpeed"}}
 
 
 def fake_dist(site: Path, name: str, version: str, files=()) -> None:
@@ -53,6 +53,16 @@ def fake_dist(site: Path, name: str, version: str, files=()) -> None:
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+
+
+def fake_checkout(site: Path, name: str, version: str, branch: str) -> None:
+    """What `git clone -b BRANCH` and `pip install -e` leave: the checkout's .git/HEAD, and the dist-info's
+    direct_url.json pointing at the checkout."""
+    checkout = site.parent / "src" / name
+    (checkout / ".git").mkdir(parents=True, exist_ok=True)
+    (checkout / ".git" / "HEAD").write_text(f"ref: refs/heads/{branch}\n")
+    (site / f"{name}-{version}.dist-info" / "direct_url.json").write_text(
+        json.dumps({"url": checkout.as_uri(), "dir_info": {"editable": True}}))
 
 
 @pytest.fixture
@@ -119,6 +129,11 @@ def test_a2_is_one_die_per_card():
     (dict(packages={k: v for k, v in GOOD.items() if k != "ray"}), "ray", "WARN", "ascend-rl[ray]"),
     (dict(env={k: v for k, v in NPU_ENV.items() if k != "HCCL_NPU_SOCKET_PORT_RANGE"}),
      "HCCL_NPU_SOCKET_PORT_RANGE", "FAIL", "export HCCL_NPU_SOCKET_PORT_RANGE"),
+    (dict(packages={**GOOD, "megatron_core": "0.12.1"}), "megatron-core", "FAIL", ">=0.16,<0.17"),
+    (dict(packages={**GOOD, "megatron_core": "0.16.1", "mindspeed": "0.12.1"}, cann="8.5.0"), "MindSpeed", "FAIL",
+     "MindSpeed core_r0.16.0"),
+    (dict(packages={**GOOD, "megatron_core": "0.16.1", "mindspeed": "0.16.0"}), "MindSpeed", "WARN",
+     "on CANN >= 8.5.0"),
 ])
 def test_each_row_fails_with_its_fix(ascend, setup, row, status, fix):
     environ, paths = ascend(**setup)
@@ -168,3 +183,91 @@ def test_doctor_here_on_cpu(capsys):
     rows = {r["check"]: r for r in report["rows"]}
     assert rows["python"]["found"].startswith("3.11") and rows["torch"]["status"] == "OK"
     assert "torch_npu" not in rows  # NPU rows do not apply here
+
+
+# --- Megatron: megatron-core in the engine's range, and on NPUs MindSpeed's branch for that core line ----------
+
+MEGATRON_CFG = ["actor_rollout_ref.model.path=/m", "actor_rollout_ref.actor.strategy=megatron"]
+FSDP_CFG = ["actor_rollout_ref.model.path=/m"]
+
+
+def megatron_row(device: str, overrides, cann="8.5.0", branch=None, **packages) -> tuple[str, str, str]:
+    """(status, found, fix) of the megatron-core row, or of MindSpeed's when `mindspeed` is among the packages."""
+    machine = Machine("3.11.7", {}, {**dict.fromkeys(PACKAGES), **packages}, cann=cann,
+                      git_branches={"mindspeed": branch})
+    config = load_config(overrides) if overrides is not None else None
+    check = "MindSpeed" if "mindspeed" in packages else "megatron-core"
+    row = next(r for r in run_checks(machine, Context(device, config)) if r.check == check)
+    return row.status, row.found, row.fix
+
+
+@pytest.mark.parametrize("device,fix", [("cpu", "pip install 'megatron-core==0.16.1'"),
+                                        ("cuda", "pip install 'megatron-core==0.16.1'"),
+                                        ("npu", "USE_MEGATRON=1 bash scripts/install_sglang_npu.sh")])
+@pytest.mark.parametrize("overrides,installed,status", [
+    (MEGATRON_CFG, "0.16.1", "OK"), (None, "0.16.1", "OK"),
+    (MEGATRON_CFG, "0.12.1", "FAIL"), (None, "0.12.1", "FAIL"), (FSDP_CFG, "0.12.1", "WARN"),
+    (MEGATRON_CFG, None, "FAIL"), (None, None, "OK"), (FSDP_CFG, None, "OK"),
+])
+def test_megatron_core_in_range_out_of_range_and_missing(device, fix, overrides, installed, status):
+    found_status, found, found_fix = megatron_row(device, overrides, megatron_core=installed)
+    assert found_status == status and found == (installed or "not installed")
+    if status == "OK" and installed:
+        assert found_fix == ""
+        return
+    assert found_fix.endswith(fix)  # every other row says how to install it
+    if installed:  # the version found, the range needed
+        assert ("==0.16.1" if device == "cpu" else ">=0.16,<0.17") in found_fix
+    else:
+        assert ("actor.strategy=megatron needs" if status == "FAIL" else "needed only for") in found_fix
+
+
+def test_megatron_core_on_the_cpu_is_the_version_the_cpu_patches_are_written_for():
+    status, _, fix = megatron_row("cpu", MEGATRON_CFG, megatron_core="0.16.0")
+    assert status == "FAIL" and "==0.16.1 (its CPU patches are pinned to it)" in fix
+    assert megatron_row("cuda", MEGATRON_CFG, megatron_core="0.16.0")[0] == "OK"
+    assert megatron_row("npu", MEGATRON_CFG, megatron_core="0.17.0")[0] == "FAIL"
+
+
+@pytest.mark.parametrize("overrides,kwargs,status,found,fix", [
+    # verl 0.9.1's MindSpeed adapts Megatron core 0.12
+    (MEGATRON_CFG, dict(mindspeed="0.12.1", branch="2.3.0_core_r0.12.1"), "FAIL", "0.12.1 (2.3.0_core_r0.12.1)",
+     "another Megatron core line; ascend-rl's engine needs MindSpeed core_r0.16.0 (Megatron core 0.16): "
+     "USE_MEGATRON=1 bash scripts/install_sglang_npu.sh"),
+    (None, dict(mindspeed="0.12.1"), "FAIL", "0.12.1", "MindSpeed core_r0.16.0"),
+    (FSDP_CFG, dict(mindspeed="0.12.1"), "WARN", "0.12.1", "MindSpeed core_r0.16.0"),
+    (MEGATRON_CFG, dict(mindspeed="0.16.0", branch="core_r0.16.0"), "OK", "0.16.0 (core_r0.16.0)", ""),
+    (MEGATRON_CFG, dict(mindspeed="0.16.0"), "OK", "0.16.0", ""),  # a wheel or a detached checkout: no branch
+    (MEGATRON_CFG, dict(mindspeed="0.16.0", branch="master"), "WARN", "0.16.0 (master)", "pinned: MindSpeed core_r0"),
+    (MEGATRON_CFG, dict(mindspeed="0.16.0", cann="8.3.RC1"), "WARN", "0.16.0 on CANN 8.3.RC1", "CANN >= 8.5.0"),
+    (MEGATRON_CFG, dict(mindspeed=None), "FAIL", "not installed", "runs through MindSpeed core_r0.16.0"),
+    (None, dict(mindspeed=None), "WARN", "not installed", "runs through MindSpeed core_r0.16.0"),  # megatron-core
+    (None, dict(mindspeed=None, megatron_core=None), "OK", "not installed", "needed only for"),
+])
+def test_mindspeed_matches_the_pin_on_npu(overrides, kwargs, status, found, fix):
+    found_status, found_found, found_fix = megatron_row("npu", overrides, **{"megatron_core": "0.16.1", **kwargs})
+    assert (found_status, found_found) == (status, found) and fix in found_fix
+    if status == "OK" and found != "not installed":
+        assert found_fix == ""
+
+
+def test_mindspeed_is_ascend_only():
+    for device in ("cpu", "cuda"):
+        machine = Machine("3.11.7", {}, {**dict.fromkeys(PACKAGES), "megatron_core": "0.16.1"})
+        assert "MindSpeed" not in statuses(run_checks(machine, Context(device, load_config(MEGATRON_CFG))))
+
+
+def test_mindspeed_version_and_branch_are_read_from_its_editable_install(ascend):
+    environ, paths = ascend(packages={**GOOD, "megatron_core": "0.16.1", "mindspeed": "0.12.1"}, cann="8.5.0")
+    fake_checkout(Path(paths[0]), "mindspeed", "0.12.1", "2.3.0_core_r0.12.1")
+    rows = {r.check: r for r in diagnose("npu", environ=environ, site_paths=paths)[1]}
+    assert (rows["MindSpeed"].status, rows["MindSpeed"].found) == ("FAIL", "0.12.1 (2.3.0_core_r0.12.1)")
+    assert rows["megatron-core"].status == "OK"
+
+
+def test_a_good_a3_install_with_megatron_passes_every_row(ascend):
+    environ, paths = ascend(packages={**GOOD, "megatron_core": "0.16.1", "mindspeed": "0.16.0"}, cann="8.5.0")
+    fake_checkout(Path(paths[0]), "mindspeed", "0.16.0", "core_r0.16.0")
+    _, rows = diagnose("npu", environ=environ, site_paths=paths)
+    assert set(statuses(rows).values()) == {"OK"}, [r for r in rows if r.status != "OK"]
+    assert next(r for r in rows if r.check == "MindSpeed").found == "0.16.0 (core_r0.16.0)"

@@ -10,12 +10,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from ascend_rl.stack import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 V = versions()
-MIN, NPU, CUDA = V["minimum"], V["pins"]["npu"], V["pins"]["cuda"]
+MIN, NPU, CUDA, MEGATRON = V["minimum"], V["pins"]["npu"], V["pins"]["cuda"], V["megatron"]
 
 
 def requirements(name: str) -> dict[str, str]:
@@ -61,8 +62,8 @@ def test_cuda_dockerfile():
     assert f"python{MIN['python']}" in text and "requirements-cuda.txt" in text
 
 
-def dry_run(device: str, megatron: str = "0") -> str:
-    env = {**os.environ, "NPU_DEVICE": device, "USE_MEGATRON": megatron, "PYTHON": sys.executable}
+def dry_run(device: str, megatron: str = "0", **env_vars) -> str:
+    env = {**os.environ, "NPU_DEVICE": device, "USE_MEGATRON": megatron, "PYTHON": sys.executable, **env_vars}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "install_sglang_npu.sh"), "--dry-run"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -79,7 +80,34 @@ def test_install_dry_run_prints_every_step_with_the_pins(device):
         assert pin in out, pin
     assert "MindSpeed + Megatron-LM: skipped" in out
     mega = dry_run(device, "1")
-    assert f"-b {NPU['mindspeed']}" in mega and f"Megatron-LM.git@{NPU['megatron']}" in mega
+    assert f"-b {NPU['mindspeed']} https://gitcode.com/Ascend/MindSpeed.git" in mega
+    assert f"Megatron-LM.git@{NPU['megatron_lm']}" in mega
+    torch_line = next(line for line in mega.splitlines() if "torch==" in line)
+    assert mega.count("torch==") == 1 and f"torch=={NPU['megatron']['torch']}" in torch_line  # the pinned torch only
+
+
+def test_megatron_pins_agree():
+    """One megatron-core everywhere: the NPU pin, the `megatron` extra, the CPU patches; inside the engine's range.
+    MindSpeed's branch adapts that core line, and the pair runs on the pinned torch (else the script must
+    install another)."""
+    from ascend_rl.workers.megatron.cpu_patches import MEGATRON_CORE
+
+    tested = MEGATRON["tested"]
+    assert tested == MEGATRON_CORE
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"megatron-core=={tested}" in extras["megatron"]
+    assert Version(MEGATRON["minimum"]) <= Version(tested) < Version(MEGATRON["below"])
+    assert NPU["mindspeed"] == NPU["megatron_lm"] == f"core_r{MEGATRON['minimum']}.0"  # the same core line
+    assert NPU["megatron"]["torch"] == NPU["torch"]
+
+
+@pytest.mark.parametrize("cann,noted", [("8.3.RC1", True), (NPU["megatron"]["cann"], False), ("9.0.0", False)])
+def test_install_notes_a_cann_older_than_the_megatron_pair_is_run_on(tmp_path, cann, noted):
+    (tmp_path / "x86_64-linux").mkdir()
+    (tmp_path / "x86_64-linux" / "ascend_toolkit_install.info").write_text(f"version={cann}\n")
+    note = f"note: CANN {cann} here; MindSpeed {NPU['mindspeed']}'s sources run it on CANN >= {NPU['megatron']['cann']}"
+    assert (note in dry_run("A3", "1", ASCEND_HOME_PATH=str(tmp_path))) == noted
+    assert "note: CANN" not in dry_run("A3", "0", ASCEND_HOME_PATH=str(tmp_path))
 
 
 def test_install_script_rejects_unknown_devices():

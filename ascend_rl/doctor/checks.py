@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from ascend_rl.doctor.probe import Machine
@@ -14,6 +15,7 @@ from ascend_rl.stack import ascend_at_least, versions
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 INSTALL_NPU = "scripts/install_sglang_npu.sh (see docs/ascend/quickstart.md)"
+INSTALL_MEGATRON_NPU = "USE_MEGATRON=1 bash scripts/install_sglang_npu.sh"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ def _base(text: str | None) -> str | None:
 
 MIN = versions()["minimum"]
 PINS = versions()["pins"]
+MEGATRON = versions()["megatron"]
 
 
 @check("python")
@@ -225,6 +228,69 @@ def _transformers(m: Machine, ctx: Context) -> list[Row]:
     if not _at_least(found, rng["minimum"]) or _at_least(found, rng["below"]):
         return [Row("transformers", FAIL, found, f"pip install 'transformers{wanted}'")]
     return [Row("transformers", OK, found)]
+
+
+# --- Megatron (actor.strategy=megatron): optional, so a missing one fails only when the config asks for it -----
+
+
+def _megatron_wanted(ctx: Context) -> bool:
+    return ctx.config is not None and ctx.config.actor_rollout_ref.actor.strategy == "megatron"
+
+
+def _mismatch_status(ctx: Context) -> str:
+    """Without overrides the machine is checked for everything; a config without Megatron does not need it."""
+    return WARN if ctx.config is not None and not _megatron_wanted(ctx) else FAIL
+
+
+def _megatron_range(device: str) -> str:
+    """The megatron-core versions the engine runs on here: on the CPU, the one its CPU patches are written for."""
+    return f"=={MEGATRON['tested']}" if device == "cpu" else f">={MEGATRON['minimum']},<{MEGATRON['below']}"
+
+
+def _fits(found: str, specifier: str) -> bool:
+    v = _v(found)
+    return v is not None and SpecifierSet(specifier).contains(v, prereleases=True)
+
+
+@check("megatron-core")
+def _megatron_core(m: Machine, ctx: Context) -> list[Row]:
+    found, need = m.packages["megatron_core"], _megatron_range(ctx.device)
+    fix = INSTALL_MEGATRON_NPU if ctx.device == "npu" else f"pip install 'megatron-core=={MEGATRON['tested']}'"
+    if found is None:
+        if _megatron_wanted(ctx):
+            return [Row("megatron-core", FAIL, "not installed", f"actor.strategy=megatron needs megatron-core "
+                                                                f"{need}: {fix}")]
+        return [Row("megatron-core", OK, "not installed", f"needed only for actor.strategy=megatron: {fix}")]
+    if not _fits(found, need):
+        return [Row("megatron-core", _mismatch_status(ctx), found,
+                    f"ascend-rl's Megatron engine needs megatron-core {need}"
+                    f"{' (its CPU patches are pinned to it)' if ctx.device == 'cpu' else ''}: {fix}")]
+    return [Row("megatron-core", OK, found)]
+
+
+@check("MindSpeed", "npu")
+def _mindspeed(m: Machine, ctx: Context) -> list[Row]:
+    """Megatron on Ascend runs through MindSpeed, installed with `pip install -e` from a branch of its git
+    repository. Relied on: its setup.py version follows the Megatron core line the branch adapts (0.16.0 on
+    core_r0.16.0), so it must fall in megatron-core's range; the branch is read from the checkout too."""
+    found, pin, branch = m.packages["mindspeed"], PINS["npu"]["mindspeed"], m.git_branches.get("mindspeed")
+    fix = f"MindSpeed {pin} (Megatron core {MEGATRON['minimum']}): {INSTALL_MEGATRON_NPU}"
+    if found is None:
+        if _megatron_wanted(ctx) or m.packages["megatron_core"]:
+            status = FAIL if _megatron_wanted(ctx) else WARN
+            return [Row("MindSpeed", status, "not installed", f"Megatron on Ascend runs through {fix}")]
+        return [Row("MindSpeed", OK, "not installed", f"needed only for actor.strategy=megatron: {fix}")]
+    shown = f"{found} ({branch})" if branch else found
+    if not _fits(found, f">={MEGATRON['minimum']},<{MEGATRON['below']}"):
+        return [Row("MindSpeed", _mismatch_status(ctx), shown,
+                    f"this MindSpeed adapts another Megatron core line; ascend-rl's engine needs {fix}")]
+    if branch and branch != pin:
+        return [Row("MindSpeed", WARN, shown, f"pinned: {fix}")]
+    cann = PINS["npu"]["megatron"]["cann"]
+    if m.cann and not ascend_at_least(m.cann, cann):
+        return [Row("MindSpeed", WARN, f"{shown} on CANN {m.cann}", f"its sources run MindSpeed {pin} on CANN >= "
+                                                                     f"{cann} (versions.toml [pins.npu.megatron])")]
+    return [Row("MindSpeed", OK, shown)]
 
 
 @check("ray")

@@ -5,6 +5,7 @@ so tests simulate an Ascend install (a fake npu-smi on PATH, a toolkit tree, fak
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -13,9 +14,11 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 PACKAGES = ("torch", "torch_npu", "torchvision", "sglang", "sgl_kernel_npu", "torch_memory_saver", "deep_ep",
-            "triton", "triton_ascend", "transformers", "ray", "msgspec")
+            "triton", "triton_ascend", "transformers", "ray", "msgspec", "megatron_core", "mindspeed")
+EDITABLE = ("mindspeed",)  # installed from a git checkout with `pip install -e`: its branch is read too
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Machine:
     environ: dict[str, str]
     packages: dict[str, str | None]
     package_files: dict[str, list[str]] = field(default_factory=dict)
+    git_branches: dict[str, str | None] = field(default_factory=dict)  # of the EDITABLE installs' checkouts
     hdk: str | None = None  # npu-smi's "Software Version"
     npu_smi_error: str | None = None
     chips: list[Chip] = field(default_factory=list)
@@ -62,7 +66,8 @@ def gather(environ: dict[str, str] | None = None, site_paths: list[str] | None =
     paths = site_paths if site_paths is not None else sys.path
     packages = {name: _dist_version(name, paths) for name in PACKAGES}
     machine = Machine(f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}", environ,
-                      packages, {name: _dist_files(name, paths) for name in ("torch_memory_saver",)})
+                      packages, {name: _dist_files(name, paths) for name in ("torch_memory_saver",)},
+                      {name: _editable_branch(name, paths) for name in EDITABLE})
     _read_npu_smi(machine)
     _read_cann(machine)
     if probe_devices and packages["torch_npu"]:
@@ -82,6 +87,21 @@ def _dist_version(name: str, paths: list[str]) -> str | None:
 def _dist_files(name: str, paths: list[str]) -> list[str]:
     dist = _dist(name, paths)
     return [str(f) for f in (dist.files or [])] if dist else []
+
+
+def _editable_branch(name: str, paths: list[str]) -> str | None:
+    """The branch checked out where `pip install -e` installed `name` from: pip records the directory in the
+    dist-info's direct_url.json (PEP 610), git the branch in its .git/HEAD. None for a wheel, a detached HEAD
+    or anything unreadable."""
+    dist = _dist(name, paths)
+    text = dist.read_text("direct_url.json") if dist else None
+    try:
+        url = urlparse(json.loads(text).get("url", "")) if text else None
+        head = (Path(unquote(url.path)) / ".git" / "HEAD").read_text() if url and url.scheme == "file" else ""
+    except (OSError, ValueError, AttributeError):  # AttributeError: a direct_url.json that is no JSON object
+        return None
+    prefix = "ref: refs/heads/"
+    return head.strip().removeprefix(prefix) if head.startswith(prefix) else None
 
 
 def _run(argv: list[str], environ: dict[str, str], timeout_s: float = 30) -> str:
@@ -121,19 +141,19 @@ def parse_chip_table(text: str) -> list[Chip]:
 
 
 def _read_cann(m: Machine) -> None:
-    home = m.environ.get("ASCEND_HOME_PATH") or m.environ.get("ASCEND_TOOLKIT_HOME")
+    m.cann, m.cann_error = cann_version(m.environ)
+
+
+def cann_version(environ: dict[str, str]) -> tuple[str | None, str | None]:
+    """(the CANN toolkit's version, None) or (None, why it is unknown); the install script asks it too."""
+    home = environ.get("ASCEND_HOME_PATH") or environ.get("ASCEND_TOOLKIT_HOME")
     if not home:
-        m.cann_error = "ASCEND_HOME_PATH is not set (the toolkit's set_env.sh was not sourced)"
-        return
+        return None, "ASCEND_HOME_PATH is not set (the toolkit's set_env.sh was not sourced)"
     infos = sorted(glob.glob(os.path.join(home, "*-linux", "ascend_toolkit_install.info")))
     if not infos:
-        m.cann_error = f"no */ascend_toolkit_install.info under ASCEND_HOME_PATH={home}"
-        return
+        return None, f"no */ascend_toolkit_install.info under ASCEND_HOME_PATH={home}"
     found = re.search(r"^version=(\S+)", Path(infos[0]).read_text(), re.MULTILINE)
-    if found:
-        m.cann = found.group(1)
-    else:
-        m.cann_error = f"{infos[0]} has no version= line"
+    return (found.group(1), None) if found else (None, f"{infos[0]} has no version= line")
 
 
 # In a child process: importing torch_npu can hang or abort on a broken driver, and it patches torch.
