@@ -86,3 +86,38 @@ def test_the_actor_multiplies_the_policy_loss_by_the_weights(tiny_model_dir):
         batch["rollout_is_weights"] = torch.full_like(batch["advantages"], weight) * batch["response_mask"]
         losses.append(actor.update(batch)["actor/pg_loss"])
     assert losses[1] == pytest.approx(2 * losses[0], rel=1e-5) and losses[0] != 0
+
+
+# --- bypass mode: the engine's log-probs are the old policy's ------------------------------------------------
+
+def test_bypass_mode_skips_the_old_log_prob_pass_and_takes_the_bypass_loss(task, tmp_path, caplog):
+    from ascend_rl.algorithms import policy_loss_kwargs, policy_loss_mode
+
+    cfg = load_config(tiny_overrides(task, tmp_path, f"{RC}.bypass_mode=True", f"{RC}.rollout_rs=token_k1",
+                                     f"{RC}.rollout_rs_threshold=2.0"))
+    assert cfg.actor_rollout_ref.actor.ppo_mini_batch_size < cfg.data.train_batch_size  # decoupled would need them
+    assert not old_log_probs_needed(cfg) and rollout_correction(cfg) is None  # the loss applies rs per micro-batch
+    actor = cfg.actor_rollout_ref.actor
+    assert policy_loss_mode(actor, cfg.algorithm) == "bypass_mode"
+    assert policy_loss_kwargs(actor, cfg.algorithm)["rollout_correction"]["rollout_rs"] == "token_k1"
+    gspo = load_config(tiny_overrides(task, tmp_path, f"{RC}.bypass_mode=True",
+                                      "actor_rollout_ref.actor.policy_loss.loss_mode=gspo"))
+    with caplog.at_level("WARNING"):
+        assert policy_loss_mode(gspo.actor_rollout_ref.actor, gspo.algorithm) == "bypass_mode"  # as verl overwrites it
+    assert "replaces actor.policy_loss.loss_mode=gspo" in caplog.text
+    assert policy_loss_mode(actor, load_config(tiny_overrides(task, tmp_path)).algorithm) == "vanilla"
+
+
+def test_a_bypass_run_trains_against_the_engines_log_probs(task, tmp_path, monkeypatch):
+    """A bf16 engine and an fp32 trainer disagree a little: in bypass mode the loss's ratio sees that gap
+    (rollout_corr/kl from the bypass loss), and no old-log-prob pass runs; the decoupled run has one."""
+    from ascend_rl import platform
+
+    monkeypatch.setattr(platform, "cpu_units", lambda dtype: ["amx_bf16"])  # bf16 rollout on any CPU
+    bf16_engine = "actor_rollout_ref.rollout.dtype=bfloat16"
+    fit(task, tmp_path / "bypass", bf16_engine, f"{RC}.bypass_mode=True", "trainer.total_training_steps=1")
+    fit(task, tmp_path / "decoupled", bf16_engine, "trainer.total_training_steps=1")
+    bypass, decoupled = read_metrics(tmp_path / "bypass")[0], read_metrics(tmp_path / "decoupled")[0]
+    assert "timing_s/old_log_prob" not in bypass and "timing_s/old_log_prob" in decoupled
+    assert abs(bypass["rollout_corr/kl"]) > 1e-6  # π_θ against π_rollout: bf16 against fp32
+    assert torch.isfinite(torch.tensor(bypass["actor/pg_loss"]))

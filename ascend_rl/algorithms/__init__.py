@@ -24,7 +24,7 @@ from ascend_rl.algorithms.kl import (
     make_kl_controller,
 )
 from ascend_rl.algorithms.logits import entropy_from_logits, log_probs_from_logits
-from ascend_rl.algorithms.loss_settings import policy_loss_kwargs
+from ascend_rl.algorithms.loss_settings import bypass_mode, policy_loss_kwargs, policy_loss_mode
 from ascend_rl.algorithms.masked import masked_mean, masked_var, masked_whiten
 from ascend_rl.algorithms.policy_losses import compute_policy_loss, register_policy_loss
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
@@ -35,5 +35,5 @@ __all__ = [
     "AdaptiveKLController", "FixedKLController", "agg_denominator", "agg_loss", "apply_kl_in_reward",
     "compute_advantages", "compute_policy_loss", "entropy_from_logits", "global_counts", "groups_with_signal",
     "kl_penalty", "log_probs_from_logits", "make_kl_controller", "masked_mean", "masked_var", "masked_whiten",
-    "overlong_penalty", "policy_loss_kwargs", "register_adv_estimator", "register_policy_loss", "value_loss",
+    "overlong_penalty", "policy_loss_kwargs", "policy_loss_mode", "bypass_mode", "register_adv_estimator", "register_policy_loss", "value_loss",
 ]

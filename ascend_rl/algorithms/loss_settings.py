@@ -10,8 +10,11 @@ settings pickle to worker processes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 ACTOR_KEYS = ("clip_ratio", "tau_pos", "tau_neg")
 POLICY_LOSS_KEYS = ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef", "dro_beta")
@@ -19,6 +22,26 @@ POLICY_LOSS_KEYS = ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_rati
 
 def _plain(node: Mapping | None) -> dict[str, Any] | None:
     return None if node is None else {key: node[key] for key in node}
+
+
+def bypass_mode(algorithm_cfg: Mapping | None) -> bool:
+    """verl's bypass mode (`algorithm.rollout_correction.bypass_mode`): the engine's log-probs stand in for the
+    old policy's, and the `bypass_mode` loss replaces the actor's."""
+    correction = (algorithm_cfg or {}).get("rollout_correction")
+    return bool(correction is not None and correction.get("bypass_mode"))
+
+
+def policy_loss_mode(actor_cfg: Mapping, algorithm_cfg: Mapping | None = None) -> str:
+    """The actor's `policy_loss.loss_mode`, or `bypass_mode` in bypass mode, whatever it says: verl's trainer
+    overwrites it so (rollout_corr_helper.apply_bypass_mode); said once here where that drops a choice."""
+    chosen = actor_cfg["policy_loss"]["loss_mode"]
+    if not bypass_mode(algorithm_cfg):
+        return chosen
+    if chosen not in ("vanilla", "bypass_mode"):
+        logger.warning("algorithm.rollout_correction.bypass_mode=True: the bypass_mode policy loss (its loss_type "
+                       "%s) replaces actor.policy_loss.loss_mode=%s, as in verl",
+                       algorithm_cfg["rollout_correction"].get("loss_type", "ppo_clip"), chosen)
+    return "bypass_mode"
 
 
 def policy_loss_kwargs(actor_cfg: Mapping, algorithm_cfg: Mapping | None = None) -> dict[str, Any]:

@@ -78,9 +78,6 @@ REWARD_LOOP_MODULE = Missing("reward managers from a user module (reward.reward_
 SANDBOX = Missing("sandbox code execution (reward.sandbox_fusion)", "a custom reward function")
 DYNAMIC_SAMPLING = Missing("DAPO's dynamic sampling (algorithm.filter_groups)", "algorithm.filter_groups.enable=False",
                            lambda c: bool(c.algorithm.filter_groups.enable), "algorithm.filter_groups.enable is false")
-ROLLOUT_CORRECTION = Missing("verl's bypass_mode switch (algorithm.rollout_correction.bypass_mode)",
-                             "the decoupled correction (rollout_is / rollout_rs with bypass_mode=False), or "
-                             f"{A}.actor.policy_loss.loss_mode=bypass_mode, whose loss applies IS and rejection")
 PF_PPO = Missing("PF-PPO reweighting (algorithm.use_pf_ppo)", "algorithm.use_pf_ppo=False",
                  lambda c: bool(c.algorithm.use_pf_ppo), "algorithm.use_pf_ppo is false")
 DISTILLATION = Missing("on-policy distillation (distillation.*)", "distillation.enabled=False",

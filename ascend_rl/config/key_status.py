@@ -51,7 +51,6 @@ from ascend_rl.config.features import (
     QAT,
     REWARD_LOOP_MODULE,
     REWARD_MODEL,
-    ROLLOUT_CORRECTION,
     ROLLOUT_DUMP,
     ROLLOUT_QUANT,
     ROLLOUT_TRACE,
@@ -454,7 +453,8 @@ TABLE: tuple[tuple[str, Status], ...] = (
     ("algorithm.rollout_correction.rollout_is", _h("trainer/loop.py")),
     ("algorithm.rollout_correction.rollout_is_threshold", _h("trainer/loop.py")),
     ("algorithm.rollout_correction.rollout_is_batch_normalize", _h("trainer/loop.py")),
-    ("algorithm.rollout_correction.*", _x(ROLLOUT_CORRECTION)),
+    ("algorithm.rollout_correction.bypass_mode", _h("trainer/loop.py")),
+    ("algorithm.rollout_correction.loss_type", _h("algorithms/rollout_correction.py")),
     ("algorithm.use_pf_ppo", _x(PF_PPO)),
     ("algorithm.pf_ppo.*", _x(PF_PPO)),
     # trainer

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ascend_rl.algorithms import policy_loss_kwargs
+from ascend_rl.algorithms import policy_loss_kwargs, policy_loss_mode
 from ascend_rl.config.validate import plain_map
 from ascend_rl.platform import compute_dtype, dtype_named
 from ascend_rl.workers.actor import ActorSettings, ActorSpec, ReferenceSettings
@@ -43,7 +43,7 @@ def actor_settings(cfg: DictConfig, grad_clip: float, sequences: SequenceSetting
         ppo_mini_batch_size=actor.ppo_mini_batch_size * arr.rollout.n,  # verl counts prompts; we count samples
         ppo_micro_batch_size_per_gpu=actor.ppo_micro_batch_size_per_gpu,
         ppo_epochs=actor.ppo_epochs, shuffle=actor.shuffle, data_loader_seed=actor.data_loader_seed,
-        loss_mode=actor.policy_loss.loss_mode, loss_agg_mode=actor.loss_agg_mode,
+        loss_mode=policy_loss_mode(actor, cfg.algorithm), loss_agg_mode=actor.loss_agg_mode,
         clip_ratio_low=actor.clip_ratio_low, clip_ratio_high=actor.clip_ratio_high, clip_ratio_c=actor.clip_ratio_c,
         entropy_coeff=actor.entropy_coeff, use_kl_loss=actor.use_kl_loss, kl_loss_coef=actor.kl_loss_coef,
         kl_loss_type=actor.kl_loss_type, grad_clip=grad_clip, temperature=arr.rollout.temperature,

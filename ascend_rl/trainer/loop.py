@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ascend_rl.algorithms import apply_kl_in_reward, compute_advantages
+from ascend_rl.algorithms import apply_kl_in_reward, bypass_mode, compute_advantages
 from ascend_rl.algorithms.registry import ADV_ESTIMATORS
 from ascend_rl.algorithms.rollout_correction import diagnostics, is_weights, rejection_mask
 from ascend_rl.data.collate import collate
@@ -46,7 +46,9 @@ def old_log_probs_needed(cfg) -> bool:
     """A separate old-log-prob pass is needed unless the update is one optimizer step on the whole batch (one
     mini-batch, one epoch): then the old log-probs equal the update's own forward, which supplies them (and
     the entropy and engine-vs-trainer metrics), and a forward over the batch is saved. KL in the reward
-    and estimators that read them need them before the update."""
+    and estimators that read them need them before the update. In bypass mode the engine's stand in for them."""
+    if bypass_mode(cfg.algorithm):
+        return False
     actor = cfg.actor_rollout_ref.actor
     on_policy = actor.ppo_epochs == 1 and actor.ppo_mini_batch_size >= cfg.data.train_batch_size
     needed_by_estimator = "old_log_probs" in ADV_ESTIMATORS.needs(cfg.algorithm.adv_estimator)
@@ -74,6 +76,7 @@ class RLTrainer:
         self.cfg = components.cfg
         self.global_step = 0
         self.needs_old_log_probs = old_log_probs_needed(self.cfg)
+        self.bypass_mode = bypass_mode(self.cfg.algorithm)
         self.correction = rollout_correction(self.cfg)
         self.estimator_needs = ADV_ESTIMATORS.needs(self.cfg.algorithm.adv_estimator)
 
@@ -132,7 +135,9 @@ class RLTrainer:
             self.sleep_engine()
             with timed(timings, "reward"):
                 metrics.update(self.compute_rewards(batch))
-            if self.needs_old_log_probs:
+            if self.bypass_mode:  # verl's bypass mode: the engine's log-probs are the old policy's
+                batch["old_log_probs"] = batch["rollout_log_probs"]
+            elif self.needs_old_log_probs:
                 with timed(timings, "old_log_prob"):
                     metrics.update(self.compute_old_log_probs(batch))
             if self.c.ref is not None:
