@@ -138,3 +138,18 @@ def test_without_units_the_engine_is_built_in_fp32(tiny_model_dir, without_bf16_
 
     cfg = load_config([f"actor_rollout_ref.model.path={tiny_model_dir}", "trainer.device=cpu"])
     assert native_engine_kwargs(cfg, "cpu")["dtype"] == torch.float32
+
+
+def test_verls_mixed_precision_map_sets_the_compute_dtype_and_refuses_what_it_lacks(with_bf16_units, capsys):
+    """`+…fsdp_config.mixed_precision.*` as verl users pass it (verl's FSDP engine reads a dict there)."""
+    from ascend_rl.cli.main import main
+    from ascend_rl.config import load_config
+
+    mixed = "+actor_rollout_ref.actor.fsdp_config.mixed_precision"
+    cfg = load_config([f"{mixed}.param_dtype=bf16", f"{mixed}.reduce_dtype=fp32", f"{mixed}.buffer_dtype=fp32"])
+    settings = fsdp_settings(cfg.actor_rollout_ref.actor.fsdp_config, "cpu")
+    assert (settings.compute_dtype, settings.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert main(["plan", f"{mixed}.cast_forward_inputs=true", "+critic.fsdp.mixed_precision.buffer_dtype=bf16"]) == 1
+    err = capsys.readouterr().out  # plan lists every start-up problem
+    assert "fsdp_config.mixed_precision.cast_forward_inputs: unknown field (verl's FSDP engine reads param_dtype" in err
+    assert "critic.fsdp.mixed_precision.buffer_dtype=bf16: buffers other than fp32 are not built" in err

@@ -36,6 +36,8 @@ OPEN_MAPS = (
     "*.megatron.override_transformer_config",
     "*.megatron.override_ddp_config",
     "*.megatron.override_mcore_model_config",
+    "*.fsdp_config.mixed_precision",  # verl's FSDP engine reads a dict here (FSDPEngineConfig.mixed_precision)
+    "critic.fsdp.mixed_precision",
     "reward_model.rollout.engine_kwargs",
     "reward_model.reward_kwargs",  # verl's legacy spelling of reward.reward_kwargs (+reward_model.reward_kwargs.x)
     "reward.reward_kwargs",

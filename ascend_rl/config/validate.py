@@ -30,7 +30,8 @@ WEIGHT_TRANSPORTS = ("auto", "tensor", "disk", "distributed")
 
 def validate(cfg: DictConfig, layout: Layout) -> list[str]:
     return [*_check_choices(cfg), *_check_numbers(cfg), *_check_ranges(cfg), *_check_batches(cfg, layout),
-            *_check_rollout(cfg, layout), *_check_sequence_parallel(cfg), *_check_megatron(cfg)]
+            *_check_rollout(cfg, layout), *_check_sequence_parallel(cfg), *_check_megatron(cfg),
+            *_check_mixed_precision(cfg)]
 
 
 def _check_numbers(cfg: DictConfig) -> list[str]:
@@ -201,6 +202,30 @@ def _check_megatron(cfg: DictConfig) -> list[str]:
     if etp is not None and etp not in (tp, 1):
         errors.append(f"{A}.actor.megatron.expert_tensor_parallel_size={etp}: expected 1 or the tensor-parallel "
                       f"size ({tp})")
+    return errors
+
+
+MIXED_PRECISION_FIELDS = ("param_dtype", "reduce_dtype", "buffer_dtype")  # what verl's FSDP engine reads
+FSDP_SECTIONS = (f"{A}.actor.fsdp_config", f"{A}.ref.fsdp_config", "critic.fsdp")
+
+
+def _check_mixed_precision(cfg: DictConfig) -> list[str]:
+    """`+…fsdp_config.mixed_precision.*` (verl's FSDP engine reads param_dtype, reduce_dtype, buffer_dtype): the
+    fields it knows; buffers stay in the model's dtype here (FSDP2 casts parameters only), so buffer_dtype
+    may only say fp32, verl's default."""
+    errors = []
+    for path in FSDP_SECTIONS:
+        mixed = OmegaConf.select(cfg, f"{path}.mixed_precision")
+        if mixed is None:
+            continue
+        if not isinstance(mixed, DictConfig):
+            errors.append(f"{path}.mixed_precision={mixed}: expected a map of {', '.join(MIXED_PRECISION_FIELDS)}")
+            continue
+        errors += [f"{path}.mixed_precision.{field}: unknown field (verl's FSDP engine reads "
+                   f"{', '.join(MIXED_PRECISION_FIELDS)})" for field in mixed if field not in MIXED_PRECISION_FIELDS]
+        if mixed.get("buffer_dtype") not in (None, "fp32", "float32"):
+            errors.append(f"{path}.mixed_precision.buffer_dtype={mixed.buffer_dtype}: buffers other than fp32 are "
+                          f"not built (FSDP2 casts parameters, not buffers); leave it out or set fp32")
     return errors
 
 
