@@ -147,10 +147,19 @@ class DeterminismProbe:
 
 
 def test_workers_turn_on_deterministic_mode_when_the_driver_asks(monkeypatch):
+    """Through the driver's environment as it is when the group starts, also where the fork server CPU workers
+    come from started before the variable was set."""
+    ProcessWorkerGroup(1, "test_distributed:DeterminismProbe", {}).close()  # the fork server runs from here on
     monkeypatch.setenv("ASCEND_RL_DETERMINISTIC", "1")  # what make_deterministic leaves for them
     group = ProcessWorkerGroup(2, "test_distributed:DeterminismProbe", {})
     try:
         assert group.call_all("enabled") == [True, True]
+    finally:
+        group.close()
+    monkeypatch.delenv("ASCEND_RL_DETERMINISTIC")
+    group = ProcessWorkerGroup(1, "test_distributed:DeterminismProbe", {})
+    try:
+        assert group.call_all("enabled") == [False]
     finally:
         group.close()
 

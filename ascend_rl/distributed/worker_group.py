@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import multiprocessing
 import os
 import time
 import traceback
@@ -51,11 +52,28 @@ class WorkerGroup:
         raise NotImplementedError
 
 
+# What a CPU worker imports before it builds anything: the fork server imports it once for every group.
+FORK_SERVER_PRELOAD = ["ascend_rl.distributed.actor_group"]
+
+
+def start_context(backend: str):
+    """How workers start. On a CPU (gloo) they fork from a server that imported the worker code once: a group
+    starts in ~0.05 s instead of ~2.5 s of imports per worker. Accelerators' workers are spawned, so that no
+    process they come from has touched a device. Either way a worker takes the driver's environment as it is
+    when the group starts (`_worker_main`), not the fork server's."""
+    if backend != "gloo":
+        return mp.get_context("spawn")
+    multiprocessing.set_forkserver_preload(FORK_SERVER_PRELOAD)  # no effect once the server runs
+    return mp.get_context("forkserver")
+
+
 def _worker_main(rank: int, world_size: int, port: int, backend: str, threads: int, conn, factory: str,
-                 kwargs: dict, imports: Sequence[str]) -> None:
+                 kwargs: dict, imports: Sequence[str], environ: dict[str, str]) -> None:
     import torch
     import torch.distributed as dist
 
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))  # one node: the rank is the device index
     torch.set_num_threads(threads)
@@ -81,7 +99,7 @@ class ProcessWorkerGroup(WorkerGroup):
                  threads_per_worker: int | None = None, imports: Sequence[str] = ()):
         from ascend_rl.rollout.server_process import free_port
 
-        ctx = mp.get_context("spawn")  # fork would copy the driver's threads and torch state
+        ctx = start_context(backend)  # never a fork of the driver: it would copy its threads and torch state
         threads = threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
         port = free_port()
         self.conns, self.processes = [], []
@@ -90,7 +108,8 @@ class ProcessWorkerGroup(WorkerGroup):
             # Not daemonic: a worker may start processes of its own (SGLang's schedulers), which Python forbids
             # daemonic processes. A worker whose driver is gone sees its pipe close and exits.
             process = ctx.Process(target=_worker_main, daemon=False, name=f"ascend-rl-worker-{rank}",
-                                  args=(rank, world_size, port, backend, threads, child, factory, kwargs, tuple(imports)))
+                                  args=(rank, world_size, port, backend, threads, child, factory, kwargs,
+                                        tuple(imports), dict(os.environ)))
             process.start()
             self.conns.append(parent)
             self.processes.append(process)

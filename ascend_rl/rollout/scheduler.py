@@ -347,8 +347,9 @@ class Scheduler:
         joining = self._fitting(candidates[:free], alive, batch)
         if not joining:
             return
+        joined = {id(t) for t in joining}
         with self._queue_lock:
-            self._waiting = [t for t in self._waiting if all(t is not j for j in joining)]
+            self._waiting = [t for t in self._waiting if id(t) not in joined]
         room = max(batch.room(alive) if batch else 0, max(t.request.params.max_new_tokens for t in joining))
         prompts, scorer = [t.request.input_ids for t in joining], _prompt_scorer(joining)
         # on_prefill only when asked for: the plain call is the steppers' (and their stand-ins') minimal one
@@ -365,15 +366,16 @@ class Scheduler:
         joining, prompts, longest = [], set(), 0
         for ticket in candidates:
             ids, params = ticket.request.input_ids, ticket.request.params
-            prompts_after, longest_after = prompts | {tuple(ids)}, max(longest, len(ids))
-            prefill = len(prompts_after) * longest_after
+            prompt, longest_after = tuple(ids), max(longest, len(ids))
+            prefill = (len(prompts) + (prompt not in prompts)) * longest_after
             cache = (len(alive) + len(joining) + 1) * (max(width, longest_after) + max(room, params.max_new_tokens))
             within = prefill <= self.budget.max_num_batched_tokens and (
                 self.budget.kv_cache_tokens is None or cache <= self.budget.kv_cache_tokens)
             if not within and (joining or len(alive)):
                 break
             joining.append(ticket)
-            prompts, longest = prompts_after, longest_after
+            prompts.add(prompt)
+            longest = longest_after
             room = max(room, params.max_new_tokens)
         return joining
 
