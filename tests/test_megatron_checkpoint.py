@@ -1,4 +1,5 @@
-"""Megatron dist checkpoints (ascend_rl/workers/megatron/checkpoint.py) and `ascend-rl convert hf-to-mcore`:
+"""Megatron dist checkpoints (ascend_rl/workers/megatron/checkpoint.py), `ascend-rl convert hf-to-mcore` and
+`mcore-to-hf`:
 weights saved at TP 2 load exactly at TP 1, the optimizer's state round-trips (the next step is the same as
 without the save and load), the converter's checkpoint gives the HF model's logits at TP 1 and TP 2, and what
 does not fit is refused with one line naming the path. Tiny models, fp32, gloo, on the CPU."""
@@ -95,6 +96,15 @@ class CheckpointWorker:
         model = build(config, parallel)
         load_dist_weights(path, model)
         return {"weights": mcore_shard(model), "logits": logits(model)}
+
+    def load_training(self, config, parallel: MegatronParallel, path: str) -> dict:
+        """The weights of a training checkpoint, as Megatron's loader reads them at `parallel`."""
+        from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint
+        from ascend_rl.workers.megatron.model import mcore_shard
+
+        model = build(config, parallel)
+        load_dist_checkpoint(path, model)
+        return {"weights": mcore_shard(model)}
 
     def train(self, parallel: MegatronParallel, distributed: bool, save: str | None = None,
               resume: str | None = None, fully_reshardable: bool = False, name: str = "qwen3") -> dict:
@@ -214,6 +224,27 @@ def test_convert_command_end_to_end(workers, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_mcore_to_hf_merges_a_training_checkpoint_saved_at_tp2(workers, tmp_path):
+    """verl's layout (the HF config in model/huggingface beside model/dist_ckpt), as verl's model_merger reads it:
+    the merged model holds what Megatron's own loader reads from the checkpoint, and transformers loads it."""
+    import transformers
+
+    local, out = tmp_path / "actor", tmp_path / "merged"
+    workers.call_all("train", TP2, True, str(local), None, True)  # one step from the HF weights, saved at TP 2
+    hf = hf_model("qwen3")
+    hf.config.save_pretrained(local / "model" / "huggingface")
+    run = subprocess.run([sys.executable, "-m", "ascend_rl", "convert", "mcore-to-hf", "--local_dir", str(local),
+                          "--target_dir", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"from the training checkpoint {local}" in run.stdout and "no tokenizer" in run.stdout
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    merged.pop("lm_head.weight")  # tied to the embedding
+    want = as_hf(workers.call_all("load_training", hf.config, TP1, str(local)), "qwen3", TP1)
+    assert_equal(merged, want)
+    initial = hf.state_dict()
+    assert all(not torch.equal(merged[k], initial[k]) for k in merged if k.endswith("q_proj.weight"))  # trained
+
+
 def one_line_error(capsys, argv: list[str]) -> str:
     capsys.readouterr()
     assert main(argv) != 0
@@ -234,6 +265,13 @@ def test_convert_refusals(tmp_path, capsys):
     assert "exists" in one_line_error(capsys, [*convert, str(hf), "--output", str(tmp_path / "full")])
     for source, message in [("nope", "no such directory"), ("full", "no config.json"), ("gpt2", "model_type='gpt2'")]:
         assert message in one_line_error(capsys, [*convert, str(tmp_path / source), "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    merge = ["convert", "mcore-to-hf", "--local-dir"]
+    assert "no Hugging Face config beside it" in one_line_error(capsys, [*merge, str(tmp_path / "full"),
+                                                                         "--target-dir", str(tmp_path / "o")])
+    assert "exists" in one_line_error(capsys, [*merge, str(tmp_path / "full"), "--target-dir", str(hf)])
+    assert "not a Megatron dist checkpoint" in one_line_error(capsys, [*merge, str(tmp_path / "full"), "--hf-config",
+                                                                       str(hf), "--target-dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 
@@ -265,3 +303,20 @@ def test_loader_refusals(workers, tmp_path):
         assert re.search(message, got), got
     got = workers.call_all("refused", "save_weights", "qwen3", TP2, str(qwen3))[0]
     assert got.startswith(f"{qwen3} exists; a checkpoint is written to a new"), got
+
+
+def test_mcore_to_hf_finds_the_config_and_tokenizer_of_an_ascend_rl_checkpoint(tiny_model_dir, tmp_path):
+    """ascend-rl's checkpoint keeps the HF export (config, tokenizer) in actor/, beside actor/dcp/."""
+    from ascend_rl.cli.convert_cmd import _config_dir, _copy_tokenizer
+
+    actor = tmp_path / "global_step_2" / "actor"
+    shutil.copytree(tiny_model_dir, actor)
+    (actor / "dcp" / "model" / "dist_ckpt").mkdir(parents=True)
+    assert _config_dir(actor / "dcp", None) == actor
+    assert _config_dir(actor / "dcp", str(tmp_path)) == tmp_path  # --hf-config wins
+    (tmp_path / "out").mkdir()
+    assert _copy_tokenizer(actor, tmp_path / "out")
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        if (actor / name).is_file():
+            assert (tmp_path / "out" / name).is_file(), name
+    assert not _copy_tokenizer(actor / "dcp", tmp_path / "out2")
