@@ -18,12 +18,14 @@ from ascend_rl.workers.packing import SequenceSettings
 from ascend_rl.workers.trained import (
     DCP_DIR,
     Batching,
+    MiniBatchWalk,
     TrainedModel,
     in_row_order,
     load_model,
     micro_batch_rows,
     model_forward,
     place,
+    reduced_metrics,
     split,
 )
 
@@ -138,7 +140,41 @@ def policy_loss(s: ActorSettings, micro: TensorDict, log_prob: torch.Tensor, ent
     return loss
 
 
-class Actor(TrainedModel):
+class PolicyUpdate(MiniBatchWalk):
+    """The PPO-family update, whichever engine computes it: `ppo_epochs` passes over mini-batches, one optimizer
+    step per mini-batch, `policy_loss` per micro-batch, one LR step per call. An engine supplies the steps that
+    differ: `_zero_grads`, `_train_log_probs`, `_grad_scale` (gradients are averaged over that many ranks, and the
+    losses, normalised by the whole mini-batch's counts, must add up), `_step` (→ the grad norm) and `_lr_step`."""
+
+    settings: ActorSettings
+    optimizer: torch.optim.Optimizer
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        self.model.train()
+        metrics: dict[str, list[float]] = defaultdict(list)
+        for mini in self.mini_batches(batch.to(self.device)):
+            self._update_mini_batch(mini, metrics)
+        self._lr_step()
+        return reduced_metrics(metrics, "actor", ("pg_loss", "kl_loss"), self.dp_size,
+                               self.optimizer.param_groups[0]["lr"])
+
+    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
+        s = self.settings
+        # The whole mini-batch's counts make the micro-batch losses of all ranks add up to the mini-batch loss.
+        agg_kw = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
+        mini = mini[torch.tensor(self.rows_of_rank(mini))]
+        self._zero_grads()
+        totals: dict[str, float] = defaultdict(float)
+        for micro in self.micro_batches(mini):
+            log_prob, entropy = self._train_log_probs(micro, needs_entropy(s, micro))
+            loss = policy_loss(s, micro, log_prob, entropy, agg_kw, metrics, totals)
+            (loss * self._grad_scale).backward()
+        metrics["grad_norm"].append(self._step())
+        for name, value in totals.items():
+            metrics[name].append(value)
+
+
+class Actor(TrainedModel, PolicyUpdate):
     """One process's actor (a shard of it, with a device mesh): old log-probs and the PPO-family update."""
 
     def __init__(self, model_path: str, device: str, settings: ActorSettings, optim: OptimSettings,
@@ -159,31 +195,24 @@ class Actor(TrainedModel):
                      for mb in split(batch, rows)]
         return in_row_order([p[0] for p in parts], rows).cpu(), in_row_order([p[1] for p in parts], rows).cpu()
 
-    def update(self, batch: TensorDict) -> dict[str, float]:
-        """`ppo_epochs` passes over mini-batches; one optimizer step per mini-batch; one LR step per call."""
-        self.model.train()
-        metrics: dict[str, list[float]] = defaultdict(list)
-        for mini in self.mini_batches(batch.to(self.device)):
-            self._update_mini_batch(mini, metrics)
-        self.scheduler.step()
-        return self.reduced(metrics, "actor", summed=("pg_loss", "kl_loss"))
+    # --- PolicyUpdate's steps --------------------------------------------------------------------------
 
-    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
-        s = self.settings
-        # The whole mini-batch's counts make the micro-batch losses of all ranks add up to the mini-batch loss.
-        agg_kw = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
-        mini = mini[torch.tensor(self.rows_of_rank(mini))]
+    def _zero_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = defaultdict(float)
-        for micro in self.micro_batches(mini):
-            with self._compute():
-                log_prob, entropy = self.forward.log_probs(self.model, micro, s.temperature,
-                                                           with_entropy=needs_entropy(s, micro))
-            loss = policy_loss(s, micro, log_prob, entropy, agg_kw, metrics, totals)
-            (loss * self.world_size).backward()  # FSDP averages gradients over the ranks; we want their sum
-        metrics["grad_norm"].append(self.optimizer_step(s.grad_clip))
-        for name, value in totals.items():
-            metrics[name].append(value)
+
+    def _train_log_probs(self, micro: TensorDict, with_entropy: bool):
+        with self._compute():
+            return self.forward.log_probs(self.model, micro, self.settings.temperature, with_entropy=with_entropy)
+
+    @property
+    def _grad_scale(self) -> int:
+        return self.world_size  # FSDP averages gradients over every rank (a Ulysses group's too)
+
+    def _step(self) -> float:
+        return self.optimizer_step(self.settings.grad_clip)
+
+    def _lr_step(self) -> None:
+        self.scheduler.step()
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF parameter names and whole tensors, for weight sync (sharded: a collective over the ranks)."""

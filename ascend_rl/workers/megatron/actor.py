@@ -8,7 +8,6 @@ update one process would."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,15 +16,14 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
-from ascend_rl.algorithms import global_counts
-from ascend_rl.workers.actor import ActorSettings, ReferenceSettings, needs_entropy, policy_loss
+from ascend_rl.workers.actor import ActorSettings, PolicyUpdate, ReferenceSettings
 from ascend_rl.workers.megatron import cpu_patches
 from ascend_rl.workers.megatron.arch import architecture
 from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module, build_optimizer, wrap_ddp
 from ascend_rl.workers.megatron.forward import response_log_probs
 from ascend_rl.workers.megatron.gather import hf_weights
-from ascend_rl.workers.trained import DCP_DIR, MiniBatchWalk, in_row_order, micro_batch_rows, reduced_metrics, split
+from ascend_rl.workers.trained import DCP_DIR, in_row_order, micro_batch_rows, split
 
 
 class MegatronPolicy:
@@ -63,7 +61,7 @@ class MegatronReference:
                                      with_entropy=False)[0]
 
 
-class MegatronActor(MiniBatchWalk):
+class MegatronActor(PolicyUpdate):
     """One rank's actor: its Megatron shard under DDP, Megatron's optimizer and LR schedule."""
 
     def __init__(self, model_path: str, settings: ActorSettings, optim: MegatronOptim, engine: MegatronEngine):
@@ -85,42 +83,34 @@ class MegatronActor(MiniBatchWalk):
         return self.policy.log_probs(self.model, batch, s.log_prob_micro_batch_size, s.log_prob_max_token_len,
                                      s.temperature, with_entropy=True)
 
-    def update(self, batch: TensorDict) -> dict[str, float]:
-        """`ppo_epochs` passes over mini-batches; one optimizer step per mini-batch; one LR step per call."""
-        self.model.train()
-        metrics: dict[str, list[float]] = defaultdict(list)
-        for mini in self.mini_batches(batch):
-            self._update_mini_batch(mini, metrics)
-        self.scheduler.step(1)
-        return reduced_metrics(metrics, "actor", ("pg_loss", "kl_loss"), self.dp_size,
-                               self.optimizer.param_groups[0]["lr"])
+    # --- PolicyUpdate's steps --------------------------------------------------------------------------
 
-    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
-        from megatron.core.distributed import finalize_model_grads
-
-        s = self.settings
-        agg_kw = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
-        mini = mini[torch.tensor(self.rows_of_rank(mini))]
+    def _zero_grads(self) -> None:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        totals: dict[str, float] = defaultdict(float)
-        for micro in self.micro_batches(mini):
-            log_prob, entropy = self.policy.forward(self.model, micro, s.temperature, needs_entropy(s, micro))
-            loss = policy_loss(s, micro, log_prob, entropy, agg_kw, metrics, totals)
-            (loss * self.dp_size).backward()  # DDP averages over the data-parallel ranks; we want their sum
-        # DP all-reduce, and the sums over TP of weights each rank saw a part of (sequence-parallel norms, q/k norms)
-        finalize_model_grads([self.model])
-        metrics["grad_norm"].append(self._step())
-        for name, value in totals.items():
-            metrics[name].append(value)
+
+    def _train_log_probs(self, micro: TensorDict, with_entropy: bool):
+        return self.policy.forward(self.model, micro, self.settings.temperature, with_entropy)
+
+    @property
+    def _grad_scale(self) -> int:
+        return self.dp_size  # DDP averages over the data-parallel ranks
 
     def _step(self) -> float:
-        """Megatron's clipped step; a non-finite gradient anywhere would poison the weights: skipped."""
+        """The DP all-reduce and the sums over TP of weights each rank saw a part of (sequence-parallel norms,
+        q/k norms), then Megatron's clipped step; a non-finite gradient anywhere would poison the weights:
+        skipped."""
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.model])
         if not _finite_everywhere(p.main_grad for p in self.model.parameters() if p.requires_grad):
             self.optimizer.zero_grad()
             return float("nan")
         _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm)
+
+    def _lr_step(self) -> None:
+        self.scheduler.step(1)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF names and whole tensors gathered from every rank's shard, a layer at a time (a collective: every
