@@ -35,5 +35,6 @@ __all__ = [
     "AdaptiveKLController", "FixedKLController", "agg_denominator", "agg_loss", "apply_kl_in_reward",
     "compute_advantages", "compute_policy_loss", "entropy_from_logits", "global_counts", "groups_with_signal",
     "kl_penalty", "log_probs_from_logits", "make_kl_controller", "masked_mean", "masked_var", "masked_whiten",
-    "overlong_penalty", "policy_loss_kwargs", "policy_loss_mode", "bypass_mode", "register_adv_estimator", "register_policy_loss", "value_loss",
+    "overlong_penalty", "policy_loss_kwargs", "policy_loss_mode", "bypass_mode", "register_adv_estimator",
+    "register_policy_loss", "value_loss",
 ]
