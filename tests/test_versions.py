@@ -87,9 +87,9 @@ def test_install_dry_run_prints_every_step_with_the_pins(device):
 
 
 def test_megatron_pins_agree():
-    """One megatron-core everywhere: the NPU pin, the `megatron` extra, the CPU patches; inside the engine's range.
-    MindSpeed's branch adapts that core line, and the pair runs on the pinned torch (else the script must
-    install another)."""
+    """One tested megatron-core for the `megatron` extra and the CPU patches, inside the engine's range; on NPUs
+    MindSpeed's and Megatron-LM's branches are that core line, and the pair runs on the pinned torch (else the
+    script must install another)."""
     from ascend_rl.workers.megatron.cpu_patches import MEGATRON_CORE
 
     tested = MEGATRON["tested"]
