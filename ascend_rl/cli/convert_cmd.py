@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hf.add_argument("--output", "--output_path", dest="output", required=True, metavar="DIR",
                     help="the dist checkpoint directory to write (must not exist, or be empty)")
     hf.set_defaults(run=_hf_to_mcore)
-    mcore = sub.add_parser("mcore-to-hf", help="a Megatron dist checkpoint as a Hugging Face model (verl's model_merger)",
-                           description=MCORE_TO_HF, formatter_class=DefaultsHelpFormatter)
+    mcore = sub.add_parser("mcore-to-hf", description=MCORE_TO_HF, formatter_class=DefaultsHelpFormatter,
+                           help="a Megatron dist checkpoint as a Hugging Face model (verl's model_merger)")
     mcore.add_argument("--local-dir", "--local_dir", dest="local_dir", required=True, metavar="DIR",
                        help="the dist checkpoint: a training checkpoint (model/dist_ckpt inside) or a weights-only one")
     mcore.add_argument("--target-dir", "--target_dir", dest="target_dir", required=True, metavar="DIR",
