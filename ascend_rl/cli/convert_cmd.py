@@ -81,7 +81,7 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
     config_dir = _config_dir(source, args.hf_config)
     config = _hf_config(config_dir)
     _require_megatron()
-    dtype = _config_dtype(config)
+    dtype = _config_dtype(config, config_dir)
     parallel = MegatronParallel()
     with _megatron_on_cpu(parallel):
         model = build_gpt_model(config, parallel, dtype)
@@ -119,12 +119,14 @@ def _config_dir(source: Path, given: str | None) -> Path:
                     f"pass --hf-config DIR (the model's config.json directory)")
 
 
-def _config_dtype(config) -> torch.dtype:
+def _config_dtype(config, config_dir: Path) -> torch.dtype:
     """The dtype the config names (transformers 5's `dtype`, 4's `torch_dtype`), fp32 if none."""
     import torch
 
+    from ascend_rl.platform import dtype_named
+
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, named) if isinstance(named, str) else named
+    return named if isinstance(named, torch.dtype) else dtype_named(f"{config_dir}/config.json dtype", named)
 
 
 def _copy_tokenizer(config_dir: Path, target: Path) -> bool:

@@ -1,10 +1,10 @@
-"""The actor over N processes (FSDP2 or Megatron over a gloo/hccl/nccl group), with the single actor's interface, so the
-driver's step loop does not change; beside it in the same processes, the reference policy's shards
+"""The actor over N processes (FSDP2 or Megatron over a gloo/hccl/nccl group), with the single actor's interface,
+so the driver's step loop does not change; beside it in the same processes, the reference policy's shards
 (`reference`) and the rollout engines (`colocated.WorkerEngines`), as in verl's hybrid engine.
 
 Log-probs: each rank computes a share of the rows, balanced by tokens. Update: every rank receives the whole
-batch and takes its slice of each mini-batch (`Actor._update_mini_batch`), so mini-batch membership, shuffling
-and loss normalisation are those of one process.
+batch and takes its slice of each mini-batch (`PolicyUpdate._update_mini_batch`), so mini-batch membership,
+shuffling and loss normalisation are those of one process.
 """
 
 from __future__ import annotations

@@ -56,7 +56,6 @@ class WorkerEngines:
         self.group.call_all("engine_call", "close")
 
 
-
 def colocated(cfg: DictConfig) -> bool:
     """Several devices and an in-process engine: the engines live in the actor's workers (verl's hybrid
     engine), each replica's on its first worker, and syncs load them from the workers' own shards."""

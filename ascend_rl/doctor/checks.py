@@ -61,6 +61,11 @@ def _at_least(found: str, minimum: str) -> bool:
     return v is not None and v >= Version(minimum)
 
 
+def _range(bounds: dict) -> str:
+    """A versions.toml table's `minimum` … `below` as a pip specifier."""
+    return f">={bounds['minimum']},<{bounds['below']}"
+
+
 def _base(text: str | None) -> str | None:
     v = _v(text)
     return v.base_version if v else None
@@ -222,7 +227,7 @@ def _triton(m: Machine, ctx: Context) -> list[Row]:
 @check("transformers")
 def _transformers(m: Machine, ctx: Context) -> list[Row]:
     found, rng = m.packages["transformers"], versions()["transformers"]
-    wanted = f">={rng['minimum']},<{rng['below']}"
+    wanted = _range(rng)
     if found is None:
         return [Row("transformers", FAIL, "not installed", f"pip install 'transformers{wanted}'")]
     if not _at_least(found, rng["minimum"]) or _at_least(found, rng["below"]):
@@ -244,7 +249,7 @@ def _mismatch_status(ctx: Context) -> str:
 
 def _megatron_range(device: str) -> str:
     """The megatron-core versions the engine runs on here: on the CPU, the one its CPU patches are written for."""
-    return f"=={MEGATRON['tested']}" if device == "cpu" else f">={MEGATRON['minimum']},<{MEGATRON['below']}"
+    return f"=={MEGATRON['tested']}" if device == "cpu" else _range(MEGATRON)
 
 
 def _fits(found: str, specifier: str) -> bool:
@@ -281,7 +286,7 @@ def _mindspeed(m: Machine, ctx: Context) -> list[Row]:
             return [Row("MindSpeed", status, "not installed", f"Megatron on Ascend runs through {fix}")]
         return [Row("MindSpeed", OK, "not installed", f"needed only for actor.strategy=megatron: {fix}")]
     shown = f"{found} ({branch})" if branch else found
-    if not _fits(found, f">={MEGATRON['minimum']},<{MEGATRON['below']}"):
+    if not _fits(found, _range(MEGATRON)):
         return [Row("MindSpeed", _mismatch_status(ctx), shown,
                     f"this MindSpeed adapts another Megatron core line; ascend-rl's engine needs {fix}")]
     if branch and branch != pin:

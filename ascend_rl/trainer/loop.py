@@ -61,7 +61,7 @@ def rollout_correction(cfg) -> dict | None:
     loss, and rejection filters (`rollout_rs`) on the response mask; None when neither is set (or in bypass
     mode, where the bypass_mode loss applies them per micro-batch)."""
     rc = cfg.algorithm.get("rollout_correction")
-    if rc is None or rc.get("bypass_mode") or (rc.get("rollout_is") is None and rc.get("rollout_rs") is None):
+    if rc is None or bypass_mode(cfg.algorithm) or (rc.get("rollout_is") is None and rc.get("rollout_rs") is None):
         return None
     return {key: rc.get(key) for key in ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize",
                                          "rollout_rs", "rollout_rs_threshold")}
