@@ -4,7 +4,7 @@
 # fetches them here), then runs, each step under its own time limit, 8 minutes in all:
 #   machine  the GPU, driver, CUDA, torch
 #   install  the missing packages from .whl/ and ascend-rl itself (--no-deps -e .); torch is never touched
-#   pytest   pytest -m cuda (tests/test_cuda.py)
+#   pytest   pytest -m cuda (tests/test_cuda.py, tests/test_cuda_megatron.py)
 #   train    30 steps of the embedded default with trainer.device=cuda
 #   bench    benchmarks/rollout_gpu.py: native engine vs transformers generate on a ~100 M-parameter Qwen3,
 #            and the fraction of the HBM-bandwidth bound (HBM_GBPS, default 4800: an H200)
@@ -23,8 +23,8 @@ HBM_GBPS=${HBM_GBPS:-4800}
 
 # What ascend-rl needs that the GPU image lacks (it has torch 2.11 + CUDA 13, transformers 5.17, numpy, pyarrow,
 # safetensors, tqdm, matplotlib, tensorboard, anyio, click, h11, annotated-doc, packaging, pyyaml, sympy, ...;
-# scripts/device_deps.py holds its list). All pure Python but pydantic-core (cp312); versions as the CPU venv
-# runs them. typing-extensions only where the image's is older than pydantic's >= 4.16 (pip decides).
+# scripts/device_deps.py holds its list). All pure Python but pydantic-core and megatron-core (cp312); versions as
+# the CPU venv runs them. typing-extensions only where the image's is older than pydantic's >= 4.16 (pip decides).
 WHEELS=(
   hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
   tensordict==0.15.3 pyvers==0.2.3
@@ -32,6 +32,7 @@ WHEELS=(
   pebble==5.2.3
   fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5 opentelemetry-api==1.45.2 typing-extensions==4.16.0 uvicorn==0.54.0
+  megatron-core==0.16.1
 )
 STEPS=(machine install pytest train bench)
 declare -A BUDGET=([machine]=30 [install]=40 [pytest]=160 [train]=130 [bench]=90)  # seconds
@@ -120,7 +121,7 @@ step_pytest() {
   # pytest-timeout ends a hanging test with a failure instead of the whole step at its limit
   "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && timeout_flag=(--timeout=150)
   # only tests/test_cuda.py: other test modules import dev-only packages the GPU image lacks
-  run "$PYTHON" -m pytest -m cuda tests/test_cuda.py -v -rA -p no:cacheprovider "${timeout_flag[@]}" \
+  run "$PYTHON" -m pytest -m cuda tests/test_cuda.py tests/test_cuda_megatron.py -v -rA -p no:cacheprovider "${timeout_flag[@]}" \
     -o junit_family=xunit1 --junitxml="$WORK/pytest.xml"
 }
 

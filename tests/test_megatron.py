@@ -289,3 +289,50 @@ def test_tp2_equals_tp1(name, parallel, two_workers, tp1_steps):
     got = merged(two_workers.call_all("step", name, parallel), name)
     assert got["recompute"] == parallel.override_transformer_config.get("recompute_granularity")
     assert_same_step(got, tp1_steps(name))
+
+
+# --- each device kind's adaptor (workers/megatron/adaptors.py) -------------------------------------------------
+
+@pytest.fixture
+def fake_mindspeed(monkeypatch):
+    """A stand-in for MindSpeed's adaptor module that records what `repatch` is given."""
+    import importlib.machinery
+    import types
+
+    calls: list[dict] = []
+    adaptor = types.ModuleType("mindspeed.megatron_adaptor")
+    adaptor.repatch = calls.append
+    package = types.ModuleType("mindspeed")
+    package.__spec__ = importlib.machinery.ModuleSpec("mindspeed", None)
+    package.megatron_adaptor = adaptor
+    monkeypatch.setitem(sys.modules, "mindspeed", package)
+    monkeypatch.setitem(sys.modules, "mindspeed.megatron_adaptor", adaptor)
+    return calls
+
+
+def test_on_an_npu_mindspeed_is_repatched_with_the_runs_overrides_as_verl_does(fake_mindspeed):
+    from megatron.core.transformer.enums import AttnBackend
+
+    from ascend_rl.workers.megatron import adaptors
+
+    adaptors.adapt("npu", MegatronParallel(override_transformer_config={"attention_backend": "flash",
+                                                                        "recompute_granularity": "full"}))
+    adaptors.adapt("npu", MegatronParallel(override_transformer_config={"use_flash_attn_npu_batch_invariant": True}))
+    adaptors.adapt("npu", MegatronParallel(override_transformer_config={"use_flash_attn": False}))
+    assert fake_mindspeed == [
+        {"attention_backend": AttnBackend.flash, "recompute_granularity": "full", "use_flash_attn": True},
+        {"use_flash_attn_npu_batch_invariant": True, "use_flash_attn": False},  # both patch the same forward
+        {"use_flash_attn": False},
+    ]
+    assert adaptors.missing("npu") is None
+
+
+def test_without_mindspeed_megatron_on_an_npu_is_refused_with_the_install_step():
+    from ascend_rl.workers.megatron import adaptors
+
+    if adaptors.missing("npu") is None:
+        pytest.skip("MindSpeed is installed here")
+    assert "USE_MEGATRON=1 bash scripts/install_sglang_npu.sh" in adaptors.missing("npu")
+    with pytest.raises(RuntimeError, match="MindSpeed, which is not installed"):
+        adaptors.adapt("npu", MegatronParallel())
+    assert adaptors.missing("cuda") is None and adaptors.missing("cpu") is None

@@ -49,9 +49,6 @@ MEGATRON_FSDP = Missing("Megatron's own FSDP (megatron.use_megatron_fsdp)", "use
                         "distributed optimizer shards the optimizer state)", _megatron, _NOT_MEGATRON)
 MEGATRON_MODEL_OVERRIDE = Missing("megatron.override_mcore_model_config", "the model's HF config.json",
                                   _megatron, _NOT_MEGATRON)
-MEGATRON_DEVICE = Missing("Megatron training on an accelerator (model_engine=megatron with trainer.device npu or "
-                          "cuda; on a CPU it runs)", f"trainer.device=cpu to try the recipe, or {A}.actor.strategy=fsdp",
-                          lambda c: _megatron(c) and c.trainer.device != "cpu", "the run is on a CPU")
 MEGATRON_CRITIC = Missing("a Megatron critic (model_engine=megatron with a critic)",
                           "a critic-free estimator (algorithm.adv_estimator=grpo), or model_engine=dp",
                           lambda c: _megatron(c) and critic_in_use(c), "the run has no Megatron critic")

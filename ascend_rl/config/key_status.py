@@ -132,6 +132,7 @@ MEGATRON_ROWS: tuple[tuple[str, Status], ...] = (
         "pipeline_model_parallel_size", "context_parallel_size")),
     (f"{A}.ref.megatron.use_dist_checkpointing", _h(_SPECS)),
     (f"{A}.ref.megatron.dist_checkpointing_path", _h(_SPECS)),
+    (f"{A}.ref.megatron.param_offload", _h(_SPECS)),
     (f"{A}.ref.megatron.*", _n("the reference policy runs in the actor's Megatron engine, on its layout")),
     *((f"{M}.{k}", _h(_SPECS)) for k in (
         "tensor_model_parallel_size", "sequence_parallel", "expert_model_parallel_size",
@@ -158,7 +159,7 @@ MEGATRON_ROWS: tuple[tuple[str, Status], ...] = (
                                    "Transformer Engine's attention")),
     (f"{M}.pad_*", _n("rows are padded to the micro-batch's longest (a multiple of TP under sequence parallelism)")),
     (f"{M}.forward_only", _n("verl sets it per role; the reference is forward-only here too")),
-    (f"{M}.*_offload", _n("Megatron runs on the CPU here: weights, gradients and optimizer state are in host memory")),
+    *((f"{M}.{k}", _h(_SPECS)) for k in ("param_offload", "grad_offload", "optimizer_offload")),
     *((f"*.optim.{k}", _h(_SPECS)) for k in (
         "lr_decay_steps", "lr_decay_style", "lr_warmup_init", "lr_wsd_decay_steps", "lr_wsd_decay_style", "min_lr",
         "weight_decay_incr_style")),

@@ -163,6 +163,16 @@ def select_worker_device(device: str) -> str:
     return f"{platform.name}:{index}"
 
 
+def release_cached_memory(device: str) -> None:
+    """Hand the device memory torch's caching allocator keeps for reuse back to the device, for a process
+    beside this one (the colocated rollout engine); nothing to do on a CPU."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind != "cpu":
+        getattr(torch, kind).empty_cache()
+
+
 def _ray_accelerator_ids(resource: str | None) -> list[str]:
     """The accelerator ids Ray assigned to this process (none outside Ray)."""
     if importlib.util.find_spec("ray") is None:

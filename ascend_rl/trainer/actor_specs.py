@@ -13,6 +13,7 @@ from ascend_rl.workers.fsdp import fsdp_settings
 from ascend_rl.workers.megatron.actor import MegatronActorSpec
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, transformer_overrides
 from ascend_rl.workers.megatron.model import MegatronParallel
+from ascend_rl.workers.megatron.offload import MegatronOffload
 from ascend_rl.workers.optimizer import OptimSettings
 from ascend_rl.workers.packing import SequenceSettings
 
@@ -81,7 +82,8 @@ def megatron_spec(cfg: DictConfig, device: str, total_steps: int, with_ref: bool
     actor = arr.actor
     return MegatronActorSpec(arr.model.path, actor_settings(cfg, actor.optim.clip_grad, SequenceSettings(False)),
                              megatron_optim(actor.optim, total_steps), megatron_engine(actor.megatron, device),
-                             reference_settings(cfg) if with_ref else None, converted_weights(arr.ref.megatron))
+                             reference_settings(cfg) if with_ref else None, converted_weights(arr.ref.megatron),
+                             device != "cpu" and bool(arr.ref.megatron.param_offload))
 
 
 def converted_weights(m: DictConfig) -> str | None:
@@ -101,7 +103,17 @@ def megatron_engine(m: DictConfig, device: str, key: str = f"{A}.actor.megatron"
                                                           f"{key}.override_transformer_config"))
     dtype = compute_dtype(device, dtype_named(f"{key}.dtype", m.dtype), f"{key}.dtype")
     return MegatronEngine(parallel, dtype, bool(m.use_distributed_optimizer), m.seed, converted_weights(m),
-                          plain_map(m.override_ddp_config), bool(m.dist_ckpt_optim_fully_reshardable))
+                          plain_map(m.override_ddp_config), bool(m.dist_ckpt_optim_fully_reshardable),
+                          megatron_offload(m, device))
+
+
+def megatron_offload(m: DictConfig, device: str) -> MegatronOffload:
+    """What stays in host memory between phases: nothing on a CPU, where it already is. verl 0.9.1 releases the
+    gradient buffers with param_offload; grad_offload is older verl's own switch (it defaults to param_offload)."""
+    if device == "cpu":
+        return MegatronOffload()
+    return MegatronOffload(params=bool(m.param_offload), grads=bool(m.param_offload or m.get("grad_offload")),
+                           optimizer=bool(m.optimizer_offload))
 
 
 def megatron_optim(optim: DictConfig, total_steps: int) -> MegatronOptim:

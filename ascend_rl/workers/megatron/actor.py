@@ -17,22 +17,31 @@ import torch.distributed as dist
 from tensordict import TensorDict
 
 from ascend_rl.workers.actor import ActorSettings, PolicyUpdate, ReferenceSettings
-from ascend_rl.workers.megatron import cpu_patches
+from ascend_rl.workers.megatron import adaptors
 from ascend_rl.workers.megatron.arch import architecture
 from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module, build_optimizer, wrap_ddp
 from ascend_rl.workers.megatron.forward import response_log_probs
 from ascend_rl.workers.megatron.gather import hf_weights
+from ascend_rl.workers.megatron.offload import (
+    MegatronOffload,
+    Offloaded,
+    Part,
+    gradient_buffers,
+    optimizer_grads,
+    optimizer_tensors,
+)
 from ascend_rl.workers.trained import DCP_DIR, in_row_order, micro_batch_rows, split
 
 
 class MegatronPolicy:
-    """A Megatron GPTModel of an HF causal LM and how it computes response log-probs in micro-batches."""
+    """A Megatron GPTModel of an HF causal LM on this rank's device and how it computes response log-probs in
+    micro-batches."""
 
-    def __init__(self, model_path: str, engine: MegatronEngine):
-        self.module, self.hf_config = build_module(model_path, engine)
+    def __init__(self, model_path: str, engine: MegatronEngine, device: str):
+        self.module, self.hf_config = build_module(model_path, engine, device)
         self.vocab_size = architecture(self.hf_config).vocab_size
-        self.engine = engine
+        self.engine, self.device = engine, torch.device(device)
 
     def forward(self, model, micro: TensorDict, temperature: float, with_entropy: bool):
         return response_log_probs(model, micro, self.vocab_size, temperature, with_entropy,
@@ -41,47 +50,76 @@ class MegatronPolicy:
     @torch.no_grad()
     def log_probs(self, model, batch: TensorDict, micro_size: int | None, max_tokens: int | None,
                   temperature: float, with_entropy: bool):
+        """On the host, in the batch's row order."""
         rows = micro_batch_rows(batch, micro_size, max_tokens)
-        parts = [self.forward(model, mb, temperature, with_entropy) for mb in split(batch, rows)]
-        log_probs = in_row_order([p[0] for p in parts], rows)
-        return log_probs, in_row_order([p[1] for p in parts], rows) if with_entropy else None
+        parts = [self.forward(model, mb.to(self.device), temperature, with_entropy) for mb in split(batch, rows)]
+        log_probs = in_row_order([p[0] for p in parts], rows).cpu()
+        return log_probs, in_row_order([p[1] for p in parts], rows).cpu() if with_entropy else None
 
 
 class MegatronReference:
-    """The frozen initial policy for the KL term, on the actor's Megatron layout."""
+    """The frozen initial policy for the KL term, on the actor's Megatron layout (in host memory between calls
+    with `megatron.param_offload`)."""
 
-    def __init__(self, model_path: str, engine: MegatronEngine, settings: ReferenceSettings):
-        self.policy = MegatronPolicy(model_path, engine)
+    def __init__(self, model_path: str, engine: MegatronEngine, settings: ReferenceSettings, device: str):
+        self.policy = MegatronPolicy(model_path, engine, device)
         self.policy.module.eval().requires_grad_(False)
         self.settings = settings
+        self.weights = Offloaded([Part(self.policy.module.parameters, move=engine.offload.params)], device)
+        self.weights.offload()
 
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
         s = self.settings
-        return self.policy.log_probs(self.policy.module, batch, s.micro_batch_size, s.max_token_len, s.temperature,
-                                     with_entropy=False)[0]
+        with self.weights.resident():
+            return self.policy.log_probs(self.policy.module, batch, s.micro_batch_size, s.max_token_len,
+                                         s.temperature, with_entropy=False)[0]
 
 
 class MegatronActor(PolicyUpdate):
-    """One rank's actor: its Megatron shard under DDP, Megatron's optimizer and LR schedule."""
+    """One rank's actor: its Megatron shard under DDP, Megatron's optimizer and LR schedule. With the engine's
+    offload switches, the weights, gradients and optimizer state are in host memory outside the calls that use
+    them (each call brings back what it needs)."""
 
-    def __init__(self, model_path: str, settings: ActorSettings, optim: MegatronOptim, engine: MegatronEngine):
+    def __init__(self, model_path: str, settings: ActorSettings, optim: MegatronOptim, engine: MegatronEngine,
+                 device: str = "cpu"):
         from megatron.core import parallel_state
 
-        self.policy = MegatronPolicy(model_path, engine)
+        self.policy = MegatronPolicy(model_path, engine, device)
         self.model = wrap_ddp(self.policy.module, engine)
         self.optimizer, self.scheduler = build_optimizer(self.model, engine, optim)
         self.settings, self.batching, self.engine = settings, settings.batching, engine
-        self.device = torch.device("cpu")  # Megatron on accelerators is not built yet (train stops on it)
+        self.device = self.policy.device
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.weights, self.optimizer_state = self._offloaded(device)
+        self.weights.offload()
+        self.optimizer_state.offload()
+
+    def _offloaded(self, device: str) -> tuple[Offloaded, Offloaded]:
+        """The weights with their gradients, and the optimizer's state; each lists what it must leave alone
+        first (the distributed optimizer's fp32 shards of an fp32 model are views of the weights, its main
+        gradients of the gradient buffers)."""
+        off = self.engine.offload
+        weights = Part(self.model.module.parameters, move=off.params)
+        grads = Part(lambda: gradient_buffers(self.model), keep=False, move=off.grads)
+        return (Offloaded([weights, grads], device),
+                Offloaded([weights._replace(move=False), grads._replace(move=False),
+                           Part(lambda: optimizer_tensors(self.optimizer), move=off.optimizer),
+                           Part(lambda: optimizer_grads(self.optimizer), keep=False, move=off.optimizer)],
+                          device))
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         """Old log-probs and entropy of the sampled responses under the current weights."""
         self.model.eval()
         s = self.settings
-        return self.policy.log_probs(self.model, batch, s.log_prob_micro_batch_size, s.log_prob_max_token_len,
-                                     s.temperature, with_entropy=True)
+        with self.weights.resident():
+            return self.policy.log_probs(self.model, batch, s.log_prob_micro_batch_size, s.log_prob_max_token_len,
+                                         s.temperature, with_entropy=True)
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        with self.weights.resident(), self.optimizer_state.resident():
+            return super().update(batch)
 
     # --- PolicyUpdate's steps --------------------------------------------------------------------------
 
@@ -115,7 +153,8 @@ class MegatronActor(PolicyUpdate):
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF names and whole tensors gathered from every rank's shard, a layer at a time (a collective: every
         rank iterates to the end). Some share memory with the parameters."""
-        yield from hf_weights(self.policy.module, self.policy.hf_config)
+        with self.weights.resident():
+            yield from hf_weights(self.policy.module, self.policy.hf_config)
 
     def save(self, path: Path) -> None:
         """`path`: an HF model directory (rank 0 writes the weights gathered from every rank, a layer at a time)
@@ -125,21 +164,23 @@ class MegatronActor(PolicyUpdate):
         from huggingface_hub import save_torch_state_dict
 
         writer = dist.get_rank() == 0
-        state = {name: tensor.clone() for name, tensor in self.named_weights() if writer}  # all take part
-        path.mkdir(parents=True, exist_ok=True)  # inside the trainer's new, partial step directory
-        if writer:
-            save_torch_state_dict(state, path)
-            self.policy.hf_config.save_pretrained(path)
-        del state
-        save_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer,
-                             fully_reshardable=self.engine.optim_fully_reshardable)
+        with self.weights.resident(), self.optimizer_state.resident():
+            state = {name: t.to('cpu', copy=True) for name, t in self.named_weights() if writer}  # all take part
+            path.mkdir(parents=True, exist_ok=True)  # inside the trainer's new, partial step directory
+            if writer:
+                save_torch_state_dict(state, path)
+                self.policy.hf_config.save_pretrained(path)
+            del state
+            save_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer,
+                                 fully_reshardable=self.engine.optim_fully_reshardable)
 
     def state_dict(self) -> dict:
         """What the trainer keeps beside the shards (the same on every rank)."""
         return {"scheduler": self.scheduler.state_dict()}
 
     def load_state(self, path: Path, state: dict) -> None:
-        load_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer)
+        with self.weights.resident(), self.optimizer_state.resident():
+            load_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
 
 
@@ -160,6 +201,7 @@ class MegatronActorSpec:
     engine: MegatronEngine
     ref: ReferenceSettings | None = None
     ref_dist_checkpointing_path: str | None = None  # ref.megatron's converted weights (else the HF model's)
+    ref_param_offload: bool = False  # ref.megatron.param_offload
 
     @property
     def rows_shared_by(self) -> int:
@@ -171,12 +213,13 @@ class MegatronActorSpec:
         return True
 
     def build(self, device: str, world_size: int):
-        """This rank's actor and reference (no device mesh: Megatron makes its own process groups)."""
-        if device == "cpu":
-            cpu_patches.apply()
-        actor = MegatronActor(self.model_path, self.settings, self.optim, self.engine)
+        """This rank's actor and reference on `device` (no device mesh: Megatron makes its own process groups),
+        once Megatron is adapted to the device kind."""
+        adaptors.adapt(torch.device(device).type, self.engine.parallel)
+        actor = MegatronActor(self.model_path, self.settings, self.optim, self.engine, device)
         ref = None
         if self.ref is not None:
-            engine = replace(self.engine, dist_checkpointing_path=self.ref_dist_checkpointing_path)
-            ref = MegatronReference(self.model_path, engine, self.ref)
+            engine = replace(self.engine, dist_checkpointing_path=self.ref_dist_checkpointing_path,
+                             offload=MegatronOffload(params=self.ref_param_offload))
+            ref = MegatronReference(self.model_path, engine, self.ref, device)
         return actor, ref, None

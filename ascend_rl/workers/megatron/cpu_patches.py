@@ -1,5 +1,5 @@
 """Patches that let Megatron-core run on a CPU build of torch with gloo: a Megatron run on a laptop (device
-cpu), and the tests. Applied only when the training device is the CPU (docs/megatron.md says so); a GPU or NPU
+cpu), and the tests. Applied only when the training device is the CPU (docs/distributed.md says so); a GPU or NPU
 run leaves Megatron as it ships.
 
 Megatron-core assumes CUDA in a few places even on its local (no Transformer Engine) layer spec. Each patch

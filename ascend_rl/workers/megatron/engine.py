@@ -13,6 +13,7 @@ import torch
 
 from ascend_rl.workers.megatron.checkpoint import load_dist_weights
 from ascend_rl.workers.megatron.model import MegatronParallel, build_gpt_model, init_model_parallel, load_hf_weights
+from ascend_rl.workers.megatron.offload import MegatronOffload
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class MegatronOptim:
 @dataclass(frozen=True)
 class MegatronEngine:
     """`*.megatron.*`: the layout, the dtype weights are kept and computed in (an fp32 master copy lives in the
-    optimizer for 16-bit ones), the distributed optimizer, the seed, and where the weights come from."""
+    optimizer for 16-bit ones), the distributed optimizer, the seed, where the weights come from, and what lives
+    in host memory between phases."""
 
     parallel: MegatronParallel = MegatronParallel()
     dtype: torch.dtype = torch.float32
@@ -90,6 +92,7 @@ class MegatronEngine:
     dist_checkpointing_path: str | None = None  # use_dist_checkpointing: a converted checkpoint, not the HF weights
     ddp_overrides: dict = field(default_factory=dict, hash=False)  # override_ddp_config
     optim_fully_reshardable: bool = False  # dist_ckpt_optim_fully_reshardable: its state resumes at any layout
+    offload: MegatronOffload = MegatronOffload()
 
     @property
     def sequence_multiple(self) -> int:
@@ -97,9 +100,10 @@ class MegatronEngine:
         return self.parallel.tp if self.parallel.sequence_parallel else 1
 
 
-def build_module(model_path: str, engine: MegatronEngine):
-    """This rank's GPTModel with its weights, and the HF config it was built from. Megatron's process groups
-    are made once per process (the actor and the reference share them)."""
+def build_module(model_path: str, engine: MegatronEngine, device: str = "cpu"):
+    """This rank's GPTModel with its weights on `device`, and the HF config it was built from (built and loaded
+    on the host, then moved). Megatron's process groups are made once per process (the actor and the reference
+    share them)."""
     import transformers
     from megatron.core import parallel_state
 
@@ -116,7 +120,7 @@ def build_module(model_path: str, engine: MegatronEngine):
         hf = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=engine.dtype)
         load_hf_weights(module, hf.state_dict(), hf_config, engine.parallel)
         del hf
-    return module, hf_config
+    return module.to(device), hf_config
 
 
 def wrap_ddp(module, engine: MegatronEngine):

@@ -7,8 +7,8 @@ other TransformerConfig field through `override_transformer_config`. Pipeline, v
 parallelism are not: they raise NotImplementedError.
 
 Megatron's RoPE takes positions 0..S-1 whatever `position_ids` say, so rows must start at column 0
-(right-padded, which causal attention makes harmless to the real tokens); the trainer's left-padded rows need
-shifting first (not built yet).
+(right-padded, which causal attention makes harmless to the real tokens): `forward.left_aligned` shifts the
+trainer's left-padded rows.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def transformer_config_kwargs(arch: Architecture, parallel: MegatronParallel, dt
         # (tensor_model_parallel, partition_dim: what grad-norm, optimizer and dist checkpoints read) only
         # while initialising them: perform_initialization=False would leave every parameter looking copied.
         perform_initialization=True,
-        use_cpu_initialization=True,  # CPU only for now; on devices the initialisation belongs there
+        # On the host even for an accelerator: the HF weights are converted there and the model moved after.
+        use_cpu_initialization=True,
         # The fused kernels need apex or Transformer Engine; the local spec runs the unfused PyTorch paths.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -142,13 +143,18 @@ def transformer_config_kwargs(arch: Architecture, parallel: MegatronParallel, dt
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
         )
-    overrides = dict(parallel.override_transformer_config)
+    kwargs.update(transformer_overrides_for_megatron(parallel.override_transformer_config))
+    return kwargs
+
+
+def transformer_overrides_for_megatron(overrides: dict) -> dict:
+    """`override_transformer_config` with the values Megatron takes as objects made from verl's spelling."""
+    overrides = dict(overrides)
     if isinstance(overrides.get("attention_backend"), str):  # verl writes the enum's name
         from megatron.core.transformer.enums import AttnBackend
 
         overrides["attention_backend"] = AttnBackend[overrides["attention_backend"]]
-    kwargs.update(overrides)
-    return kwargs
+    return overrides
 
 
 def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = torch.float32):
