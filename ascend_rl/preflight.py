@@ -84,6 +84,7 @@ def megatron_problems(cfg: DictConfig) -> list[str]:
     if (missing := adaptors.missing(cfg.trainer.device)) is not None:
         problems.append(f"trainer.device={cfg.trainer.device} with {A}.actor.strategy=megatron: {missing}")
     parallel = MegatronParallel(tensor_model_parallel_size=m.tensor_model_parallel_size,
+                                pipeline_model_parallel_size=m.pipeline_model_parallel_size,
                                 expert_model_parallel_size=m.expert_model_parallel_size,
                                 expert_tensor_parallel_size=m.expert_tensor_parallel_size)
     try:
@@ -95,7 +96,7 @@ def megatron_problems(cfg: DictConfig) -> list[str]:
 
         try:
             check_layout(architecture(transformers.AutoConfig.from_pretrained(Path(cfg[A].model.path).expanduser())),
-                         parallel.tp, parallel.ep, parallel.etp)
+                         parallel.tp, parallel.ep, parallel.etp, parallel.pp)
         except (NotImplementedError, ValueError) as err:
             problems.append(f"{A}.model.path={cfg[A].model.path} on Megatron's layout ({A}.actor.megatron): {err}")
     for key, fields in unknown_overrides(plain_map(m.override_transformer_config), plain_map(m.override_ddp_config),

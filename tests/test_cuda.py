@@ -76,10 +76,10 @@ class ProbedActorWorker(_ActorWorker):
         """A fresh actor from the model directory, loaded from `path`'s shards when given (a resume)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        k = self.kwargs
+        spec = self.kwargs["spec"]
         mesh = init_device_mesh(torch.device(self.device).type, (self.world_size,))
-        self.actor = Actor(k["model_path"], self.device, k["settings"], k["optim"], k["gradient_checkpointing"],
-                           mesh=mesh, fsdp=k["fsdp"])
+        self.actor = Actor(spec.model_path, self.device, spec.settings, spec.optim, spec.gradient_checkpointing,
+                           mesh=mesh, fsdp=spec.fsdp)
         if path is not None:
             self.actor.load_state(path, state)
 

@@ -63,7 +63,8 @@ def test_docs_config_keys_is_generated_from_the_table():
     (f"{A}.rollout.enable_chunked_prefill", NoEffect), (f"{A}.model.use_liger", NoEffect),
     ("critic.optim.lr", Honoured), ("critic.model.lora_rank", NotBuilt),
     (f"{A}.actor.megatron.tensor_model_parallel_size", Honoured),
-    (f"{A}.actor.megatron.pipeline_model_parallel_size", NotBuilt),
+    (f"{A}.actor.megatron.pipeline_model_parallel_size", Honoured),
+    (f"{A}.actor.megatron.virtual_pipeline_model_parallel_size", NotBuilt),
     (f"{A}.actor.optim.lr_decay_style", Honoured),  # only Megatron's tree has it
     ("critic.optim.lr_decay_style", NotBuilt),  # a Megatron critic
     ("reward_model.enable", NotBuilt),  # legacy: the status of reward.reward_model.enable
@@ -115,8 +116,9 @@ def test_megatron_keys_compare_with_megatrons_defaults():
     p = plan("model_engine=megatron")
     assert not any(".megatron." in w for w in p.warnings)
     assert p.unsupported == []  # on a CPU it runs: no key counts as set
-    assert "Megatron pipeline parallelism" in " ".join(
-        plan("model_engine=megatron", f"{A}.actor.megatron.pipeline_model_parallel_size=2").unsupported)
+    assert "Megatron's interleaved (virtual) pipeline" in " ".join(
+        plan("model_engine=megatron", f"{A}.actor.megatron.virtual_pipeline_model_parallel_size=2").unsupported)
+    assert plan("model_engine=megatron", f"{A}.actor.megatron.pipeline_model_parallel_size=2").unsupported == []
 
 
 # --- data keys ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 from ascend_rl.workers.megatron import cpu_patches  # noqa: E402
 from ascend_rl.workers.megatron.arch import architecture  # noqa: E402
 from ascend_rl.workers.megatron.convert import (  # noqa: E402
+    check_layout,
     hf_to_mcore,
     hf_to_mcore_full,
     mcore_full_to_hf,
@@ -194,8 +195,11 @@ def test_megatron_layout_of_fused_and_split_weights():
 def test_unbuilt_settings_raise_naming_them():
     import transformers
 
-    with pytest.raises(NotImplementedError, match="pipeline_model_parallel_size, context_parallel_size"):
-        MegatronParallel(pipeline_model_parallel_size=2, context_parallel_size=2).check()
+    with pytest.raises(NotImplementedError, match="virtual_pipeline_model_parallel_size, context_parallel_size"):
+        MegatronParallel(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                         context_parallel_size=2).check()
+    with pytest.raises(ValueError, match="num_hidden_layers \\(2\\) is not a multiple of PP 3"):
+        check_layout(architecture(hf_config("qwen3")), tp=1, pp=3)
     with pytest.raises(NotImplementedError, match="expert_tensor_parallel_size other than 1 or the TP size"):
         MegatronParallel(tensor_model_parallel_size=4, expert_tensor_parallel_size=2).check()
     with pytest.raises(NotImplementedError, match="rope_type='llama3'"):

@@ -97,7 +97,8 @@ def test_one_megatron_rank_makes_the_fsdp_actors_update(fsdp_run, one_rank):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("parallel", [MegatronParallel(tensor_model_parallel_size=2, sequence_parallel=True),
-                                      MegatronParallel()], ids=["tp2-sp", "dp2"])
+                                      MegatronParallel(), MegatronParallel(pipeline_model_parallel_size=2)],
+                         ids=["tp2-sp", "dp2", "pp2"])
 def test_two_megatron_ranks_make_the_update_of_one(tiny_model_dir, fsdp_run, one_rank, parallel):
     assert_same_run(run_megatron(tiny_model_dir, fsdp_run[0], 2, parallel), one_rank, 1e-5,
                     fsdp_run[0]["response_mask"])

@@ -1,7 +1,8 @@
 """The seed's Qwen3-30B-A3B Megatron recipe, run as written with only what a CPU needs changed: a tiny Qwen3-MoE
 (4 experts, top 2), arithmetic data, short lengths, 4 CPU workers at TP 2 × EP 2 (ETP 2), the native rollout,
 fp32. Two GRPO steps; the same run on one process gives the same losses, gradient norms and log-prob gaps; its
-checkpoint (a Megatron dist checkpoint and an HF export transformers loads) resumes at TP 1 × EP 2 for a third."""
+checkpoint (a Megatron dist checkpoint and an HF export transformers loads) resumes at TP 1 × EP 2 × PP 2 for a
+third."""
 
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ RECIPE = ROOT / "examples" / "ascend" / "run_qwen3_30b_a3b_grpo_megatron_sglang_
 COMPARED = ("actor/pg_loss", "actor/grad_norm", "actor/kl_loss", "rollout/logprob_diff_mean", "actor/entropy")
 
 
-def layout(tp: int, ep: int, world: int) -> list[str]:
+def layout(tp: int, ep: int, world: int, pp: int = 1) -> list[str]:
     return [f"trainer.n_gpus_per_node={world}",
             *(f"{A}.{role}.megatron.{key}={size}" for role in ("actor", "ref") for key, size in (
                 ("tensor_model_parallel_size", tp), ("expert_model_parallel_size", ep),
-                ("expert_tensor_parallel_size", tp)))]
+                ("expert_tensor_parallel_size", tp), ("pipeline_model_parallel_size", pp)))]
 
 
 def run(tmp_path: Path, task, model: Path, name: str, command: str, *extra: str) -> subprocess.CompletedProcess:
@@ -68,9 +69,9 @@ def test_30b_recipe_cpu_twin_trains_at_tp2_ep2_as_one_process_resumes_at_another
     one = run(tmp_path, task, model, "one", "train", *layout(1, 1, 1), "trainer.total_training_steps=3",
               "trainer.save_freq=2")
     assert one.returncode == 0, one.stderr[-3000:]
-    # the TP 2 × EP 2 checkpoint of step 2 resumes at TP 1 × EP 2 on two processes for step 3 (not at EP 1:
-    # Megatron keeps experts in an optimizer of their own only under expert parallelism)
-    resumed = run(tmp_path, task, model, "four", "train", *layout(1, 2, 2), "trainer.total_training_steps=3")
+    # the TP 2 × EP 2 checkpoint of step 2 resumes at TP 1 × EP 2 and two pipeline stages (a layer each) for
+    # step 3 (not at EP 1: Megatron keeps experts in an optimizer of their own only under expert parallelism)
+    resumed = run(tmp_path, task, model, "four", "train", *layout(1, 2, 4, pp=2), "trainer.total_training_steps=3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     sharded, whole = steps(tmp_path / "four"), steps(tmp_path / "one")
     assert len(sharded) == len(whole) == 3

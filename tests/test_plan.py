@@ -180,8 +180,8 @@ def test_train_stops_at_startup_on_unsupported_features(capsys):
     from ascend_rl.cli.main import main
 
     assert main(["train", *SMALL, f"{A}.actor.strategy=megatron", "trainer.device=cpu", "trainer.logger=[console]",
-                 f"{A}.actor.megatron.pipeline_model_parallel_size=2"]) == 2
-    assert "error: Megatron pipeline parallelism" in capsys.readouterr().err
+                 f"{A}.actor.megatron.virtual_pipeline_model_parallel_size=2"]) == 2
+    assert "error: Megatron's interleaved (virtual) pipeline" in capsys.readouterr().err
 
 
 NPU_SGLANG = ["trainer.device=npu", "trainer.n_gpus_per_node=4", f"{A}.rollout.name=sglang"]

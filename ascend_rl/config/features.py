@@ -39,10 +39,10 @@ def _megatron(cfg: DictConfig) -> bool:
 _NOT_MEGATRON = "the training engine is not Megatron (model_engine)"
 # A Megatron key the table has no row for (a newer verl's): not read, so not built.
 MEGATRON = Missing("this Megatron engine setting", f"{A}.actor.strategy=fsdp", _megatron, _NOT_MEGATRON)
-MEGATRON_PIPELINE = Missing("Megatron pipeline parallelism (megatron.pipeline_model_parallel_size, "
-                            "virtual_pipeline_model_parallel_size)",
-                            "pipeline_model_parallel_size=1 with more tensor, expert or data parallelism",
-                            _megatron, _NOT_MEGATRON)
+MEGATRON_VIRTUAL_PIPELINE = Missing("Megatron's interleaved (virtual) pipeline "
+                                    "(megatron.virtual_pipeline_model_parallel_size)",
+                                    "virtual_pipeline_model_parallel_size=null (one model chunk per stage)",
+                                    _megatron, _NOT_MEGATRON)
 MEGATRON_CONTEXT = Missing("Megatron context parallelism (megatron.context_parallel_size, dynamic_context_parallel)",
                            "context_parallel_size=1", _megatron, _NOT_MEGATRON)
 MEGATRON_FSDP = Missing("Megatron's own FSDP (megatron.use_megatron_fsdp)", "use_megatron_fsdp=False (Megatron's "

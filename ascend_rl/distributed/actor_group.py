@@ -96,21 +96,22 @@ class ActorGroup:
                                 dict(device=device, spec=spec, rollout=rollout, critic=critic))
         self.reference = _WorkerReference(self) if spec.ref is not None else None
         self.critic = _WorkerCritic(self) if critic is not None else None
-        self.rows_shared_by = spec.rows_shared_by  # the reference's and the critic's are the same (validated)
+        # each rank's data-parallel shard: the reference's and the critic's are the actor's (validated)
+        self.data_shard = [spec.data_shard(rank, self.group.world_size) for rank in range(self.group.world_size)]
 
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs, entropy = self._by_rows("log_probs", batch)
         return log_probs, entropy
 
     def _by_rows(self, method: str, batch: TensorDict) -> list:
-        """`method` on each data-parallel rank's share of the rows (balanced by tokens: the slowest rank sets the
-        pace; the ranks of a Ulysses or tensor-parallel group share one); the results (each a tensor or a tuple
-        of them) come back as whole columns in the batch's row order."""
+        """`method` on each data-parallel shard's share of the rows (balanced by tokens: the slowest rank sets the
+        pace; the ranks of a Ulysses, tensor- or pipeline-parallel group share one); the results (each a tensor
+        or a tuple of them) come back as whole columns in the batch's row order."""
         tokens = batch["attention_mask"].sum(-1).tolist()
-        shared = self.rows_shared_by
-        rows = balanced_partition(tokens, self.group.world_size // shared)
-        shares = [(batch[torch.tensor(rows[rank // shared])],) for rank in range(self.group.world_size)]
-        parts = self.group.call(method, shares)[::shared]  # one answer per group
+        rows = balanced_partition(tokens, max(self.data_shard) + 1)
+        shares = [(batch[torch.tensor(rows[shard])],) for shard in self.data_shard]
+        answers = self.group.call(method, shares)
+        parts = [answers[self.data_shard.index(shard)] for shard in range(len(rows))]  # one answer per shard
         order = torch.tensor([i for r in rows for i in r]).argsort()
         columns = zip(*parts) if isinstance(parts[0], tuple) else [parts]
         return [torch.cat(list(column))[order] for column in columns]

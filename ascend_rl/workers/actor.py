@@ -143,8 +143,8 @@ def policy_loss(s: ActorSettings, micro: TensorDict, log_prob: torch.Tensor, ent
 class PolicyUpdate(MiniBatchWalk):
     """The PPO-family update, whichever engine computes it: `ppo_epochs` passes over mini-batches, one optimizer
     step per mini-batch, `policy_loss` per micro-batch, one LR step per call. An engine supplies the steps that
-    differ: `_zero_grads`, `_train_log_probs`, `_grad_scale` (gradients are averaged over that many ranks, and the
-    losses, normalised by the whole mini-batch's counts, must add up), `_step` (→ the grad norm) and `_lr_step`."""
+    differ: `_zero_grads`, `_forward_backward` (each micro-batch's log-probs, the loss of them, its backward),
+    `_step` (→ the grad norm), `_lr_step`, and `_replica_metrics` (where not every rank computes the losses)."""
 
     settings: ActorSettings
     optimizer: torch.optim.Optimizer
@@ -155,7 +155,7 @@ class PolicyUpdate(MiniBatchWalk):
         for mini in self.mini_batches(batch.to(self.device)):
             self._update_mini_batch(mini, metrics)
         self._lr_step()
-        return reduced_metrics(metrics, "actor", ("pg_loss", "kl_loss"), self.dp_size,
+        return reduced_metrics(self._replica_metrics(metrics), "actor", ("pg_loss", "kl_loss"), self.dp_size,
                                self.optimizer.param_groups[0]["lr"])
 
     def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
@@ -165,13 +165,18 @@ class PolicyUpdate(MiniBatchWalk):
         mini = mini[torch.tensor(self.rows_of_rank(mini))]
         self._zero_grads()
         totals: dict[str, float] = defaultdict(float)
-        for micro in self.micro_batches(mini):
-            log_prob, entropy = self._train_log_probs(micro, needs_entropy(s, micro))
-            loss = policy_loss(s, micro, log_prob, entropy, agg_kw, metrics, totals)
-            (loss * self._grad_scale).backward()
+
+        def loss_of(micro: TensorDict, log_prob: torch.Tensor, entropy: torch.Tensor | None) -> torch.Tensor:
+            return policy_loss(s, micro, log_prob, entropy, agg_kw, metrics, totals)
+
+        self._forward_backward(self.micro_batches(mini), loss_of)
         metrics["grad_norm"].append(self._step())
         for name, value in totals.items():
             metrics[name].append(value)
+
+    def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The metrics as the ranks that computed the losses hold them (every rank, unless pipelined)."""
+        return metrics
 
 
 class Actor(TrainedModel, PolicyUpdate):
@@ -200,13 +205,13 @@ class Actor(TrainedModel, PolicyUpdate):
     def _zero_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _train_log_probs(self, micro: TensorDict, with_entropy: bool):
-        with self._compute():
-            return self.forward.log_probs(self.model, micro, self.settings.temperature, with_entropy=with_entropy)
-
-    @property
-    def _grad_scale(self) -> int:
-        return self.world_size  # FSDP averages gradients over every rank (a Ulysses group's too)
+    def _forward_backward(self, micros: list[TensorDict], loss_of) -> None:
+        for micro in micros:
+            with self._compute():
+                log_prob, entropy = self.forward.log_probs(self.model, micro, self.settings.temperature,
+                                                           with_entropy=needs_entropy(self.settings, micro))
+            # FSDP averages gradients over every rank (a Ulysses group's too): the losses must add up
+            (loss_of(micro, log_prob, entropy) * self.world_size).backward()
 
     def _step(self) -> float:
         return self.optimizer_step(self.settings.grad_clip)
@@ -231,10 +236,9 @@ class ActorSpec:
     fsdp: FsdpSettings | None = None
     ref: ReferenceSettings | None = None
 
-    @property
-    def rows_shared_by(self) -> int:
-        """Consecutive ranks that take the same rows (a Ulysses group)."""
-        return self.settings.sequences.ulysses_sp
+    def data_shard(self, rank: int, world_size: int) -> int:
+        """The rows `rank` takes: consecutive ranks of a Ulysses group share them."""
+        return rank // self.settings.sequences.ulysses_sp
 
     def in_workers(self, world_size: int) -> bool:
         """One device trains in the driver's process; several in worker processes."""

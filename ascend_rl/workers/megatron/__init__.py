@@ -3,11 +3,13 @@ pinned to 0.16.1) is imported only inside the functions that need it: the packag
 without it.
 
 - `arch`: the shapes and decoder variant of an HF config: Qwen2/Qwen2.5, Qwen3, Llama, Qwen3-MoE.
-- `convert`: our own HF ↔ Megatron state-dict converter, exact both ways, per (TP, EP, ETP) rank. Our own, not
+- `convert`: our own HF ↔ Megatron state-dict converter, exact both ways, per (TP, EP, ETP, PP) rank. Our own, not
   mbridge: mbridge pins transformers<5 and knows only Transformer Engine parameter names.
 - `model`: `GPTModel` on the local layer spec (no Transformer Engine) from the HF config, Megatron's process
-  groups (TP with or without sequence parallelism, EP, ETP), HF weights per rank.
+  groups (TP with or without sequence parallelism, PP, EP, ETP), HF weights per rank.
 - `gather`: the sharded model back in HF names, whole tensors a layer at a time (weight sync, HF export).
+- `pipeline`: micro-batches through Megatron's schedule (forward and backward across pipeline stages); what
+  the last stage computes from the logits shared with the other stages.
 - `engine`, `forward`, `logprobs`, `actor`: the actor and reference behind the FSDP actor's interface, with its
   losses: Megatron's DDP, optimizer (distributed or not) and LR schedule; left-aligned rows for Megatron's RoPE;
   vocab-parallel log-probs and entropy.
@@ -20,6 +22,6 @@ Tested on CPU: the 30B recipe's twin at TP 2 × EP 2 on 4 processes equals one p
 GRPO steps; one Megatron rank makes the FSDP actor's update within 1e-4; with every offload switch on, the same
 run exactly. On accelerators built but not yet run on one (tests/test_cuda_megatron.py is the prepared check).
 
-Not built yet: pipeline / virtual pipeline / context parallelism, Transformer Engine's layer spec, a Megatron
+Not built yet: virtual pipeline and context parallelism, Transformer Engine's layer spec, a Megatron
 critic, resuming the run's checkpoint at another layout with the MoE's chained optimizer.
 """

@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
-from ascend_rl.workers.actor import ActorSettings, PolicyUpdate, ReferenceSettings
+from ascend_rl.workers.actor import ActorSettings, PolicyUpdate, ReferenceSettings, needs_entropy
 from ascend_rl.workers.megatron import adaptors
 from ascend_rl.workers.megatron.arch import architecture
 from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module, build_optimizer, wrap_ddp
-from ascend_rl.workers.megatron.forward import response_log_probs
+from ascend_rl.workers.megatron.forward import logits_log_probs
 from ascend_rl.workers.megatron.gather import hf_weights
 from ascend_rl.workers.megatron.offload import (
     MegatronOffload,
@@ -31,6 +31,7 @@ from ascend_rl.workers.megatron.offload import (
     optimizer_grads,
     optimizer_tensors,
 )
+from ascend_rl.workers.megatron.pipeline import from_last_stage, is_last_stage, object_from_last_stage, through_stages
 from ascend_rl.workers.trained import DCP_DIR, in_row_order, micro_batch_rows, split
 
 
@@ -43,18 +44,21 @@ class MegatronPolicy:
         self.vocab_size = architecture(self.hf_config).vocab_size
         self.engine, self.device = engine, torch.device(device)
 
-    def forward(self, model, micro: TensorDict, temperature: float, with_entropy: bool):
-        return response_log_probs(model, micro, self.vocab_size, temperature, with_entropy,
-                                  self.engine.sequence_multiple)
-
-    @torch.no_grad()
     def log_probs(self, model, batch: TensorDict, micro_size: int | None, max_tokens: int | None,
                   temperature: float, with_entropy: bool):
-        """On the host, in the batch's row order."""
+        """On the host, in the batch's row order, on every pipeline stage."""
         rows = micro_batch_rows(batch, micro_size, max_tokens)
-        parts = [self.forward(model, mb.to(self.device), temperature, with_entropy) for mb in split(batch, rows)]
-        log_probs = in_row_order([p[0] for p in parts], rows).cpu()
-        return log_probs, in_row_order([p[1] for p in parts], rows).cpu() if with_entropy else None
+        micros = [mb.to(self.device) for mb in split(batch, rows)]
+
+        def on_logits(micro, logits, lead):
+            return None, logits_log_probs(logits, lead, micro, self.vocab_size, temperature, with_entropy)
+
+        with torch.no_grad():
+            parts = through_stages(model, micros, on_logits, self.engine.sequence_multiple, forward_only=True)
+        columns = [in_row_order([p[i] for p in parts], rows) if parts else None for i in range(1 + with_entropy)]
+        shape = batch["responses"].shape
+        columns = [from_last_stage(c, shape, torch.float32, self.device).cpu() for c in columns]
+        return columns[0], columns[1] if with_entropy else None
 
 
 class MegatronReference:
@@ -127,12 +131,19 @@ class MegatronActor(PolicyUpdate):
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def _train_log_probs(self, micro: TensorDict, with_entropy: bool):
-        return self.policy.forward(self.model, micro, self.settings.temperature, with_entropy)
+    def _forward_backward(self, micros: list[TensorDict], loss_of) -> None:
+        """Through Megatron's schedule; DDP sums gradients over the data-parallel ranks (the TransformerConfig's
+        calculate_per_token_loss), so the losses, normalised by the whole mini-batch's counts, add up."""
+        s, vocab = self.settings, self.policy.vocab_size
 
-    @property
-    def _grad_scale(self) -> int:
-        return self.dp_size  # DDP averages over the data-parallel ranks
+        def on_logits(micro, logits, lead):
+            log_prob, entropy = logits_log_probs(logits, lead, micro, vocab, s.temperature, needs_entropy(s, micro))
+            return loss_of(micro, log_prob, entropy), None
+
+        through_stages(self.model, micros, on_logits, self.engine.sequence_multiple, forward_only=False)
+
+    def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
+        return object_from_last_stage(dict(metrics) if is_last_stage() else None)
 
     def _step(self) -> float:
         """The DP all-reduce and the sums over TP of weights each rank saw a part of (sequence-parallel norms,
@@ -203,10 +214,11 @@ class MegatronActorSpec:
     ref_dist_checkpointing_path: str | None = None  # ref.megatron's converted weights (else the HF model's)
     ref_param_offload: bool = False  # ref.megatron.param_offload
 
-    @property
-    def rows_shared_by(self) -> int:
-        """Consecutive ranks that take the same rows: a tensor-parallel group (Megatron numbers TP innermost)."""
-        return self.engine.parallel.tp
+    def data_shard(self, rank: int, world_size: int) -> int:
+        """`rank`'s data-parallel index in Megatron's order (tp-cp-dp-pp: TP innermost, pipeline stages
+        outermost): the ranks of a tensor-parallel group and the stages of a pipeline take the same rows."""
+        p = self.engine.parallel
+        return (rank // p.tp) % (world_size // (p.tp * p.pp))
 
     def in_workers(self, world_size: int) -> bool:
         """Always: Megatron needs its process groups, even for one rank."""

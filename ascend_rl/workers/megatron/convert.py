@@ -223,12 +223,14 @@ def merge_tp(shards: list[dict[str, Tensor]], arch: Architecture) -> dict[str, T
             if not name.endswith("._extra_state")}
 
 
-def check_layout(arch: Architecture, tp: int, ep: int = 1, etp: int | None = None) -> None:
+def check_layout(arch: Architecture, tp: int, ep: int = 1, etp: int | None = None, pp: int = 1) -> None:
     """Megatron splits whole heads, whole key/value groups and equal MLP slices over TP ranks, whole experts
-    over EP ranks and equal expert slices over ETP ranks (default: TP)."""
+    over EP ranks and equal expert slices over ETP ranks (default: TP); here an equal number of layers goes to
+    each pipeline stage (Megatron's uneven splits are not built)."""
     etp = tp if etp is None else etp
     sizes = [("num_attention_heads", arch.num_attention_heads, "TP", tp),
-             ("num_key_value_heads", arch.num_query_groups, "TP", tp)]
+             ("num_key_value_heads", arch.num_query_groups, "TP", tp),
+             ("num_hidden_layers", arch.num_layers, "PP", pp)]
     if arch.moe:
         sizes += [("num_experts", arch.num_experts, "EP", ep), ("moe_intermediate_size", arch.moe_ffn_hidden_size,
                                                                 "ETP", etp)]
@@ -249,7 +251,7 @@ _EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
 @dataclass(frozen=True)
 class Place:
     """A rank's coordinates in Megatron's layout: its slice of the dense weights (TP rank of `tp`), its experts
-    (EP rank of `ep`) and their slice (ETP rank of `etp`)."""
+    (EP rank of `ep`) and their slice (ETP rank of `etp`), its layers (pipeline stage `pp_rank` of `pp`)."""
 
     tp: int = 1
     tp_rank: int = 0
@@ -257,6 +259,8 @@ class Place:
     ep_rank: int = 0
     etp: int = 1
     etp_rank: int = 0
+    pp: int = 1
+    pp_rank: int = 0
 
 
 def expert_index(name: str) -> tuple[str, int, str] | None:
@@ -308,3 +312,42 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
     if rows < t.shape[0]:
         raise ValueError(f"cannot pad {t.shape[0]} vocabulary rows down to {rows}")
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
+
+
+# --- pipeline parallelism ---------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def stage_layers(arch: Architecture, pp: int, pp_rank: int) -> range:
+    """The global indices of the decoder layers on pipeline stage `pp_rank` (an even split)."""
+    per_stage = arch.num_layers // pp
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def stage_shard(shard: dict[str, Tensor], arch: Architecture, place: Place) -> dict[str, Tensor]:
+    """A rank's state dict cut to its pipeline stage: its layers, renumbered from 0 as Megatron's stage numbers
+    them; the embedding on the first stage; the final norm and output layer on the last, which holds an output
+    layer even when tied, if it is not also the first (Megatron keeps the two copies equal by summing their
+    gradients)."""
+    layers = stage_layers(arch, place.pp, place.pp_rank)
+    first, last = place.pp_rank == 0, place.pp_rank == place.pp - 1
+    out = {}
+    for name, tensor in shard.items():
+        if (match := _LAYER.match(name)) is not None:
+            if int(match[1]) in layers:
+                out[f"decoder.layers.{int(match[1]) - layers.start}.{match[2]}"] = tensor
+        elif name.startswith("embedding."):
+            if first:
+                out[name] = tensor
+            if last and not first and arch.tie_word_embeddings:
+                out["output_layer.weight"] = tensor
+        elif last:
+            out[name] = tensor
+    return out
+
+
+def global_layer_names(local: dict[str, Tensor], offset: int) -> dict[str, Tensor]:
+    """A stage's decoder-layer names numbered as in the whole model."""
+    return {(f"decoder.layers.{int(m[1]) + offset}.{m[2]}" if (m := _LAYER.match(name)) else name): t
+            for name, t in local.items()}

@@ -108,9 +108,10 @@ def _reduce_scatter_first_dim(input_, group, input_split_sizes=None, use_global_
     return out[:sizes[group.rank()]]
 
 
-# Megatron's optimizer and gradient clipping write `device='cuda'` and compare `param.type()` with
-# 'torch.cuda.FloatTensor' inside long functions, so these are recompiled from Megatron's own source with those
-# literals (and only those) made the CPU's. Each function must still contain one of them (`missing` checks).
+# Megatron's optimizer, gradient clipping and schedules write `device='cuda'` (or `.cuda()`) and compare
+# `param.type()` with 'torch.cuda.FloatTensor' inside long functions, so these are recompiled from Megatron's own
+# source with those literals (and only those) made the CPU's. Each function must still contain one of them
+# (`missing` checks).
 CUDA_LITERALS = {"device='cuda'": "device='cpu'", 'device="cuda"': 'device="cpu"', "'torch.cuda.": "'torch.",
                  ".cuda()": ".cpu()"}
 
@@ -137,9 +138,13 @@ def _on_cpu(function):
 def _cuda_literal_functions() -> list[tuple[object, str, object]]:
     """(owner, name, function) of each Megatron function with CUDA literals on the CPU update's path."""
     from megatron.core import utils
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+    from megatron.core.pipeline_parallel import schedules
 
     methods = [(optimizer.MixedPrecisionOptimizer, "__init__"), (optimizer.FP32Optimizer, "__init__"),
+               # pipeline stages with tied embeddings: the last stage's copy is synced on the device (.cuda())
+               (LanguageModule, "setup_embeddings_and_output_layer"),
                (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
                (distrib_optimizer.DistributedOptimizer, "__init__"),
                (distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups")]
@@ -149,6 +154,10 @@ def _cuda_literal_functions() -> list[tuple[object, str, object]]:
         found += [(module, name, getattr(clip_grads, name)) for module in (clip_grads, optimizer)]
     # Without apex or TE clip_grads computes norms with Megatron's local implementation, kept under its own name.
     found.append((clip_grads, "l2_norm_impl", utils.local_multi_tensor_l2_norm))
+    # The schedules count tokens in a tensor made with device="cuda" (get_forward_backward_func returns them by
+    # their module names).
+    found += [(schedules, name, getattr(schedules, name))
+              for name in ("forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving")]
     return [(owner, name, _original(function)) for owner, name, function in found]
 
 

@@ -24,18 +24,22 @@ def left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor, multiple
     return shifted, lead
 
 
-def response_log_probs(model, batch, vocab_size: int, temperature: float = 1.0, with_entropy: bool = False,
-                       multiple_of: int = 1):
+def stage_forward(model, batch, multiple_of: int = 1):
+    """This pipeline stage's output for a micro-batch (vocab-parallel logits [B, S, V / TP] on the last stage,
+    hidden states for the next stage elsewhere) and each row's shift."""
+    ids, lead = left_aligned(batch["input_ids"], batch["attention_mask"], multiple_of)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return model(ids, positions, attention_mask=None), lead  # causal
+
+
+def logits_log_probs(logits, lead, batch, vocab_size: int, temperature: float = 1.0, with_entropy: bool = False):
     """log π(response token) per position under softmax(logits / temperature), and optionally the entropy;
     [B, R] each, zero-padded like the responses. Every TP rank gets the same (the vocabulary is reduced over)."""
     responses = batch["responses"]
     rows, width = responses.shape
-    ids, lead = left_aligned(batch["input_ids"], batch["attention_mask"], multiple_of)
-    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    logits = model(ids, positions, attention_mask=None)  # causal; [B, S, V / TP]
     # Response token j sits at column S - R + j before the shift; the position before it predicts it.
     start = batch["input_ids"].shape[1] - width - 1
-    predicting = (start + torch.arange(width, device=ids.device))[None] - lead[:, None]
+    predicting = (start + torch.arange(width, device=logits.device))[None] - lead[:, None]
     picked = logits.gather(1, predicting.clamp(min=0)[..., None].expand(rows, width, logits.shape[-1]))
     if temperature != 1.0:
         picked = picked / temperature
@@ -43,3 +47,10 @@ def response_log_probs(model, batch, vocab_size: int, temperature: float = 1.0, 
     log_probs = vocab_parallel_log_probs(picked, responses, vocab_size) * mask
     entropy = vocab_parallel_entropy(picked, vocab_size) * mask if with_entropy else None
     return log_probs, entropy
+
+
+def response_log_probs(model, batch, vocab_size: int, temperature: float = 1.0, with_entropy: bool = False,
+                       multiple_of: int = 1):
+    """`logits_log_probs` of one stage's whole model (no pipeline parallelism)."""
+    logits, lead = stage_forward(model, batch, multiple_of)
+    return logits_log_probs(logits, lead, batch, vocab_size, temperature, with_entropy)

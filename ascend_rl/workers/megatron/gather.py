@@ -17,10 +17,12 @@ import torch
 from ascend_rl.workers.megatron.arch import architecture
 from ascend_rl.workers.megatron.convert import (
     expert_index,
+    global_layer_names,
     mcore_layer_to_hf,
     mcore_outer_to_hf,
     merge_tensors,
     split_kind,
+    stage_layers,
 )
 from ascend_rl.workers.megatron.model import mcore_shard
 
@@ -29,19 +31,51 @@ def hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, whole tensor) for every HF parameter (a tied `lm_head.weight` left out, as `save_pretrained`
     does), bit for bit the converted model's. `model` is this rank's bare GPTModel (unwrap DDP / Float16Module
     first). Collective: every rank of the world iterates it to the end, in lockstep. A tensor may share memory
-    with a parameter (copies on every TP rank, everything at TP 1): copy it to keep it past an optimizer step."""
+    with a parameter (copies on every TP rank, everything at TP 1): copy it to keep it past an optimizer step.
+    Under pipeline parallelism the stage holding a bucket gathers it and sends it to the other stages."""
     from megatron.core import parallel_state as ps
 
     arch = architecture(hf_config)
     groups = (ps.get_tensor_model_parallel_group(), ps.get_expert_tensor_parallel_group(),
               ps.get_expert_model_parallel_group())
-    local = mcore_shard(model)
-    outer = gather_bucket({k: v for k, v in local.items() if not k.startswith("decoder.layers.")}, *groups)
+    pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    layers = stage_layers(arch, pp, stage)
+    device = next(model.parameters()).device
+    local = global_layer_names(mcore_shard(model), layers.start)
+    outer = {k: v for k, v in local.items() if not k.startswith("decoder.layers.")}
+    if arch.tie_word_embeddings and stage > 0:
+        outer.pop("output_layer.weight", None)  # the last stage's copy of the first stage's embedding
+    own = gather_bucket(outer, *groups)
+    outer = dict(own)
+    for owner in sorted({0, pp - 1}) if pp > 1 else ():  # the embedding's stage and the output layer's
+        outer.update(from_stage(own if stage == owner else {}, owner, device))
     yield from _converted(mcore_outer_to_hf(outer, arch), outer)
     for i in range(arch.num_layers):
         prefix = f"decoder.layers.{i}."
-        layer = gather_bucket({k: v for k, v in local.items() if k.startswith(prefix)}, *groups)
+        mine = i in layers
+        layer = gather_bucket({k: v for k, v in local.items() if k.startswith(prefix)}, *groups) if mine else {}
+        if pp > 1:
+            layer = from_stage(layer, i // len(layers), device)
         yield from _converted(mcore_layer_to_hf(layer, arch, i), layer)
+
+
+def from_stage(tensors: dict[str, torch.Tensor], owner: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pipeline stage `owner`'s `tensors` on every stage of this rank's pipeline, on `device` (their names,
+    shapes and dtypes first, then each tensor)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_pipeline_model_parallel_group()
+    source = dist.get_global_rank(group, owner)
+    mine = ps.get_pipeline_model_parallel_rank() == owner
+    box = [[(name, t.shape, t.dtype) for name, t in tensors.items()] if mine else None]
+    dist.broadcast_object_list(box, source, group=group)
+    out = {}
+    for name, shape, dtype in box[0]:
+        t = tensors[name].contiguous() if mine else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, source, group=group)
+        out[name] = t
+    return out
 
 
 def _converted(hf: dict[str, torch.Tensor], left: dict[str, torch.Tensor]):

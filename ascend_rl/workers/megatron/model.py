@@ -2,9 +2,9 @@
 layer spec (no Transformer Engine), its process groups, and HF weights loaded into it through `convert`.
 
 Settings keep verl's names (`actor.megatron.*`). Built: tensor parallelism with or without sequence
-parallelism, expert parallelism (EP) with expert tensor parallelism (ETP) equal to TP or 1, recompute and any
-other TransformerConfig field through `override_transformer_config`. Pipeline, virtual pipeline and context
-parallelism are not: they raise NotImplementedError.
+parallelism, pipeline parallelism (an even split of the layers), expert parallelism (EP) with expert tensor
+parallelism (ETP) equal to TP or 1, recompute and any other TransformerConfig field through
+`override_transformer_config`. Virtual pipeline and context parallelism are not: they raise NotImplementedError.
 
 Megatron's RoPE takes positions 0..S-1 whatever `position_ids` say, so rows must start at column 0
 (right-padded, which causal attention makes harmless to the real tokens): `forward.left_aligned` shifts the
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ascend_rl.workers.megatron.arch import Architecture, architecture
-from ascend_rl.workers.megatron.convert import Place, check_layout, hf_to_mcore_rank, padded_vocab_size
+from ascend_rl.workers.megatron.convert import Place, check_layout, hf_to_mcore_rank, padded_vocab_size, stage_shard
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,16 @@ class MegatronParallel:
         return self.expert_model_parallel_size
 
     @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
     def etp(self) -> int:
         """Megatron's default ETP is TP."""
         return self.tp if self.expert_tensor_parallel_size is None else self.expert_tensor_parallel_size
 
     def check(self) -> None:
         unbuilt = [name for name, value, default in (
-            ("pipeline_model_parallel_size", self.pipeline_model_parallel_size, 1),
             ("virtual_pipeline_model_parallel_size", self.virtual_pipeline_model_parallel_size, None),
             ("context_parallel_size", self.context_parallel_size, 1),
         ) if value != default]
@@ -66,14 +69,17 @@ class MegatronParallel:
             raise ValueError("expert_tensor_parallel_size other than the TP size needs expert_model_parallel_size > 1")
 
     def check_world(self, world_size: int) -> None:
-        """initialize_model_parallel's conditions, in verl's names before Megatron's terser RuntimeError: TP
-        divides the world, and so does EP × ETP (with ETP = TP: EP divides the data-parallel size)."""
-        if world_size % self.tp:
-            raise ValueError(f"world size {world_size} is not a multiple of tensor_model_parallel_size {self.tp}")
-        if world_size % (self.ep * self.etp):
-            hint = f": EP must divide the data-parallel size {world_size // self.tp}" if self.etp == self.tp else ""
+        """initialize_model_parallel's conditions, in verl's names before Megatron's terser RuntimeError: TP × PP
+        divides the world, and so does EP × ETP × PP (with ETP = TP: EP divides the data-parallel size)."""
+        pp_name, pp_size = (" × pipeline_model_parallel_size", f" × {self.pp}") if self.pp > 1 else ("", "")
+        if world_size % (self.tp * self.pp):
+            raise ValueError(f"world size {world_size} is not a multiple of tensor_model_parallel_size{pp_name} "
+                             f"({self.tp}{pp_size})")
+        if world_size % (self.ep * self.etp * self.pp):
+            hint = (f": EP must divide the data-parallel size {world_size // (self.tp * self.pp)}"
+                    if self.etp == self.tp else "")
             raise ValueError(f"world size {world_size} is not a multiple of expert_model_parallel_size × "
-                             f"expert_tensor_parallel_size ({self.ep} × {self.etp}){hint}")
+                             f"expert_tensor_parallel_size{pp_name} ({self.ep} × {self.etp}{pp_size}){hint}")
 
 
 def init_model_parallel(parallel: MegatronParallel, seed: int = 42) -> None:
@@ -87,6 +93,7 @@ def init_model_parallel(parallel: MegatronParallel, seed: int = 42) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp,
+                                             pipeline_model_parallel_size=parallel.pp,
                                              expert_model_parallel_size=parallel.ep,
                                              expert_tensor_parallel_size=parallel.etp)
     model_parallel_cuda_manual_seed(seed)
@@ -112,6 +119,13 @@ def transformer_config_kwargs(arch: Architecture, parallel: MegatronParallel, dt
         attention_dropout=arch.attention_dropout,
         tensor_model_parallel_size=parallel.tp,
         sequence_parallel=parallel.sequence_parallel,
+        pipeline_model_parallel_size=parallel.pp,
+        pipeline_dtype=dtype,
+        variable_seq_lengths=parallel.pp > 1,  # micro-batches differ in rows and length: stages send shapes first
+        moe_token_dispatcher_type="alltoall",  # (Megatron checks it against variable lengths, MoE or not)
+        # Our losses are normalised by the whole mini-batch's counts already: the schedule leaves them as they
+        # are, and DDP sums gradients over the data-parallel ranks instead of averaging them.
+        calculate_per_token_loss=True,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         params_dtype=dtype,
@@ -140,7 +154,6 @@ def transformer_config_kwargs(arch: Architecture, parallel: MegatronParallel, dt
             # then softmax (the renormalised form), or softmax first (pre_softmax) without renormalising.
             moe_router_pre_softmax=not arch.moe_norm_topk_prob,
             moe_router_load_balancing_type="none",  # the aux loss is a training choice, not the forward's
-            moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
         )
     kwargs.update(transformer_overrides_for_megatron(parallel.override_transformer_config))
@@ -159,13 +172,14 @@ def transformer_overrides_for_megatron(overrides: dict) -> dict:
 
 def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = torch.float32):
     """This rank's GPTModel for `hf_config` (init_model_parallel first), weights uninitialised: load_hf_weights."""
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
     arch = architecture(hf_config)
     parallel.check()
-    check_layout(arch, parallel.tp, parallel.ep, parallel.etp)
+    check_layout(arch, parallel.tp, parallel.ep, parallel.etp, parallel.pp)
     if arch.moe and parallel.tp > 1 and not parallel.sequence_parallel:
         raise ValueError("Megatron trains MoE models under tensor parallelism only with sequence_parallel=True")
     config = TransformerConfig(**transformer_config_kwargs(arch, parallel, dtype))
@@ -179,13 +193,17 @@ def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = 
         rotary_base=arch.rope_theta,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         parallel_output=True,  # logits stay vocab-parallel: log-probs reduce over the TP group
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
     )
 
 
 def load_hf_weights(model, hf_state: dict[str, torch.Tensor], hf_config, parallel: MegatronParallel) -> None:
-    """Every rank converts the whole HF state dict and keeps its TP slice and its experts' ETP slices."""
-    shard = hf_to_mcore_rank(hf_state, architecture(hf_config), rank_place(), parallel.make_vocab_size_divisible_by)
-    load_mcore_shard(model, shard)
+    """Every rank converts the whole HF state dict and keeps its pipeline stage's part: its TP slice and its
+    experts' ETP slices."""
+    arch = architecture(hf_config)
+    place = rank_place()
+    shard = hf_to_mcore_rank(hf_state, arch, place, parallel.make_vocab_size_divisible_by)
+    load_mcore_shard(model, stage_shard(shard, arch, place))
 
 
 def rank_place() -> Place:
@@ -194,7 +212,8 @@ def rank_place() -> Place:
 
     return Place(tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
                  ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
-                 etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank())
+                 etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
+                 pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank())
 
 
 def load_mcore_shard(model, shard: dict[str, torch.Tensor]) -> None:
