@@ -105,6 +105,14 @@ def test_two_megatron_ranks_make_the_update_of_one(tiny_model_dir, fsdp_run, one
 
 
 @pytest.mark.timeout(300)
+def test_tp2_sp_with_two_pipeline_stages_makes_the_update_of_one_rank(tiny_model_dir, fsdp_run, one_rank):
+    """Four ranks: each stage's hidden states go to the next split over its TP group (sequence parallel)."""
+    parallel = MegatronParallel(tensor_model_parallel_size=2, sequence_parallel=True, pipeline_model_parallel_size=2)
+    assert_same_run(run_megatron(tiny_model_dir, fsdp_run[0], 4, parallel), one_rank, 1e-5,
+                    fsdp_run[0]["response_mask"])
+
+
+@pytest.mark.timeout(300)
 def test_tp2_ep2_megatron_moe_makes_the_fsdp_actors_update(tmp_path):
     """A tiny Qwen3-MoE (4 experts, top 2): four ranks at TP 2 × EP 2 (ETP 2, SP) against the FSDP actor on the
     transformers model."""
