@@ -66,7 +66,9 @@ def test_docs_config_keys_is_generated_from_the_table():
     (f"{A}.actor.megatron.pipeline_model_parallel_size", Honoured),
     (f"{A}.actor.megatron.virtual_pipeline_model_parallel_size", NotBuilt),
     (f"{A}.actor.optim.lr_decay_style", Honoured),  # only Megatron's tree has it
-    ("critic.optim.lr_decay_style", NotBuilt),  # a Megatron critic
+    ("critic.optim.lr_decay_style", Honoured),  # a Megatron critic's
+    ("critic.megatron.pipeline_model_parallel_size", Honoured),
+    ("critic.megatron.use_dist_checkpointing", NotBuilt),
     ("reward_model.enable", NotBuilt),  # legacy: the status of reward.reward_model.enable
     ("reward_model.reward_manager", Honoured),  # legacy: reward.reward_manager.name
 ])

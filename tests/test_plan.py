@@ -170,9 +170,9 @@ def test_lint_is_silent_where_the_key_matters():
 
 
 def test_unsupported_features_are_named():
-    unsupported = plan_of(f"{A}.actor.strategy=megatron", "algorithm.adv_estimator=gae",
+    unsupported = plan_of(f"{A}.actor.strategy=megatron", f"{A}.actor.megatron.context_parallel_size=2",
                           f"{A}.model.lora_rank=8").unsupported
-    assert any("a Megatron critic" in u for u in unsupported)
+    assert any("Megatron context parallelism" in u for u in unsupported)
     assert any("LoRA" in u for u in unsupported)
 
 

@@ -49,9 +49,12 @@ MEGATRON_FSDP = Missing("Megatron's own FSDP (megatron.use_megatron_fsdp)", "use
                         "distributed optimizer shards the optimizer state)", _megatron, _NOT_MEGATRON)
 MEGATRON_MODEL_OVERRIDE = Missing("megatron.override_mcore_model_config", "the model's HF config.json",
                                   _megatron, _NOT_MEGATRON)
-MEGATRON_CRITIC = Missing("a Megatron critic (model_engine=megatron with a critic)",
-                          "a critic-free estimator (algorithm.adv_estimator=grpo), or model_engine=dp",
-                          lambda c: _megatron(c) and critic_in_use(c), "the run has no Megatron critic")
+MEGATRON_CRITIC_WEIGHTS = Missing("a Megatron critic's weights from a converted dist checkpoint "
+                                  "(critic.megatron.use_dist_checkpointing)",
+                                  "critic.model.path (an HF model: its body, and its score head or a fresh one)",
+                                  lambda c: _megatron(c) and critic_in_use(c)
+                                  and bool(c.critic.get("megatron", {}).get("use_dist_checkpointing")),
+                                  "the run has no Megatron critic, or it loads HF weights")
 PRECISION_AWARE_OPTIMIZER = Missing("Megatron's precision-aware optimizer (optim.use_precision_aware_optimizer and "
                                     "its state dtypes; Transformer Engine's FusedAdam)",
                                     "use_precision_aware_optimizer=False", _megatron, _NOT_MEGATRON)

@@ -32,7 +32,7 @@ from ascend_rl.config.features import (
     LORA,
     MEGATRON,
     MEGATRON_CONTEXT,
-    MEGATRON_CRITIC,
+    MEGATRON_CRITIC_WEIGHTS,
     MEGATRON_FSDP,
     MEGATRON_MODEL_OVERRIDE,
     MEGATRON_VIRTUAL_PIPELINE,
@@ -117,16 +117,47 @@ def _x(feature: Missing) -> NotBuilt:
     return NotBuilt(feature)
 
 
-M = f"{A}.actor.megatron"
 _SPECS = "trainer/actor_specs.py"
-# Megatron's tree (model_engine=megatron): the actor's engine. The reference runs on the actor's layout.
+
+
+def _megatron_engine_rows(M: str) -> tuple[tuple[str, Status], ...]:
+    """A Megatron engine's section (`M`: the actor's or the critic's `*.megatron`)."""
+    return (
+        *((f"{M}.{k}", _h(_SPECS)) for k in (
+            "tensor_model_parallel_size", "sequence_parallel", "expert_model_parallel_size",
+            "expert_tensor_parallel_size", "dtype", "seed", "use_distributed_optimizer", "use_dist_checkpointing",
+            "dist_checkpointing_path", "override_ddp_config", "dist_ckpt_optim_fully_reshardable")),
+        (f"{M}.distrib_optim_fully_reshardable_mem_efficient", _n("the fully reshardable state is always gathered "
+                                                                  "the memory-efficient way (over gloo)")),
+        (f"{M}.dist_checkpointing_prefix", _n("verl 0.9.1 does not read it either: a converted checkpoint's keys "
+                                              "are the model's own")),
+        (f"{M}.override_transformer_config*", _h(_SPECS, "override_transformer_config")),
+        (f"{M}.pipeline_model_parallel_size", _h(_SPECS)),
+        (f"{M}.virtual_pipeline_model_parallel_size", _x(MEGATRON_VIRTUAL_PIPELINE)),
+        (f"{M}.context_parallel_size", _x(MEGATRON_CONTEXT)),
+        (f"{M}.dynamic_context_parallel", _x(MEGATRON_CONTEXT)),
+        (f"{M}.max_seqlen_per_dp_cp_rank", _x(MEGATRON_CONTEXT)),
+        (f"{M}.use_megatron_fsdp", _x(MEGATRON_FSDP)),
+        (f"{M}.override_mcore_model_config", _x(MEGATRON_MODEL_OVERRIDE)),
+        (f"{M}.router_replay*", _x(ROUTING_REPLAY)),
+        (f"{M}.qat", _x(QAT)),
+        (f"{M}.entropy_from_logits_*", _n("entropy comes from the logits at the response positions only")),
+        (f"{M}.*mbridge", _n("ascend-rl converts HF weights with its own converter (workers/megatron/convert.py: "
+                             "Qwen2/2.5, Qwen3, Qwen3-MoE, Llama; exact both ways)")),
+        (f"{M}.use_remove_padding", _n("rows are left-aligned and right-padded (BSHD): packed (THD) sequences "
+                                       "need Transformer Engine's attention")),
+        (f"{M}.pad_*", _n("rows are padded to the micro-batch's longest (a multiple of TP under sequence "
+                          "parallelism)")),
+        (f"{M}.forward_only", _n("verl sets it per role; the reference is forward-only here too")),
+        *((f"{M}.{k}", _h(_SPECS)) for k in ("param_offload", "grad_offload", "optimizer_offload")),
+    )
+
+
+M = f"{A}.actor.megatron"
+# Megatron's tree (model_engine=megatron): the actor's engine and the critic's, on the actor's layout (validated).
+# The reference runs in the actor's engine.
 MEGATRON_ROWS: tuple[tuple[str, Status], ...] = (
-    ("critic.megatron*", _x(MEGATRON_CRITIC)),
     (f"{A}.*.megatron", _n("the Megatron engine's section: its keys have their own statuses")),
-    *((f"critic.optim.{k}", _x(MEGATRON_CRITIC)) for k in (
-        "lr_decay_steps", "lr_decay_style", "lr_warmup_init", "lr_wsd_decay_steps", "lr_wsd_decay_style", "min_lr",
-        "weight_decay_incr_style", "use_checkpoint_opt_param_scheduler", "use_precision_aware_optimizer",
-        "main_grads_dtype", "exp_avg_dtype", "exp_avg_sq_dtype", "use_layer_wise_distributed_optimizer")),
     *((f"{A}.ref.megatron.{k}", _h("config/validate.py")) for k in (
         "tensor_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
         "pipeline_model_parallel_size", "context_parallel_size")),
@@ -134,32 +165,11 @@ MEGATRON_ROWS: tuple[tuple[str, Status], ...] = (
     (f"{A}.ref.megatron.dist_checkpointing_path", _h(_SPECS)),
     (f"{A}.ref.megatron.param_offload", _h(_SPECS)),
     (f"{A}.ref.megatron.*", _n("the reference policy runs in the actor's Megatron engine, on its layout")),
-    *((f"{M}.{k}", _h(_SPECS)) for k in (
-        "tensor_model_parallel_size", "sequence_parallel", "expert_model_parallel_size",
-        "expert_tensor_parallel_size", "dtype", "seed", "use_distributed_optimizer", "use_dist_checkpointing",
-        "dist_checkpointing_path", "override_ddp_config", "dist_ckpt_optim_fully_reshardable")),
-    (f"{M}.distrib_optim_fully_reshardable_mem_efficient", _n("the fully reshardable state is always gathered "
-                                                              "the memory-efficient way (over gloo)")),
-    (f"{M}.dist_checkpointing_prefix", _n("verl 0.9.1 does not read it either: a converted checkpoint's keys are "
-                                          "the model's own")),
-    (f"{M}.override_transformer_config*", _h(_SPECS, "override_transformer_config")),
-    (f"{M}.pipeline_model_parallel_size", _h(_SPECS)),
-    (f"{M}.virtual_pipeline_model_parallel_size", _x(MEGATRON_VIRTUAL_PIPELINE)),
-    (f"{M}.context_parallel_size", _x(MEGATRON_CONTEXT)),
-    (f"{M}.dynamic_context_parallel", _x(MEGATRON_CONTEXT)),
-    (f"{M}.max_seqlen_per_dp_cp_rank", _x(MEGATRON_CONTEXT)),
-    (f"{M}.use_megatron_fsdp", _x(MEGATRON_FSDP)),
-    (f"{M}.override_mcore_model_config", _x(MEGATRON_MODEL_OVERRIDE)),
-    (f"{M}.router_replay*", _x(ROUTING_REPLAY)),
-    (f"{M}.qat", _x(QAT)),
-    (f"{M}.entropy_from_logits_*", _n("entropy comes from the logits at the response positions only")),
-    (f"{M}.*mbridge", _n("ascend-rl converts HF weights with its own converter (workers/megatron/convert.py: "
-                         "Qwen2/2.5, Qwen3, Qwen3-MoE, Llama; exact both ways)")),
-    (f"{M}.use_remove_padding", _n("rows are left-aligned and right-padded (BSHD): packed (THD) sequences need "
-                                   "Transformer Engine's attention")),
-    (f"{M}.pad_*", _n("rows are padded to the micro-batch's longest (a multiple of TP under sequence parallelism)")),
-    (f"{M}.forward_only", _n("verl sets it per role; the reference is forward-only here too")),
-    *((f"{M}.{k}", _h(_SPECS)) for k in ("param_offload", "grad_offload", "optimizer_offload")),
+    *_megatron_engine_rows(M),
+    ("critic.megatron", _n("the Megatron engine's section: its keys have their own statuses")),
+    *((f"critic.megatron.{k}", _x(MEGATRON_CRITIC_WEIGHTS)) for k in ("use_dist_checkpointing",
+                                                                      "dist_checkpointing_path")),
+    *_megatron_engine_rows("critic.megatron"),
     *((f"*.optim.{k}", _h(_SPECS)) for k in (
         "lr_decay_steps", "lr_decay_style", "lr_warmup_init", "lr_wsd_decay_steps", "lr_wsd_decay_style", "min_lr",
         "weight_decay_incr_style")),

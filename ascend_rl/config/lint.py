@@ -79,7 +79,7 @@ class Feature:
 # Values (not keys) a config can choose that this build does not have; key_status.TABLE has the keys' features.
 # `train` stops at start-up on these.
 UNSUPPORTED = (
-    *map(Feature.of, (features.MEGATRON_CRITIC, features.TORCHTITAN, features.VEOMNI)),
+    *map(Feature.of, (features.TORCHTITAN, features.VEOMNI)),
     Feature(lambda c: f"the {c[A].rollout.name} rollout (rollout.name; native and sglang are built)",
             lambda c, w: c[A].rollout.name not in ("native", "sglang"), f"{A}.rollout.name=native"),
     Feature("greedy training rollouts (rollout.do_sample=false: a group's samples would all be the same)",

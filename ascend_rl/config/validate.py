@@ -190,14 +190,22 @@ MEGATRON_LAYOUT = ("tensor_model_parallel_size", "expert_model_parallel_size", "
 
 
 def _check_megatron(cfg: DictConfig) -> list[str]:
-    """The reference policy lives in the actor's Megatron engine, on its layout (verl's recipes set both the
-    same); experts split over EP; experts' TP (ETP) defaults to TP."""
-    if cfg[A].actor.strategy != "megatron" or "megatron" not in cfg[A].actor:
+    """The reference policy and the critic live in the actor's workers, the critic in the actor's kind of
+    engine; a Megatron one on the actor's layout (Megatron's process groups are one per process; verl's recipes
+    set them the same); experts split over EP; experts' TP (ETP) defaults to TP."""
+    critic = cfg.critic if critic_in_use(cfg) else None
+    megatron = {"actor": cfg[A].actor.strategy == "megatron", "critic": critic is not None and critic.strategy == "megatron"}
+    if critic is not None and megatron["actor"] != megatron["critic"]:
+        return [f"critic.strategy={critic.strategy} with {A}.actor.strategy={cfg[A].actor.strategy}: the critic "
+                f"runs in the actor's workers, in the same kind of engine (model_engine sets both)"]
+    if not megatron["actor"] or "megatron" not in cfg[A].actor:
         return []
-    actor, ref = cfg[A].actor.megatron, (cfg[A].ref.get("megatron") or {})
-    errors = [f"{A}.ref.megatron.{key}={ref[key]} differs from {A}.actor.megatron.{key}={actor[key]}: the "
-              f"reference policy runs on the actor's layout" for key in MEGATRON_LAYOUT
-              if key in ref and ref[key] != actor[key] and not (key == "expert_tensor_parallel_size" and ref[key] is None)]
+    actor = cfg[A].actor.megatron
+    others = {f"{A}.ref.megatron": cfg[A].ref.get("megatron") or {}, "critic.megatron": critic.megatron if critic else {}}
+    errors = [f"{name}.{key}={other[key]} differs from {A}.actor.megatron.{key}={actor[key]}: it runs on the "
+              f"actor's layout" for name, other in others.items() for key in MEGATRON_LAYOUT
+              if key in other and other[key] != actor[key]
+              and not (key == "expert_tensor_parallel_size" and other[key] is None)]
     tp, etp = actor.tensor_model_parallel_size, actor.expert_tensor_parallel_size
     if etp is not None and etp not in (tp, 1):
         errors.append(f"{A}.actor.megatron.expert_tensor_parallel_size={etp}: expected 1 or the tensor-parallel "

@@ -28,7 +28,7 @@ from ascend_rl.preflight import context_problems, megatron_problems, missing_sco
 from ascend_rl.reward import RewardFunction, RewardRunner
 from ascend_rl.reward.managers import RewardManager, make_reward_manager
 from ascend_rl.rollout.factory import Rollout, build_rollout
-from ascend_rl.trainer.actor_specs import actor_spec, optim_settings, token_budget
+from ascend_rl.trainer.actor_specs import actor_spec, megatron_engine, megatron_optim, optim_settings, token_budget
 from ascend_rl.trainer.checkpoint import check_run_dir
 from ascend_rl.trainer.profiler import StepProfiler
 from ascend_rl.trainer.reporting import Reporter
@@ -37,6 +37,7 @@ from ascend_rl.trainer.vocabulary import Vocabulary
 from ascend_rl.workers.actor import Actor, ReferencePolicy
 from ascend_rl.workers.critic import Critic, CriticSettings, CriticSpec
 from ascend_rl.workers.fsdp import fsdp_settings
+from ascend_rl.workers.megatron.critic import MegatronCriticSpec
 from ascend_rl.workers.packing import SequenceSettings
 from ascend_rl.workers.trained import Batching
 
@@ -152,7 +153,7 @@ def build_components(cfg: DictConfig, show_progress: bool = True) -> Components:
     )
 
 
-def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec:
+def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec | MegatronCriticSpec:
     """`critic.*`: its own model (critic.model.path), batches counted in prompts as the actor's, optimizer."""
     critic, n = cfg.critic, cfg.actor_rollout_ref.rollout.n
     path = str(Path(critic.model.path).expanduser())
@@ -160,10 +161,15 @@ def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec:
     batching = Batching(critic.ppo_mini_batch_size * n, critic.ppo_micro_batch_size_per_gpu, critic.ppo_epochs,
                         critic.shuffle, critic.data_loader_seed, cfg.trainer.balance_batch,
                         token_budget(critic, "use_dynamic_bsz", "ppo_max_token_len_per_gpu"))
-    settings = CriticSettings(batching, critic.forward_micro_batch_size_per_gpu,
-                              token_budget(critic, "use_dynamic_bsz", "forward_max_token_len_per_gpu"),
-                              critic.cliprange_value, critic.loss_agg_mode, critic.get("loss_scale_factor"),
-                              critic.grad_clip,
+    # Megatron's tree has no forward micro-batch size: verl's Megatron critic computes values in its update's
+    forward = (critic.get("forward_micro_batch_size_per_gpu", critic.ppo_micro_batch_size_per_gpu),
+               token_budget(critic, "use_dynamic_bsz", "forward_max_token_len_per_gpu"),
+               critic.cliprange_value, critic.loss_agg_mode, critic.get("loss_scale_factor"))
+    if critic.strategy == "megatron":  # Megatron's optimizer clips (optim.clip_grad); rows stay padded
+        return MegatronCriticSpec(path, CriticSettings(batching, *forward, critic.optim.clip_grad),
+                                  megatron_optim(critic.optim, total_steps),
+                                  megatron_engine(critic.megatron, device, "critic.megatron"))
+    settings = CriticSettings(batching, *forward, critic.grad_clip,
                               SequenceSettings(critic.model.use_remove_padding, critic.ulysses_sequence_parallel_size))
     return CriticSpec(path, settings, optim_settings(critic.optim, total_steps),
                       fsdp_settings(critic.fsdp, device, "critic.fsdp"), critic.model.enable_gradient_checkpointing)

@@ -57,16 +57,22 @@ class CriticSpec:
         return Critic(self.model_path, device, self.settings, self.optim, self.gradient_checkpointing, mesh, self.fsdp)
 
 
-def load_value_model(path: str, device: str, fsdp: FsdpSettings | None, forward: ModelForward, mesh=None,
-                     gradient_checkpointing: bool = False):
+def value_model(path: str, device: str, dtype: torch.dtype, gradient_checkpointing: bool = False,
+                attn_implementation: str | None = None):
     """A causal LM's body with a fresh scalar head (a critic's own checkpoint keeps its trained head); no dropout
     on the head, as verl sets it, so a value is a function of the tokens. The fresh head is drawn from a fixed
-    seed: every rank of a sharded critic, and every run, starts from the same one."""
+    seed: every rank of a sharded critic, every engine and every run start from the same one."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(VALUE_HEAD_SEED)
-        model = load_model(path, device, gradient_checkpointing, (fsdp or FsdpSettings()).model_dtype,
-                           auto_class="AutoModelForTokenClassification", attn_implementation=forward.attn_implementation,
-                           num_labels=1, classifier_dropout=0.0)
+        return load_model(path, device, gradient_checkpointing, dtype, auto_class="AutoModelForTokenClassification",
+                          attn_implementation=attn_implementation, num_labels=1, classifier_dropout=0.0)
+
+
+def load_value_model(path: str, device: str, fsdp: FsdpSettings | None, forward: ModelForward, mesh=None,
+                     gradient_checkpointing: bool = False):
+    """`value_model`, placed for FSDP's compute."""
+    model = value_model(path, device, (fsdp or FsdpSettings()).model_dtype, gradient_checkpointing,
+                        forward.attn_implementation)
     return model, place(model, device, fsdp, mesh)
 
 

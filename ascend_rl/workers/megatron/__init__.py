@@ -14,6 +14,8 @@ without it.
   losses: Megatron's DDP, optimizer (distributed or not) and LR schedule; left-aligned rows for Megatron's RoPE;
   vocab-parallel log-probs and entropy.
 - `checkpoint`: dist checkpoints in verl's layout (weights for `dist_checkpointing_path`, the run's checkpoints).
+- `critic`: PPO's critic (`critic.strategy=megatron`) in the actor's workers, on its layout: a value head in place
+  of the vocabulary projection, the FSDP critic's values and clipped value-loss update.
 - `adaptors`: what each device kind needs before Megatron is built: `cpu_patches` (Megatron's CUDA-isms made the
   CPU's) on a CPU, MindSpeed's adaptor and `repatch` on an Ascend NPU, nothing on CUDA.
 - `offload`: weights, gradients and optimizer state in host memory between the phases that use them.
@@ -22,6 +24,6 @@ Tested on CPU: the 30B recipe's twin at TP 2 × EP 2 on 4 processes equals one p
 GRPO steps; one Megatron rank makes the FSDP actor's update within 1e-4; with every offload switch on, the same
 run exactly. On accelerators built but not yet run on one (tests/test_cuda_megatron.py is the prepared check).
 
-Not built yet: virtual pipeline and context parallelism, Transformer Engine's layer spec, a Megatron
-critic, resuming the run's checkpoint at another layout with the MoE's chained optimizer.
+Not built yet: virtual pipeline and context parallelism, Transformer Engine's layer spec, a critic from a
+converted dist checkpoint, resuming the run's checkpoint at EP 1 from EP > 1 (the MoE's chained optimizer).
 """

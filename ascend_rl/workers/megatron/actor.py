@@ -20,17 +20,17 @@ from ascend_rl.workers.actor import ActorSettings, PolicyUpdate, ReferenceSettin
 from ascend_rl.workers.megatron import adaptors
 from ascend_rl.workers.megatron.arch import architecture
 from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
-from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module, build_optimizer, wrap_ddp
+from ascend_rl.workers.megatron.engine import (
+    MegatronEngine,
+    MegatronOptim,
+    build_module,
+    build_optimizer,
+    megatron_step,
+    wrap_ddp,
+)
 from ascend_rl.workers.megatron.forward import logits_log_probs
 from ascend_rl.workers.megatron.gather import hf_weights
-from ascend_rl.workers.megatron.offload import (
-    MegatronOffload,
-    Offloaded,
-    Part,
-    gradient_buffers,
-    optimizer_grads,
-    optimizer_tensors,
-)
+from ascend_rl.workers.megatron.offload import MegatronOffload, Offloaded, Part, model_offload
 from ascend_rl.workers.megatron.pipeline import from_last_stage, is_last_stage, object_from_last_stage, through_stages
 from ascend_rl.workers.trained import DCP_DIR, in_row_order, micro_batch_rows, split
 
@@ -95,22 +95,9 @@ class MegatronActor(PolicyUpdate):
         self.device = self.policy.device
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.weights, self.optimizer_state = self._offloaded(device)
+        self.weights, self.optimizer_state = model_offload(self.model, self.optimizer, engine.offload, device)
         self.weights.offload()
         self.optimizer_state.offload()
-
-    def _offloaded(self, device: str) -> tuple[Offloaded, Offloaded]:
-        """The weights with their gradients, and the optimizer's state; each lists what it must leave alone
-        first (the distributed optimizer's fp32 shards of an fp32 model are views of the weights, its main
-        gradients of the gradient buffers)."""
-        off = self.engine.offload
-        weights = Part(self.model.module.parameters, move=off.params)
-        grads = Part(lambda: gradient_buffers(self.model), keep=False, move=off.grads)
-        return (Offloaded([weights, grads], device),
-                Offloaded([weights._replace(move=False), grads._replace(move=False),
-                           Part(lambda: optimizer_tensors(self.optimizer), move=off.optimizer),
-                           Part(lambda: optimizer_grads(self.optimizer), keep=False, move=off.optimizer)],
-                          device))
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,17 +133,7 @@ class MegatronActor(PolicyUpdate):
         return object_from_last_stage(dict(metrics) if is_last_stage() else None)
 
     def _step(self) -> float:
-        """The DP all-reduce and the sums over TP of weights each rank saw a part of (sequence-parallel norms,
-        q/k norms), then Megatron's clipped step; a non-finite gradient anywhere would poison the weights:
-        skipped."""
-        from megatron.core.distributed import finalize_model_grads
-
-        finalize_model_grads([self.model])
-        if not _finite_everywhere(p.main_grad for p in self.model.parameters() if p.requires_grad):
-            self.optimizer.zero_grad()
-            return float("nan")
-        _, grad_norm, _ = self.optimizer.step()
-        return float(grad_norm)
+        return megatron_step(self.model, self.optimizer)
 
     def _lr_step(self) -> None:
         self.scheduler.step(1)
@@ -193,12 +170,6 @@ class MegatronActor(PolicyUpdate):
         with self.weights.resident(), self.optimizer_state.resident():
             load_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def _finite_everywhere(grads) -> bool:
-    flag = torch.tensor([all(bool(torch.isfinite(g).all()) for g in grads)], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ and `down_proj` [E, H, F]). A tied `lm_head.weight` is left out, as `save_pretra
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -351,3 +351,23 @@ def global_layer_names(local: dict[str, Tensor], offset: int) -> dict[str, Tenso
     """A stage's decoder-layer names numbered as in the whole model."""
     return {(f"decoder.layers.{int(m[1]) + offset}.{m[2]}" if (m := _LAYER.match(name)) else name): t
             for name, t in local.items()}
+
+
+# --- a critic (value model) -------------------------------------------------------------------------------
+
+
+def value_model_shard(hf: dict[str, Tensor], arch: Architecture, place: Place, divisible_by: int = 128) -> dict:
+    """A critic's Megatron state dict for the rank at `place` (HF's token-classification model with one label):
+    the body as a causal LM's without an output layer, and `score` as the value head (`output_layer`, whole on
+    every TP rank of the last stage)."""
+    hf = dict(hf)
+    head = {"output_layer.weight": hf.pop("score.weight"),
+            "output_layer.bias": hf.pop("score.bias", None)}
+    no_output = replace(arch, tie_word_embeddings=True)  # the body has no vocabulary projection to convert
+    shard = stage_shard(hf_to_mcore_rank(hf, no_output, place, divisible_by),
+                        replace(arch, tie_word_embeddings=False), place)  # nor an output layer to tie
+    if place.pp_rank == place.pp - 1:
+        if head["output_layer.bias"] is None:  # a score layer without a bias: the head's stays zero
+            head["output_layer.bias"] = head["output_layer.weight"].new_zeros(1)
+        shard.update(head)
+    return shard

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ascend_rl.workers.critic import value_model
 from ascend_rl.workers.megatron.checkpoint import load_dist_weights
 from ascend_rl.workers.megatron.model import MegatronParallel, build_gpt_model, init_model_parallel, load_hf_weights
 from ascend_rl.workers.megatron.offload import MegatronOffload
@@ -100,10 +101,10 @@ class MegatronEngine:
         return self.parallel.tp if self.parallel.sequence_parallel else 1
 
 
-def build_module(model_path: str, engine: MegatronEngine, device: str = "cpu"):
+def build_module(model_path: str, engine: MegatronEngine, device: str = "cpu", value_head: bool = False):
     """This rank's GPTModel with its weights on `device`, and the HF config it was built from (built and loaded
-    on the host, then moved). Megatron's process groups are made once per process (the actor and the reference
-    share them)."""
+    on the host, then moved); with `value_head`, a critic's. Megatron's process groups are made once per process
+    (the actor, the reference and the critic share them)."""
     import transformers
     from megatron.core import parallel_state
 
@@ -111,14 +112,15 @@ def build_module(model_path: str, engine: MegatronEngine, device: str = "cpu"):
         init_model_parallel(engine.parallel, engine.seed)
     hf_config = transformers.AutoConfig.from_pretrained(model_path)
     try:
-        module = build_gpt_model(hf_config, engine.parallel, engine.dtype)
+        module = build_gpt_model(hf_config, engine.parallel, engine.dtype, value_head)
     except TypeError as err:  # an override_transformer_config field TransformerConfig does not have
         raise ValueError(f"megatron.override_transformer_config: {err}") from None
     if engine.dist_checkpointing_path:
         load_dist_weights(engine.dist_checkpointing_path, module)
     else:  # every rank reads the whole HF model and keeps its shard
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=engine.dtype)
-        load_hf_weights(module, hf.state_dict(), hf_config, engine.parallel)
+        hf = (value_model(model_path, "cpu", engine.dtype) if value_head
+              else transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=engine.dtype))
+        load_hf_weights(module, hf.state_dict(), hf_config, engine.parallel, value_head)
         del hf
     return module.to(device), hf_config
 
@@ -162,3 +164,25 @@ def build_optimizer(ddp, engine: MegatronEngine, optim: MegatronOptim):
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         wsd_decay_steps=optim.lr_wsd_decay_steps, lr_wsd_decay_style=optim.lr_wsd_decay_style)
     return optimizer, scheduler
+
+
+def megatron_step(model, optimizer) -> float:
+    """The DP all-reduce and the sums over TP of weights each rank saw a part of (sequence-parallel norms, q/k
+    norms, a critic's head), then Megatron's clipped step → the grad norm; a non-finite gradient anywhere would
+    poison the weights: the step is skipped (nan)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads([model])
+    if not _finite_everywhere(p.main_grad for p in model.parameters() if p.requires_grad):
+        optimizer.zero_grad()
+        return float("nan")
+    _, grad_norm, _ = optimizer.step()
+    return float(grad_norm)
+
+
+def _finite_everywhere(grads) -> bool:
+    import torch.distributed as dist
+
+    flag = torch.tensor([all(bool(torch.isfinite(g).all()) for g in grads)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

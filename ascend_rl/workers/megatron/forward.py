@@ -35,18 +35,28 @@ def stage_forward(model, batch, multiple_of: int = 1):
 def logits_log_probs(logits, lead, batch, vocab_size: int, temperature: float = 1.0, with_entropy: bool = False):
     """log π(response token) per position under softmax(logits / temperature), and optionally the entropy;
     [B, R] each, zero-padded like the responses. Every TP rank gets the same (the vocabulary is reduced over)."""
-    responses = batch["responses"]
-    rows, width = responses.shape
-    # Response token j sits at column S - R + j before the shift; the position before it predicts it.
-    start = batch["input_ids"].shape[1] - width - 1
-    predicting = (start + torch.arange(width, device=logits.device))[None] - lead[:, None]
-    picked = logits.gather(1, predicting.clamp(min=0)[..., None].expand(rows, width, logits.shape[-1]))
+    picked = at_responses(logits, lead, batch)
     if temperature != 1.0:
         picked = picked / temperature
     mask = batch["response_mask"]  # zero past each response's end, as the FSDP actor's
-    log_probs = vocab_parallel_log_probs(picked, responses, vocab_size) * mask
+    log_probs = vocab_parallel_log_probs(picked, batch["responses"], vocab_size) * mask
     entropy = vocab_parallel_entropy(picked, vocab_size) * mask if with_entropy else None
     return log_probs, entropy
+
+
+def response_values(output, lead, batch) -> torch.Tensor:
+    """A critic's V(s_t) for each response token t, [B, R] in fp32: its output at the position before the token
+    (the state it was chosen in), as the FSDP critic takes it."""
+    return at_responses(output, lead, batch)[..., 0].float()
+
+
+def at_responses(output: torch.Tensor, lead: torch.Tensor, batch) -> torch.Tensor:
+    """The stage output [B, S, ...] of left-aligned rows at the positions that predict each response token."""
+    rows, width = batch["responses"].shape
+    # Response token j sits at column S - R + j before the shift; the position before it predicts it.
+    start = batch["input_ids"].shape[1] - width - 1
+    predicting = (start + torch.arange(width, device=output.device))[None] - lead[:, None]
+    return output.gather(1, predicting.clamp(min=0)[..., None].expand(rows, width, output.shape[-1]))
 
 
 def response_log_probs(model, batch, vocab_size: int, temperature: float = 1.0, with_entropy: bool = False,

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ascend_rl.workers.megatron.arch import Architecture, architecture
-from ascend_rl.workers.megatron.convert import Place, check_layout, hf_to_mcore_rank, padded_vocab_size, stage_shard
+from ascend_rl.workers.megatron.convert import (
+    Place,
+    check_layout,
+    hf_to_mcore_rank,
+    padded_vocab_size,
+    stage_shard,
+    value_model_shard,
+)
 
 
 @dataclass(frozen=True)
@@ -170,8 +177,10 @@ def transformer_overrides_for_megatron(overrides: dict) -> dict:
     return overrides
 
 
-def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = torch.float32):
-    """This rank's GPTModel for `hf_config` (init_model_parallel first), weights uninitialised: load_hf_weights."""
+def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = torch.float32,
+                    value_head: bool = False):
+    """This rank's GPTModel for `hf_config` (init_model_parallel first), weights uninitialised: load_hf_weights.
+    With `value_head`, a critic: one value per position (`ValueHead`) in place of the vocabulary projection."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -185,25 +194,53 @@ def build_gpt_model(hf_config, parallel: MegatronParallel, dtype: torch.dtype = 
     config = TransformerConfig(**transformer_config_kwargs(arch, parallel, dtype))
     spec = get_gpt_layer_local_spec(num_experts=arch.num_experts or None, qk_layernorm=arch.qk_norm,
                                     normalization="RMSNorm")
-    return GPTModel(
+    model = GPTModel(
         config, spec,
         vocab_size=padded_vocab_size(arch.vocab_size, parallel.tp, parallel.make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and not value_head,
         parallel_output=True,  # logits stay vocab-parallel: log-probs reduce over the TP group
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
     )
+    if value_head and model.post_process:
+        model.output_layer = ValueHead(config)
+    return model
 
 
-def load_hf_weights(model, hf_state: dict[str, torch.Tensor], hf_config, parallel: MegatronParallel) -> None:
+class ValueHead(torch.nn.Module):
+    """A critic's output layer: one value per position, the same weights on every TP rank (HF's `score`).
+    Under sequence parallelism each rank scores its slice of the positions and the slices are gathered; the
+    weights' gradients are then partial on each rank, which their `sequence_parallel` tag makes Megatron sum over TP
+    (finalize_model_grads), as for the norms. Called as GPTModel calls its output layer."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, config.hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))  # HF's score layer has one
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        self.sequence_parallel = config.sequence_parallel
+
+    def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        values = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        if self.sequence_parallel:  # every rank then computes the same loss: each keeps its own slice's gradient
+            values = gather_from_sequence_parallel_region(values, tensor_parallel_output_grad=False)
+        return values, None
+
+
+def load_hf_weights(model, hf_state: dict[str, torch.Tensor], hf_config, parallel: MegatronParallel,
+                    value_head: bool = False) -> None:
     """Every rank converts the whole HF state dict and keeps its pipeline stage's part: its TP slice and its
-    experts' ETP slices."""
-    arch = architecture(hf_config)
-    place = rank_place()
-    shard = hf_to_mcore_rank(hf_state, arch, place, parallel.make_vocab_size_divisible_by)
-    load_mcore_shard(model, stage_shard(shard, arch, place))
+    experts' ETP slices (`value_head`: a critic's, from HF's token-classification model)."""
+    arch, place, divisible_by = architecture(hf_config), rank_place(), parallel.make_vocab_size_divisible_by
+    if value_head:
+        load_mcore_shard(model, value_model_shard(hf_state, arch, place, divisible_by))
+    else:
+        load_mcore_shard(model, stage_shard(hf_to_mcore_rank(hf_state, arch, place, divisible_by), arch, place))
 
 
 def rank_place() -> Place:

@@ -145,3 +145,15 @@ class Offloaded:
             self._depth -= 1
             if self._depth == 0 and self.parts:
                 self.offload()
+
+
+def model_offload(ddp, optimizer, off: MegatronOffload, device: str) -> tuple[Offloaded, Offloaded]:
+    """A DDP model's weights with their gradients, and its optimizer's state; each lists what it must leave
+    alone first (the distributed optimizer's fp32 shards of an fp32 model are views of the weights, its main
+    gradients of the gradient buffers)."""
+    weights = Part(ddp.module.parameters, move=off.params)
+    grads = Part(lambda: gradient_buffers(ddp), keep=False, move=off.grads)
+    return (Offloaded([weights, grads], device),
+            Offloaded([weights._replace(move=False), grads._replace(move=False),
+                       Part(lambda: optimizer_tensors(optimizer), move=off.optimizer),
+                       Part(lambda: optimizer_grads(optimizer), keep=False, move=off.optimizer)], device))
