@@ -30,12 +30,13 @@ MEGATRON_OPTIM = MegatronOptim(lr=LR, weight_decay=0.0, clip_grad=1.0, total_ste
 class MegatronActorWorker:
     """A worker process: the CPU patches, then one rank of the Megatron actor."""
 
-    def __init__(self, rank: int, world_size: int, model_dir: str, engine: MegatronEngine):
+    def __init__(self, rank: int, world_size: int, model_dir: str, engine: MegatronEngine,
+                 settings: ActorSettings = SETTINGS):
         from ascend_rl.workers.megatron import cpu_patches
         from ascend_rl.workers.megatron.actor import MegatronActor
 
         cpu_patches.apply()
-        self.actor = MegatronActor(model_dir, SETTINGS, MEGATRON_OPTIM, engine)
+        self.actor = MegatronActor(model_dir, settings, MEGATRON_OPTIM, engine)
 
     def log_probs(self, batch):
         return self.actor.log_probs(batch)
@@ -47,9 +48,9 @@ class MegatronActorWorker:
         return {name: tensor.clone() for name, tensor in self.actor.named_weights()}
 
 
-def run_megatron(model_dir, batch, world: int, parallel: MegatronParallel) -> dict:
+def run_megatron(model_dir, batch, world: int, parallel: MegatronParallel, settings: ActorSettings = SETTINGS) -> dict:
     group = ProcessWorkerGroup(world, "test_megatron_actor:MegatronActorWorker",
-                               dict(model_dir=str(model_dir), engine=MegatronEngine(parallel)))
+                               dict(model_dir=str(model_dir), engine=MegatronEngine(parallel), settings=settings))
     try:
         log_probs, entropy = group.call_all("log_probs", batch)[0]
         metrics = [group.call_all("update", batch)[0] for _ in range(2)]
@@ -102,6 +103,22 @@ def test_one_megatron_rank_makes_the_fsdp_actors_update(fsdp_run, one_rank):
 def test_two_megatron_ranks_make_the_update_of_one(tiny_model_dir, fsdp_run, one_rank, parallel):
     assert_same_run(run_megatron(tiny_model_dir, fsdp_run[0], 2, parallel), one_rank, 1e-5,
                     fsdp_run[0]["response_mask"])
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_stages_pass_micro_batches_of_varying_rows(tiny_model_dir, fsdp_run, one_rank):
+    """Micro-batches by a token budget (use_dynamic_bsz): each has its own number of rows, whose shapes the
+    stages send ahead; the update is the one of fixed micro-batches (losses use the mini-batch's counts)."""
+    from dataclasses import replace
+
+    by_tokens = replace(SETTINGS, ppo_micro_batch_size_per_gpu=None, ppo_max_token_len_per_gpu=40,
+                        log_prob_max_token_len=40)
+    mine = run_megatron(tiny_model_dir, fsdp_run[0], 2, MegatronParallel(pipeline_model_parallel_size=2), by_tokens)
+    # per-micro-batch means (clip fractions, entropy) depend on the split; the loss, gradient and weights do not
+    mine["metrics"] = [{k: m[k] for k in ("actor/pg_loss", "actor/grad_norm")} for m in mine["metrics"]]
+    theirs = {**one_rank, "metrics": [{k: m[k] for k in ("actor/pg_loss", "actor/grad_norm")}
+                                      for m in one_rank["metrics"]]}
+    assert_same_run(mine, theirs, 1e-5, fsdp_run[0]["response_mask"])
 
 
 @pytest.mark.timeout(300)
