@@ -194,14 +194,15 @@ def _check_megatron(cfg: DictConfig) -> list[str]:
     engine; a Megatron one on the actor's layout (Megatron's process groups are one per process; verl's recipes
     set them the same); experts split over EP; experts' TP (ETP) defaults to TP."""
     critic = cfg.critic if critic_in_use(cfg) else None
-    megatron = {"actor": cfg[A].actor.strategy == "megatron", "critic": critic is not None and critic.strategy == "megatron"}
-    if critic is not None and megatron["actor"] != megatron["critic"]:
+    actor_megatron = cfg[A].actor.strategy == "megatron"
+    if critic is not None and actor_megatron != (critic.strategy == "megatron"):
         return [f"critic.strategy={critic.strategy} with {A}.actor.strategy={cfg[A].actor.strategy}: the critic "
                 f"runs in the actor's workers, in the same kind of engine (model_engine sets both)"]
-    if not megatron["actor"] or "megatron" not in cfg[A].actor:
+    if not actor_megatron or "megatron" not in cfg[A].actor:
         return []
     actor = cfg[A].actor.megatron
-    others = {f"{A}.ref.megatron": cfg[A].ref.get("megatron") or {}, "critic.megatron": critic.megatron if critic else {}}
+    others = {f"{A}.ref.megatron": cfg[A].ref.get("megatron") or {},
+              "critic.megatron": critic.megatron if critic is not None else {}}
     errors = [f"{name}.{key}={other[key]} differs from {A}.actor.megatron.{key}={actor[key]}: it runs on the "
               f"actor's layout" for name, other in others.items() for key in MEGATRON_LAYOUT
               if key in other and other[key] != actor[key]

@@ -161,7 +161,7 @@ def _critic_spec(cfg: DictConfig, device: str, total_steps: int) -> CriticSpec |
     batching = Batching(critic.ppo_mini_batch_size * n, critic.ppo_micro_batch_size_per_gpu, critic.ppo_epochs,
                         critic.shuffle, critic.data_loader_seed, cfg.trainer.balance_batch,
                         token_budget(critic, "use_dynamic_bsz", "ppo_max_token_len_per_gpu"))
-    # Megatron's tree has no forward micro-batch size: verl's Megatron critic computes values in its update's
+    # Megatron's tree has no forward micro-batch size: its value passes take the update's
     forward = (critic.get("forward_micro_batch_size_per_gpu", critic.ppo_micro_batch_size_per_gpu),
                token_budget(critic, "use_dynamic_bsz", "forward_max_token_len_per_gpu"),
                critic.cliprange_value, critic.loss_agg_mode, critic.get("loss_scale_factor"))

@@ -1,10 +1,10 @@
 """The actor and the reference policy on Megatron-core (`actor.strategy=megatron`), with the FSDP actor's
 interface and losses: old log-probs, the PPO-family update over mini- and micro-batches, weights out in HF names.
 
-Every rank of a data-parallel group takes its slice of each mini-batch (`MiniBatchWalk`); the ranks of a
-tensor-parallel group share theirs. Losses are normalised by the whole mini-batch's counts and Megatron's DDP
-averages gradients over the data-parallel ranks, so each rank's loss is scaled by their number: N ranks make the
-update one process would."""
+Every data-parallel rank takes its slice of each mini-batch (`MiniBatchWalk`); the ranks of a tensor-parallel
+group and the stages of a pipeline share theirs. Losses are normalised by the whole mini-batch's counts and
+Megatron's DDP sums gradients over the data-parallel ranks (`calculate_per_token_loss`): N ranks make the update
+one process would. Micro-batches go through Megatron's schedule (`pipeline`)."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ class MegatronActor(PolicyUpdate):
 
         writer = dist.get_rank() == 0
         with self.weights.resident(), self.optimizer_state.resident():
-            state = {name: t.to('cpu', copy=True) for name, t in self.named_weights() if writer}  # all take part
+            state = {name: t.to("cpu", copy=True) for name, t in self.named_weights() if writer}  # all take part
             path.mkdir(parents=True, exist_ok=True)  # inside the trainer's new, partial step directory
             if writer:
                 save_torch_state_dict(state, path)
