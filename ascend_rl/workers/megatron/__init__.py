@@ -14,6 +14,8 @@ without it.
   losses: Megatron's DDP, optimizer (distributed or not) and LR schedule; left-aligned rows for Megatron's RoPE;
   vocab-parallel log-probs and entropy.
 - `checkpoint`: dist checkpoints in verl's layout (weights for `dist_checkpointing_path`, the run's checkpoints).
+- `trained`: what the actor and the critic share: DDP, optimizer and schedule, offload, the clipped step, dist
+  checkpoints.
 - `critic`: PPO's critic (`critic.strategy=megatron`) in the actor's workers, on its layout: a value head in place
   of the vocabulary projection, the FSDP critic's values and clipped value-loss update.
 - `adaptors`: what each device kind needs before Megatron is built: `cpu_patches` (Megatron's CUDA-isms made the

@@ -19,20 +19,13 @@ from tensordict import TensorDict
 from ascend_rl.workers.actor import ActorSettings, PolicyUpdate, ReferenceSettings, needs_entropy
 from ascend_rl.workers.megatron import adaptors
 from ascend_rl.workers.megatron.arch import architecture
-from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
-from ascend_rl.workers.megatron.engine import (
-    MegatronEngine,
-    MegatronOptim,
-    build_module,
-    build_optimizer,
-    megatron_step,
-    wrap_ddp,
-)
+from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module
 from ascend_rl.workers.megatron.forward import logits_log_probs
 from ascend_rl.workers.megatron.gather import hf_weights
-from ascend_rl.workers.megatron.offload import MegatronOffload, Offloaded, Part, model_offload
+from ascend_rl.workers.megatron.offload import MegatronOffload, Offloaded, Part
 from ascend_rl.workers.megatron.pipeline import from_last_stage, is_last_stage, object_from_last_stage, through_stages
-from ascend_rl.workers.trained import DCP_DIR, in_row_order, micro_batch_rows, split
+from ascend_rl.workers.megatron.trained import MegatronTrained
+from ascend_rl.workers.trained import in_row_order, micro_batch_rows, split
 
 
 class MegatronPolicy:
@@ -79,25 +72,16 @@ class MegatronReference:
                                          s.temperature, with_entropy=False)[0]
 
 
-class MegatronActor(PolicyUpdate):
+class MegatronActor(PolicyUpdate, MegatronTrained):
     """One rank's actor: its Megatron shard under DDP, Megatron's optimizer and LR schedule. With the engine's
     offload switches, the weights, gradients and optimizer state are in host memory outside the calls that use
     them (each call brings back what it needs)."""
 
     def __init__(self, model_path: str, settings: ActorSettings, optim: MegatronOptim, engine: MegatronEngine,
                  device: str = "cpu"):
-        from megatron.core import parallel_state
-
         self.policy = MegatronPolicy(model_path, engine, device)
-        self.model = wrap_ddp(self.policy.module, engine)
-        self.optimizer, self.scheduler = build_optimizer(self.model, engine, optim)
-        self.settings, self.batching, self.engine = settings, settings.batching, engine
-        self.device = self.policy.device
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.weights, self.optimizer_state = model_offload(self.model, self.optimizer, engine.offload, device)
-        self.weights.offload()
-        self.optimizer_state.offload()
+        super().__init__(self.policy.module, engine, optim, settings.batching, device)
+        self.settings = settings
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,14 +93,10 @@ class MegatronActor(PolicyUpdate):
                                          s.temperature, with_entropy=True)
 
     def update(self, batch: TensorDict) -> dict[str, float]:
-        with self.weights.resident(), self.optimizer_state.resident():
+        with self.training_state():
             return super().update(batch)
 
-    # --- PolicyUpdate's steps --------------------------------------------------------------------------
-
-    def _zero_grads(self) -> None:
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
+    # --- PolicyUpdate's steps (MegatronTrained has the others) -------------------------------------------
 
     def _forward_backward(self, micros: list[TensorDict], loss_of) -> None:
         """Through Megatron's schedule; DDP sums gradients over the data-parallel ranks (the TransformerConfig's
@@ -132,12 +112,6 @@ class MegatronActor(PolicyUpdate):
     def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
         return object_from_last_stage(dict(metrics) if is_last_stage() else None)
 
-    def _step(self) -> float:
-        return megatron_step(self.model, self.optimizer)
-
-    def _lr_step(self) -> None:
-        self.scheduler.step(1)
-
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF names and whole tensors gathered from every rank's shard, a layer at a time (a collective: every
         rank iterates to the end). Some share memory with the parameters."""
@@ -146,30 +120,18 @@ class MegatronActor(PolicyUpdate):
 
     def save(self, path: Path) -> None:
         """`path`: an HF model directory (rank 0 writes the weights gathered from every rank, a layer at a time)
-        and `path/dcp`, the model and optimizer as a Megatron dist checkpoint in verl's layout (every rank writes
-        its shards), which another layout resumes from (the distributed optimizer's state: with
-        dist_ckpt_optim_fully_reshardable)."""
+        and `path/dcp`, the model and optimizer as a Megatron dist checkpoint in verl's layout."""
         from huggingface_hub import save_torch_state_dict
 
         writer = dist.get_rank() == 0
-        with self.weights.resident(), self.optimizer_state.resident():
+        with self.training_state():  # moved once for both halves
             state = {name: t.to("cpu", copy=True) for name, t in self.named_weights() if writer}  # all take part
             path.mkdir(parents=True, exist_ok=True)  # inside the trainer's new, partial step directory
             if writer:
                 save_torch_state_dict(state, path)
                 self.policy.hf_config.save_pretrained(path)
             del state
-            save_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer,
-                                 fully_reshardable=self.engine.optim_fully_reshardable)
-
-    def state_dict(self) -> dict:
-        """What the trainer keeps beside the shards (the same on every rank)."""
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state(self, path: Path, state: dict) -> None:
-        with self.weights.resident(), self.optimizer_state.resident():
-            load_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
+            self.save_shards(path)
 
 
 @dataclass(frozen=True)

@@ -14,39 +14,22 @@ from tensordict import TensorDict
 
 from ascend_rl.algorithms import global_counts, masked_mean, value_loss
 from ascend_rl.workers.critic import CriticSettings
-from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
-from ascend_rl.workers.megatron.engine import (
-    MegatronEngine,
-    MegatronOptim,
-    build_module,
-    build_optimizer,
-    megatron_step,
-    wrap_ddp,
-)
+from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module
 from ascend_rl.workers.megatron.forward import response_values
-from ascend_rl.workers.megatron.offload import model_offload
 from ascend_rl.workers.megatron.pipeline import from_last_stage, is_last_stage, object_from_last_stage, through_stages
-from ascend_rl.workers.trained import DCP_DIR, MiniBatchWalk, in_row_order, micro_batch_rows, reduced_metrics, split
+from ascend_rl.workers.megatron.trained import MegatronTrained
+from ascend_rl.workers.trained import in_row_order, micro_batch_rows, reduced_metrics, split
 
 
-class MegatronCritic(MiniBatchWalk):
+class MegatronCritic(MegatronTrained):
     """One rank's critic: its Megatron shard under DDP, Megatron's optimizer and LR schedule (in host memory
     between calls with the engine's offload switches)."""
 
     def __init__(self, model_path: str, settings: CriticSettings, optim: MegatronOptim, engine: MegatronEngine,
                  device: str = "cpu"):
-        from megatron.core import parallel_state
-
-        self.module, self.hf_config = build_module(model_path, engine, device, value_head=True)
-        self.model = wrap_ddp(self.module, engine)
-        self.optimizer, self.scheduler = build_optimizer(self.model, engine, optim)
-        self.settings, self.batching, self.engine = settings, settings.batching, engine
-        self.device = torch.device(device)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.weights, self.optimizer_state = model_offload(self.model, self.optimizer, engine.offload, device)
-        self.weights.offload()
-        self.optimizer_state.offload()
+        module, self.hf_config = build_module(model_path, engine, device, value_head=True)
+        super().__init__(module, engine, optim, settings.batching, device)
+        self.settings = settings
 
     @torch.no_grad()
     def values(self, batch: TensorDict) -> torch.Tensor:
@@ -64,12 +47,12 @@ class MegatronCritic(MiniBatchWalk):
 
     def update(self, batch: TensorDict) -> dict[str, float]:
         """`ppo_epochs` passes over mini-batches, fitting the values to the returns; one LR step per call."""
-        with self.weights.resident(), self.optimizer_state.resident():
+        with self.training_state():
             self.model.train()
             metrics: dict[str, list[float]] = defaultdict(list)
             for mini in self.mini_batches(batch.to(self.device)):
                 self._update_mini_batch(mini, metrics)
-            self.scheduler.step(1)
+            self._lr_step()
         replica = object_from_last_stage(dict(metrics) if is_last_stage() else None)  # its stage has the losses
         return reduced_metrics(replica, "critic", ("vf_loss",), self.dp_size, self.optimizer.param_groups[0]["lr"])
 
@@ -77,8 +60,7 @@ class MegatronCritic(MiniBatchWalk):
         s = self.settings
         counts = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
         mini = mini[torch.tensor(self.rows_of_rank(mini))]
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self._zero_grads()
         losses: list[float] = []
 
         def on_output(micro, out, lead):
@@ -93,26 +75,15 @@ class MegatronCritic(MiniBatchWalk):
 
         through_stages(self.model, self.micro_batches(mini), on_output, self.engine.sequence_multiple,
                        forward_only=False)
-        metrics["grad_norm"].append(megatron_step(self.model, self.optimizer))
+        metrics["grad_norm"].append(self._step())
         metrics["vf_loss"].append(sum(losses))
 
     def save(self, path: Path) -> None:
-        """`path/dcp`: the model and optimizer as a Megatron dist checkpoint (every rank writes its shards), and
-        the HF config beside it (no HF weights: a critic is not served)."""
-        with self.weights.resident(), self.optimizer_state.resident():
-            path.mkdir(parents=True, exist_ok=True)  # inside the trainer's new, partial step directory
-            if torch.distributed.get_rank() == 0:
-                self.hf_config.save_pretrained(path)
-            save_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer,
-                                 fully_reshardable=self.engine.optim_fully_reshardable)
-
-    def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state(self, path: Path, state: dict) -> None:
-        with self.weights.resident(), self.optimizer_state.resident():
-            load_dist_checkpoint(path / DCP_DIR, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
+        """`path/dcp` (`save_shards`) and the HF config beside it (no HF weights: a critic is not served)."""
+        path.mkdir(parents=True, exist_ok=True)  # inside the trainer's new, partial step directory
+        if torch.distributed.get_rank() == 0:
+            self.hf_config.save_pretrained(path)
+        self.save_shards(path)
 
 
 @dataclass(frozen=True)
