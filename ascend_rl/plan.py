@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ascend_rl.config.environment import EnvFinding, check_environment
+from ascend_rl.config.features import critic_in_use
 from ascend_rl.config.layout import Layout, compute_layout
 from ascend_rl.config.lint import changed_keys, lint, unsupported_features
 from ascend_rl.config.memory import MemoryEstimate, estimate_memory
@@ -107,14 +108,18 @@ def describe_workers(cfg: DictConfig, device: str) -> str:
     megatron = actor.strategy == "megatron"
     if world == 1 and not megatron:
         return "one process: actor, reference and rollout engine"
+    others = "the reference, when the KL needs one" + (", and the critic" if critic_in_use(cfg) else "")
     if megatron:  # Megatron needs its process groups, even for one rank
         m = actor.megatron
-        held = (f"each a Megatron rank of the actor (and of the reference, when the KL needs one): TP groups of "
+        held = (f"each a Megatron rank of the actor (and of {others}): TP groups of "
                 f"{m.tensor_model_parallel_size} consecutive ranks share their rows")
+        if m.pipeline_model_parallel_size > 1:
+            held += (f", as do the {m.pipeline_model_parallel_size} pipeline stages of a replica (each an even "
+                     f"share of the layers)")
         if m.expert_model_parallel_size > 1:
             held += f", experts split over EP groups of {m.expert_model_parallel_size}"
     else:
-        held = "each an FSDP2 shard of the actor (and of the reference, when the KL needs one)"
+        held = f"each an FSDP2 shard of the actor (and of {others})"
     if (sp := actor.get("ulysses_sequence_parallel_size", 1)) > 1:
         held += f", in Ulysses groups of {sp} that split each packed micro-batch's positions"
     if not colocated(cfg):
