@@ -331,6 +331,14 @@ def test_on_an_npu_mindspeed_is_repatched_with_the_runs_overrides_as_verl_does(f
     assert adaptors.missing("npu") is None
 
 
+def test_a_mindspeed_without_repatch_is_applied_and_said(fake_mindspeed, caplog):
+    from ascend_rl.workers.megatron import adaptors
+
+    del sys.modules["mindspeed.megatron_adaptor"].repatch
+    adaptors.adapt("npu", MegatronParallel(override_transformer_config={"use_flash_attn": True}))
+    assert fake_mindspeed == [] and "has no megatron_adaptor.repatch" in caplog.text
+
+
 def test_without_mindspeed_megatron_on_an_npu_is_refused_with_the_install_step():
     from ascend_rl.workers.megatron import adaptors
 

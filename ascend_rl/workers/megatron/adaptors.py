@@ -36,8 +36,13 @@ def _mindspeed(parallel: MegatronParallel) -> None:
     is asked for (both patch the same forward)."""
     if (problem := missing("npu")) is not None:
         raise RuntimeError(problem)
-    from mindspeed.megatron_adaptor import repatch
+    import mindspeed.megatron_adaptor as adaptor  # importing it applies MindSpeed's patches
 
+    repatch = getattr(adaptor, "repatch", None)
+    if repatch is None:  # verl goes on without it too
+        log.warning("this MindSpeed has no megatron_adaptor.repatch: its features follow its defaults, not "
+                    "override_transformer_config (the pinned branch is in ascend_rl/versions.toml)")
+        return
     config = transformer_overrides_for_megatron(parallel.override_transformer_config)
     if config.get("use_flash_attn_npu_batch_invariant"):
         config["use_flash_attn"] = False
