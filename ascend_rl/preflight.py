@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from ascend_rl.config.features import critic_in_use
 from ascend_rl.config.validate import data_files, plain_map
+from ascend_rl.platform import resolve_device
 from ascend_rl.reward.scorers import scorer_for
 from ascend_rl.workers.megatron import adaptors
 from ascend_rl.workers.megatron.arch import architecture
@@ -81,8 +82,9 @@ def megatron_problems(cfg: DictConfig) -> list[str]:
     if importlib.util.find_spec("megatron.core") is None:
         return [f"{A}.actor.strategy=megatron needs megatron-core: pip install -e '.[megatron]'"]
     m, problems = cfg[A].actor.megatron, []
-    if (missing := adaptors.missing(cfg.trainer.device)) is not None:
-        problems.append(f"trainer.device={cfg.trainer.device} with {A}.actor.strategy=megatron: {missing}")
+    device = resolve_device(cfg.trainer.device)  # unset: what this machine has
+    if (missing := adaptors.missing(device)) is not None:
+        problems.append(f"trainer.device={device} with {A}.actor.strategy=megatron: {missing}")
     parallel = MegatronParallel(tensor_model_parallel_size=m.tensor_model_parallel_size,
                                 pipeline_model_parallel_size=m.pipeline_model_parallel_size,
                                 expert_model_parallel_size=m.expert_model_parallel_size,
