@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -74,9 +76,9 @@ def sequence_parallel_problems(cfg: DictConfig) -> list[str]:
 
 
 def megatron_problems(cfg: DictConfig) -> list[str]:
-    """What would stop a Megatron run's workers as they start: megatron-core missing, a model the converter
-    does not know or whose heads, experts or MLP do not split over the layout, an override Megatron's config
-    dataclass has no field for."""
+    """What would stop a Megatron run's workers as they start: megatron-core missing (or MindSpeed on an NPU), a
+    model the converter does not know or whose heads, experts or MLP do not split over the layout, an attention
+    backend the environment contradicts, an override Megatron's config dataclass has no field for."""
     if cfg[A].actor.strategy != "megatron":
         return []
     if importlib.util.find_spec("megatron.core") is None:
@@ -101,10 +103,28 @@ def megatron_problems(cfg: DictConfig) -> list[str]:
                          parallel.tp, parallel.ep, parallel.etp, parallel.pp)
         except (NotImplementedError, ValueError) as err:
             problems.append(f"{A}.model.path={cfg[A].model.path} on Megatron's layout ({A}.actor.megatron): {err}")
+    problems += attention_backend_problems(cfg, os.environ)
     for key, fields in unknown_overrides(plain_map(m.override_transformer_config), plain_map(m.override_ddp_config),
                                          plain_map(cfg[A].actor.optim.get("override_optimizer_config"))).items():
         problems.append(f"{A}.{key}: Megatron has no field {', '.join(fields)}")
     return problems
+
+
+# What Megatron's LanguageModule._set_attention_backend asserts of Transformer Engine's variables for each
+# attention_backend (FLASH, FUSED, UNFUSED); unset is fine (it sets them). The workers inherit this environment.
+NVTE_ATTENTION = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+NVTE_BY_BACKEND = {"local": "000", "flash": "100", "fused": "010", "unfused": "001", "auto": "111"}
+
+
+def attention_backend_problems(cfg: DictConfig, environ: Mapping[str, str]) -> list[str]:
+    """A Megatron attention_backend Megatron does not know, or an NVTE_*_ATTN variable it would refuse."""
+    key = f"{A}.actor.megatron.override_transformer_config.attention_backend"
+    backend = str((cfg[A].actor.megatron.get("override_transformer_config") or {}).get("attention_backend") or "auto")
+    if backend not in NVTE_BY_BACKEND:
+        return [f"{key}={backend}: expected one of {', '.join(NVTE_BY_BACKEND)}"]
+    return [f"{var}={environ[var]} in the environment, but {key}={backend} needs {want} there (or nothing): "
+            f"Megatron stops on it; unset it" for var, want in zip(NVTE_ATTENTION, NVTE_BY_BACKEND[backend])
+            if environ.get(var) not in (None, want)]
 
 
 def _model_config(path) -> dict:

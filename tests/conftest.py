@@ -34,3 +34,14 @@ def tokenizer(tiny_model_dir):
 def isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's ~/.cache/ascend-rl from tests."""
     monkeypatch.setenv("ASCEND_RL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def megatron_attention_variables():
+    """A Megatron model built in the test process sets Transformer Engine's NVTE_*_ATTN variables for its
+    attention backend; later tests' worker processes would inherit them: each test's are taken back."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("NVTE_")}
+    yield
+    for name in [k for k in os.environ if k.startswith("NVTE_")]:
+        del os.environ[name]
+    os.environ.update(before)

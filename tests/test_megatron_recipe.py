@@ -120,3 +120,22 @@ def test_start_up_names_what_would_stop_megatron_workers(tmp_path):
         "trainer.n_gpus_per_node)",
         f"{A}.model.path={model} on Megatron's layout ({A}.actor.megatron): num_experts (4) is not a multiple of EP 3",
         f"{A}.actor.megatron.override_transformer_config: Megatron has no field no_such_field"]
+
+
+def test_start_up_names_an_attention_variable_megatron_would_stop_on(monkeypatch):
+    """Megatron asserts Transformer Engine's NVTE_*_ATTN variables against the attention backend in every worker
+    (which inherits the driver's environment): the clash is named before the workers start."""
+    from ascend_rl.config import load_config
+    from ascend_rl.preflight import attention_backend_problems
+
+    key = f"{A}.actor.megatron.override_transformer_config.attention_backend"
+    cfg = load_config([f"{A}.model.path=/m", f"{A}.actor.strategy=megatron"])  # verl's default backend: flash
+    assert attention_backend_problems(cfg, {}) == []
+    assert attention_backend_problems(cfg, {"NVTE_FLASH_ATTN": "1", "NVTE_FUSED_ATTN": "0"}) == []
+    assert attention_backend_problems(cfg, {"NVTE_FUSED_ATTN": "1"}) == [
+        f"NVTE_FUSED_ATTN=1 in the environment, but {key}=flash needs 0 there (or nothing): Megatron stops on it; "
+        "unset it"]
+    local = load_config([f"{A}.model.path=/m", f"{A}.actor.strategy=megatron", f"{key}=local"])
+    assert [p.split("=")[0] for p in attention_backend_problems(local, {"NVTE_FLASH_ATTN": "1"})] == ["NVTE_FLASH_ATTN"]
+    odd = load_config([f"{A}.model.path=/m", f"{A}.actor.strategy=megatron", f"{key}=fastest"])
+    assert attention_backend_problems(odd, {}) == [f"{key}=fastest: expected one of local, flash, fused, unfused, auto"]

@@ -207,11 +207,20 @@ def _check_megatron(cfg: DictConfig) -> list[str]:
               f"actor's layout" for name, other in others.items() for key in MEGATRON_LAYOUT
               if key in other and other[key] != actor[key]
               and not (key == "expert_tensor_parallel_size" and other[key] is None)]
+    if critic is not None and _attention_backend(critic.megatron) != _attention_backend(actor):
+        errors.append(f"critic.megatron.override_transformer_config.attention_backend="
+                      f"{_attention_backend(critic.megatron)} differs from the actor's "
+                      f"({_attention_backend(actor)}): Megatron sets its backend's NVTE_* variables for the whole "
+                      f"process, and the critic shares the actor's")
     tp, etp = actor.tensor_model_parallel_size, actor.expert_tensor_parallel_size
     if etp is not None and etp not in (tp, 1):
         errors.append(f"{A}.actor.megatron.expert_tensor_parallel_size={etp}: expected 1 or the tensor-parallel "
                       f"size ({tp})")
     return errors
+
+
+def _attention_backend(megatron: DictConfig):
+    return (megatron.get("override_transformer_config") or {}).get("attention_backend")
 
 
 MIXED_PRECISION_FIELDS = ("param_dtype", "reduce_dtype", "buffer_dtype")  # what verl's FSDP engine reads
