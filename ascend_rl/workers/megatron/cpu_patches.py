@@ -87,7 +87,8 @@ def _gather_first_dim(input_, group, output_split_sizes=None, use_global_buffer=
         return input_
     sizes = output_split_sizes or [input_.shape[0]] * n
     out = input_.new_empty(n * max(sizes), *input_.shape[1:])
-    dist.all_gather_into_tensor(out, _pad_rows(input_, max(sizes)), group=group)
+    # torch 2.13 renamed all_gather_into_tensor (the older name still works there, with a warning)
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, _pad_rows(input_, max(sizes)), group=group)
     return torch.cat([piece[:size] for piece, size in zip(out.chunk(n), sizes)])
 
 
@@ -104,7 +105,7 @@ def _reduce_scatter_first_dim(input_, group, input_split_sizes=None, use_global_
     sizes = input_split_sizes or [input_.shape[0] // n] * n
     padded = torch.cat([_pad_rows(piece, max(sizes)) for piece in input_.split(sizes)])
     out = input_.new_empty(max(sizes), *input_.shape[1:])
-    dist.reduce_scatter_tensor(out, padded, group=group)
+    getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(out, padded, group=group)
     return out[:sizes[group.rank()]]
 
 

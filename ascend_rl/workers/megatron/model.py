@@ -151,6 +151,7 @@ def transformer_config_kwargs(arch: Architecture, parallel: MegatronParallel, dt
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # Megatron's default ("full") is a deprecated spelling of this: it warns per model
     )
     if arch.moe:
         kwargs.update(
