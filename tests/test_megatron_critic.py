@@ -25,7 +25,8 @@ from ascend_rl.workers.megatron.model import MegatronParallel  # noqa: E402
 from ascend_rl.workers.optimizer import OptimSettings  # noqa: E402
 from ascend_rl.workers.trained import Batching  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 CRITIC = CriticSettings(Batching(8, 2, ppo_epochs=2, shuffle=True), 3)
 
@@ -34,7 +35,8 @@ CRITIC = CriticSettings(Batching(8, 2, ppo_epochs=2, shuffle=True), 3)
 def fsdp_critic(tiny_model_dir):
     """The FSDP critic in this process: a batch with returns, its values, and its two updates."""
     batch = fixed_batch(Actor(str(tiny_model_dir), "cpu", SETTINGS, FSDP_OPTIM))
-    critic = CriticSpec(str(tiny_model_dir), CRITIC, OptimSettings(lr=1e-3, weight_decay=0.0, total_steps=4)).build("cpu")
+    optim = OptimSettings(lr=1e-3, weight_decay=0.0, total_steps=4)
+    critic = CriticSpec(str(tiny_model_dir), CRITIC, optim).build("cpu")
     values = critic.values(batch)
     batch["values"] = values
     batch["returns"] = (values + torch.randn(values.shape, generator=torch.Generator().manual_seed(1))) \
@@ -97,8 +99,10 @@ def run_steps(task, out, *extra) -> list[dict]:
 
     reward = out.parent / "varied_reward.py"
     reward.write_text(VARIED_REWARD)
-    overrides = [o for o in tiny_overrides(task, out, "trainer.test_freq=0", f"reward.custom_reward_function.path={reward}",
-                                           "actor_rollout_ref.rollout.dtype=float32", *extra) if o not in FP32[:2] + FP32[3:]]
+    fsdp_only = [o for o in FP32 if "fsdp" in o]
+    overrides = [o for o in tiny_overrides(task, out, "trainer.test_freq=0",
+                                           f"reward.custom_reward_function.path={reward}", *extra)
+                 if o not in fsdp_only]
     RLTrainer(build_components(load_config(overrides), show_progress=False)).fit()
     return [r for r in read_metrics(out) if "critic/score/mean" in r]
 

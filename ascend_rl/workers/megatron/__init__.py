@@ -34,7 +34,8 @@ import warnings
 
 # Megatron-core warns at import that it falls back to PyTorch where neither Transformer Engine nor Apex is
 # installed: the local layer spec this engine builds is that fallback, so the notice says nothing to a user.
-warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed",
+                        category=UserWarning)
 # megatron-core 0.16 calls the collectives torch 2.13 renamed (`*_single`); torch says so on every call.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                         r"deprecated", category=FutureWarning)

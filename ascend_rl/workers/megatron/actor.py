@@ -23,9 +23,9 @@ from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, bui
 from ascend_rl.workers.megatron.forward import logits_log_probs
 from ascend_rl.workers.megatron.gather import hf_weights
 from ascend_rl.workers.megatron.offload import MegatronOffload, Offloaded, Part
-from ascend_rl.workers.megatron.pipeline import from_last_stage, is_last_stage, object_from_last_stage, through_stages
+from ascend_rl.workers.megatron.pipeline import last_stage_metrics, row_columns, through_stages
 from ascend_rl.workers.megatron.trained import MegatronTrained
-from ascend_rl.workers.trained import in_row_order, micro_batch_rows, split
+from ascend_rl.workers.trained import micro_batch_rows, split
 
 
 class MegatronPolicy:
@@ -43,14 +43,11 @@ class MegatronPolicy:
         rows = micro_batch_rows(batch, micro_size, max_tokens)
         micros = [mb.to(self.device) for mb in split(batch, rows)]
 
-        def on_logits(micro, logits, lead):
-            return None, logits_log_probs(logits, lead, micro, self.vocab_size, temperature, with_entropy)
+        def per_micro(micro, logits, lead):
+            return logits_log_probs(logits, lead, micro, self.vocab_size, temperature, with_entropy)
 
-        with torch.no_grad():
-            parts = through_stages(model, micros, on_logits, self.engine.sequence_multiple, forward_only=True)
-        columns = [in_row_order([p[i] for p in parts], rows) if parts else None for i in range(1 + with_entropy)]
-        shape = batch["responses"].shape
-        columns = [from_last_stage(c, shape, torch.float32, self.device).cpu() for c in columns]
+        columns = row_columns(model, micros, rows, per_micro, 1 + with_entropy, self.engine.sequence_multiple,
+                              batch["responses"].shape, self.device)
         return columns[0], columns[1] if with_entropy else None
 
 
@@ -110,7 +107,7 @@ class MegatronActor(PolicyUpdate, MegatronTrained):
         through_stages(self.model, micros, on_logits, self.engine.sequence_multiple, forward_only=False)
 
     def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
-        return object_from_last_stage(dict(metrics) if is_last_stage() else None)
+        return last_stage_metrics(metrics)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF names and whole tensors gathered from every rank's shard, a layer at a time (a collective: every

@@ -16,9 +16,9 @@ from ascend_rl.algorithms import global_counts, masked_mean, value_loss
 from ascend_rl.workers.critic import CriticSettings
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module
 from ascend_rl.workers.megatron.forward import response_values
-from ascend_rl.workers.megatron.pipeline import from_last_stage, is_last_stage, object_from_last_stage, through_stages
+from ascend_rl.workers.megatron.pipeline import last_stage_metrics, row_columns, through_stages
 from ascend_rl.workers.megatron.trained import MegatronTrained
-from ascend_rl.workers.trained import in_row_order, micro_batch_rows, reduced_metrics, split
+from ascend_rl.workers.trained import micro_batch_rows, reduced_metrics, split
 
 
 class MegatronCritic(MegatronTrained):
@@ -38,11 +38,13 @@ class MegatronCritic(MegatronTrained):
         s = self.settings
         rows = micro_batch_rows(batch, s.forward_micro_batch_size_per_gpu, s.forward_max_token_len)
         micros = [mb.to(self.device) for mb in split(batch, rows)]
+
+        def per_micro(micro, output, lead):
+            return (response_values(output, lead, micro),)
+
         with self.weights.resident():
-            parts = through_stages(self.model, micros, lambda micro, out, lead: (None, response_values(out, lead, micro)),
-                                   self.engine.sequence_multiple, forward_only=True)
-        values = from_last_stage(in_row_order(parts, rows) if parts else None, batch["responses"].shape,
-                                 torch.float32, self.device).cpu()
+            (values,) = row_columns(self.model, micros, rows, per_micro, 1, self.engine.sequence_multiple,
+                                    batch["responses"].shape, self.device)
         return (values * batch["response_mask"]).to(batch["response_mask"].dtype)
 
     def update(self, batch: TensorDict) -> dict[str, float]:
@@ -53,8 +55,8 @@ class MegatronCritic(MegatronTrained):
             for mini in self.mini_batches(batch.to(self.device)):
                 self._update_mini_batch(mini, metrics)
             self._lr_step()
-        replica = object_from_last_stage(dict(metrics) if is_last_stage() else None)  # its stage has the losses
-        return reduced_metrics(replica, "critic", ("vf_loss",), self.dp_size, self.optimizer.param_groups[0]["lr"])
+        return reduced_metrics(last_stage_metrics(metrics), "critic", ("vf_loss",), self.dp_size,
+                               self.optimizer.param_groups[0]["lr"])
 
     def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
         s = self.settings

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ascend_rl.workers.megatron.forward import stage_forward
+from ascend_rl.workers.trained import in_row_order
 
 # on_logits(micro-batch, logits, each row's shift) -> (loss to back-propagate or None, a result to keep)
 OnLogits = Callable[[object, torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, object]]
@@ -43,10 +44,22 @@ def through_stages(model, micros: list, on_logits: OnLogits, multiple_of: int, f
     return results
 
 
-def is_last_stage() -> bool:
+def row_columns(model, micros: list, rows: list[list[int]], per_micro, columns: int, multiple_of: int,
+                shape, device) -> list[torch.Tensor]:
+    """Forward only: `per_micro(micro, output, lead)` gives `columns` [rows, R] tensors of each micro-batch on the
+    last stage; each column comes back whole (`shape`), in the batch's row order, on the host, on every stage."""
+    with torch.no_grad():
+        parts = through_stages(model, micros, lambda micro, out, lead: (None, per_micro(micro, out, lead)),
+                               multiple_of, forward_only=True)
+    return [from_last_stage(in_row_order([p[i] for p in parts], rows) if parts else None, shape, torch.float32,
+                            device).cpu() for i in range(columns)]
+
+
+def last_stage_metrics(metrics: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The step's metrics as the last pipeline stage, which computed the losses, has them (on every stage)."""
     from megatron.core import parallel_state as ps
 
-    return ps.is_pipeline_last_stage()
+    return object_from_last_stage(dict(metrics) if ps.is_pipeline_last_stage() else None)
 
 
 def from_last_stage(tensor: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
