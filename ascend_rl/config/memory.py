@@ -71,13 +71,14 @@ def estimate_memory(cfg: DictConfig, layout: Layout) -> MemoryEstimate:
         shard = train.tp * train.pp
         optim_shard = shard * train.data_parallel  # distributed optimizer
         param_bytes = 2  # Megatron keeps bf16 weights and an fp32 master copy in the optimizer
+        grad_bytes = 4  # its DDP accumulates gradients in fp32 buffers (grad_reduce_in_fp32)
         optim_bytes = 12
         param_off, grad_off, optim_off = m.param_offload, m.grad_offload, m.optimizer_offload
         ref_off = arr.ref.megatron.param_offload
     else:
         fsdp = arr.actor.fsdp_config
         shard = optim_shard = train.fsdp_shard or layout.world_size
-        param_bytes = DTYPE_BYTES.get(str(fsdp.model_dtype), 4)
+        param_bytes = grad_bytes = DTYPE_BYTES.get(str(fsdp.model_dtype), 4)
         optim_bytes = 8  # Adam exp_avg + exp_avg_sq in fp32
         param_off = grad_off = fsdp.param_offload
         optim_off = fsdp.optimizer_offload
@@ -93,7 +94,7 @@ def estimate_memory(cfg: DictConfig, layout: Layout) -> MemoryEstimate:
         parameters=params,
         parameters_source=source,
         actor_params_gib=gib(params * param_bytes / shard, param_off),
-        actor_grads_gib=gib(params * param_bytes / shard, grad_off),
+        actor_grads_gib=gib(params * grad_bytes / shard, grad_off),
         actor_optimizer_gib=gib(params * optim_bytes / optim_shard, optim_off),
         ref_params_gib=gib(params * 2 / shard, ref_off) if use_ref else 0.0,
         rollout_weights_gib=round(params * DTYPE_BYTES.get(str(arr.rollout.dtype), 2) / layout.rollout.tp / GIB, 2),
