@@ -204,7 +204,8 @@ def _format_memory(mem: MemoryEstimate) -> str:
     off = f"; offloaded to host: {', '.join(mem.offloaded)}" if mem.offloaded else ""
     return (f"memory         {_count(mem.parameters)} parameters ({mem.parameters_source}); per device while "
             f"training ≈ {mem.train_phase_gib:.1f} GiB (actor params {mem.actor_params_gib}, grads "
-            f"{mem.actor_grads_gib}, optimizer {mem.actor_optimizer_gib}, ref {mem.ref_params_gib}); rollout "
+            f"{mem.actor_grads_gib}, optimizer {mem.actor_optimizer_gib}, ref {mem.ref_params_gib}"
+            f"{f', critic {mem.critic_gib}' if mem.critic_gib else ''}); rollout "
             f"weights {mem.rollout_weights_gib} GiB per device + KV cache{off}")
 
 

@@ -96,6 +96,23 @@ def test_memory_from_a_local_config(tiny_model_dir):
     assert mem.actor_optimizer_gib == pytest.approx(round(410_368 * 8 / 2 / 2**30, 2))
 
 
+@pytest.mark.parametrize("strategy,per_param", [("fsdp", 4 + 4 + 8), ("megatron", 2 + 4 + 12)])
+def test_the_memory_estimate_counts_the_critic_beside_the_actor(tiny_model_dir, strategy, per_param):
+    """The critic lives in the actor's workers, sharded as the actor (here one device): its weights, gradients and
+    Adam state, in the engine's dtypes; offloaded parts count nothing and are named."""
+    section = "megatron" if strategy == "megatron" else "fsdp"
+    ppo = [f"{A}.model.path={tiny_model_dir}", "trainer.n_gpus_per_node=1", f"{A}.rollout.tensor_model_parallel_size=1",
+           f"{A}.actor.strategy={strategy}", "trainer.device=cpu", "algorithm.adv_estimator=gae",
+           "critic.model.path=/nowhere/Qwen2.5-7B"]
+    mem = make_plan(load_config(ppo), {}).memory
+    assert mem.critic_gib == pytest.approx(7e9 * per_param / 2**30, abs=0.02)  # the size read from the name
+    assert mem.train_phase_gib == pytest.approx(mem.critic_gib + mem.actor_params_gib + mem.actor_grads_gib
+                                                + mem.actor_optimizer_gib + mem.ref_params_gib, abs=0.01)
+    offloaded = [f"critic.{section}.param_offload=True", f"critic.{section}.optimizer_offload=True"]
+    mem = make_plan(load_config(ppo + offloaded), {}).memory
+    assert mem.critic_gib == 0 and "critic params" in mem.offloaded
+
+
 @pytest.mark.parametrize("overrides,fragment", [
     (["trainer.n_gpus_per_node=3"], "8 samples per step do not divide over 3 training devices"),
     ([f"{A}.actor.ppo_mini_batch_size=16"], "ppo_mini_batch_size=16 is larger than data.train_batch_size=8"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ascend_rl.config.features import critic_in_use
 from ascend_rl.config.layout import Layout
 
 GIB = 1024**3
@@ -27,13 +28,15 @@ class MemoryEstimate:
     actor_grads_gib: float = 0.0
     actor_optimizer_gib: float = 0.0
     ref_params_gib: float = 0.0
+    critic_gib: float = 0.0  # the critic's weights, gradients and optimizer state, in the same workers
     rollout_weights_gib: float = 0.0
     offloaded: tuple[str, ...] = ()
 
     @property
     def train_phase_gib(self) -> float:
         """Device memory for model states while training (the rollout engine has released its memory)."""
-        return self.actor_params_gib + self.actor_grads_gib + self.actor_optimizer_gib + self.ref_params_gib
+        return (self.actor_params_gib + self.actor_grads_gib + self.actor_optimizer_gib + self.ref_params_gib
+                + self.critic_gib)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "train_phase_gib": round(self.train_phase_gib, 2)}
@@ -88,8 +91,17 @@ def estimate_memory(cfg: DictConfig, layout: Layout) -> MemoryEstimate:
     def gib(n_bytes: float, offloaded: bool) -> float:
         return 0.0 if offloaded else round(n_bytes / GIB, 2)
 
+    critic_gib, critic_off = 0.0, False
+    if critic_in_use(cfg):  # sharded as the actor is (it lives in its workers, in the same engine)
+        # a critic whose size cannot be read counts as the actor's: it is usually the same base model
+        critic_params = count_parameters(cfg.critic.model.get("path"))[0] or params
+        section = cfg.critic.megatron if train.strategy == "megatron" else cfg.critic.fsdp
+        critic_off = bool(section.param_offload)  # its gradients go with its parameters, as in verl 0.9.1
+        critic_gib = round(gib(critic_params * (param_bytes + grad_bytes) / shard, critic_off)
+                           + gib(critic_params * optim_bytes / optim_shard, bool(section.optimizer_offload)), 2)
     offloaded = [name for name, off in (("actor params", param_off), ("actor grads", grad_off),
-                                        ("optimizer states", optim_off), ("ref params", ref_off and use_ref)) if off]
+                                        ("optimizer states", optim_off), ("ref params", ref_off and use_ref),
+                                        ("critic params", critic_off)) if off]
     return MemoryEstimate(
         parameters=params,
         parameters_source=source,
@@ -97,6 +109,7 @@ def estimate_memory(cfg: DictConfig, layout: Layout) -> MemoryEstimate:
         actor_grads_gib=gib(params * grad_bytes / shard, grad_off),
         actor_optimizer_gib=gib(params * optim_bytes / optim_shard, optim_off),
         ref_params_gib=gib(params * 2 / shard, ref_off) if use_ref else 0.0,
+        critic_gib=critic_gib,
         rollout_weights_gib=round(params * DTYPE_BYTES.get(str(arr.rollout.dtype), 2) / layout.rollout.tp / GIB, 2),
         offloaded=tuple(offloaded),
     )
