@@ -200,10 +200,7 @@ class Actor(TrainedModel, PolicyUpdate):
                      for mb in split(batch, rows)]
         return in_row_order([p[0] for p in parts], rows).cpu(), in_row_order([p[1] for p in parts], rows).cpu()
 
-    # --- PolicyUpdate's steps --------------------------------------------------------------------------
-
-    def _zero_grads(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    # --- PolicyUpdate's steps (TrainedModel has the others) ----------------------------------------------
 
     def _forward_backward(self, micros: list[TensorDict], loss_of) -> None:
         for micro in micros:
@@ -212,12 +209,6 @@ class Actor(TrainedModel, PolicyUpdate):
                                                            with_entropy=needs_entropy(self.settings, micro))
             # FSDP averages gradients over every rank (a Ulysses group's too): the losses must add up
             (loss_of(micro, log_prob, entropy) * self.world_size).backward()
-
-    def _step(self) -> float:
-        return self.optimizer_step(self.settings.grad_clip)
-
-    def _lr_step(self) -> None:
-        self.scheduler.step()
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF parameter names and whole tensors, for weight sync (sharded: a collective over the ranks)."""

@@ -17,12 +17,14 @@ from ascend_rl.workers.optimizer import OptimSettings
 from ascend_rl.workers.packing import SequenceSettings
 from ascend_rl.workers.trained import (
     Batching,
+    MiniBatchWalk,
     TrainedModel,
     in_row_order,
     load_model,
     micro_batch_rows,
     model_forward,
     place,
+    reduced_metrics,
     split,
 )
 
@@ -76,7 +78,53 @@ def load_value_model(path: str, device: str, fsdp: FsdpSettings | None, forward:
     return model, place(model, device, fsdp, mesh)
 
 
-class Critic(TrainedModel):
+class ValueUpdate(MiniBatchWalk):
+    """The clipped value-loss update, whichever engine computes it: `ppo_epochs` passes over mini-batches fitting
+    the values to the returns, one optimizer step per mini-batch, one LR step per call. An engine supplies, as
+    for `actor.PolicyUpdate`: `_zero_grads`, `_forward_backward` (each micro-batch's values, the loss of them,
+    its backward), `_step` (→ the grad norm), `_lr_step`, and `_replica_metrics`."""
+
+    settings: CriticSettings
+    optimizer: torch.optim.Optimizer
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        self.model.train()
+        metrics: dict[str, list[float]] = defaultdict(list)
+        for mini in self.mini_batches(batch.to(self.device)):
+            self._update_mini_batch(mini, metrics)
+        self._lr_step()
+        return reduced_metrics(self._replica_metrics(metrics), "critic", ("vf_loss",), self.dp_size,
+                               self.optimizer.param_groups[0]["lr"])
+
+    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
+        s = self.settings
+        # The whole mini-batch's counts make the micro-batch losses of all ranks add up to the mini-batch loss.
+        counts = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
+        mini = mini[torch.tensor(self.rows_of_rank(mini))]
+        self._zero_grads()
+        losses: list[float] = []
+
+        def loss_of(micro: TensorDict, vpreds: torch.Tensor) -> torch.Tensor:
+            mask = micro["response_mask"]
+            loss, clipfrac = value_loss(vpreds, micro["values"], micro["returns"], mask, s.cliprange_value,
+                                        s.loss_agg_mode, **counts)
+            losses.append(loss.item())
+            metrics["vf_clipfrac"].append(clipfrac.item())
+            metrics["vpred_mean"].append(masked_mean(vpreds.detach(), mask).item())
+            return loss
+
+        self._forward_backward(self.micro_batches(mini), loss_of)
+        metrics["grad_norm"].append(self._step())
+        metrics["vf_loss"].append(sum(losses))
+
+    def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The metrics as the ranks that computed the losses hold them (every rank, unless pipelined)."""
+        return metrics
+
+
+class Critic(TrainedModel, ValueUpdate):
+    """One process's critic (a shard of it, with a device mesh): values and the value-loss update."""
+
     def __init__(self, model_path: str, device: str, settings: CriticSettings, optim: OptimSettings,
                  gradient_checkpointing: bool = False, mesh=None, fsdp: FsdpSettings | None = None):
         forward = model_forward(settings.sequences, mesh)
@@ -94,30 +142,11 @@ class Critic(TrainedModel):
             parts = [self.forward.values(self.model, mb.to(self.device)) for mb in split(batch, rows)]
         return (in_row_order(parts, rows).cpu() * batch["response_mask"]).to(batch["response_mask"].dtype)
 
-    def update(self, batch: TensorDict) -> dict[str, float]:
-        """`ppo_epochs` passes over mini-batches, fitting the values to the returns; one LR step per call."""
-        self.model.train()
-        metrics: dict[str, list[float]] = defaultdict(list)
-        for mini in self.mini_batches(batch.to(self.device)):
-            self._update_mini_batch(mini, metrics)
-        self.scheduler.step()
-        return self.reduced(metrics, "critic", summed=("vf_loss",))
+    # --- ValueUpdate's steps (TrainedModel has the others) -----------------------------------------------
 
-    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
-        s = self.settings
-        counts = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
-        mini = mini[torch.tensor(self.rows_of_rank(mini))]
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in self.micro_batches(mini):
-            mask = micro["response_mask"]
+    def _forward_backward(self, micros: list[TensorDict], loss_of) -> None:
+        for micro in micros:
             with self._compute():
                 vpreds = self.forward.values(self.model, micro)
-            loss, clipfrac = value_loss(vpreds, micro["values"], micro["returns"], mask, s.cliprange_value,
-                                        s.loss_agg_mode, **counts)
-            (loss * self.world_size).backward()  # FSDP averages gradients over the ranks; we want their sum
-            total += loss.item()
-            metrics["vf_clipfrac"].append(clipfrac.item())
-            metrics["vpred_mean"].append(masked_mean(vpreds.detach(), mask).item())
-        metrics["grad_norm"].append(self.optimizer_step(s.grad_clip))
-        metrics["vf_loss"].append(total)
+            # FSDP averages gradients over every rank: the losses must add up
+            (loss_of(micro, vpreds) * self.world_size).backward()

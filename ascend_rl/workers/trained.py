@@ -188,17 +188,22 @@ class TrainedModel(MiniBatchWalk):
         self.optimizer = build_optimizer(self.model.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim)
 
-    def optimizer_step(self, grad_clip: float) -> float:
+    # --- the update steps the actor's and the critic's update loops ask of their engine (settings.grad_clip)
+
+    def _zero_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _step(self) -> float:
         """Clip and step; a non-finite gradient would poison the weights: that mini-batch's step is skipped."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         if torch.isfinite(grad_norm):
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.item()
 
-    def reduced(self, metrics: dict[str, list[float]], section: str, summed: tuple[str, ...]) -> dict[str, float]:
-        return reduced_metrics(metrics, section, summed, self.dp_size, self.optimizer.param_groups[0]["lr"])
+    def _lr_step(self) -> None:
+        self.scheduler.step()
 
     def save(self, path: Path) -> None:
         """`path`: an HF model directory (rank 0 writes the weights gathered from every rank) and `path/dcp`, the

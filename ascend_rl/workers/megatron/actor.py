@@ -23,7 +23,7 @@ from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, bui
 from ascend_rl.workers.megatron.forward import logits_log_probs
 from ascend_rl.workers.megatron.gather import hf_weights
 from ascend_rl.workers.megatron.offload import MegatronOffload, Offloaded, Part
-from ascend_rl.workers.megatron.pipeline import last_stage_metrics, row_columns, through_stages
+from ascend_rl.workers.megatron.pipeline import row_columns, through_stages
 from ascend_rl.workers.megatron.trained import MegatronTrained
 from ascend_rl.workers.trained import micro_batch_rows, split
 
@@ -69,7 +69,7 @@ class MegatronReference:
                                          s.temperature, with_entropy=False)[0]
 
 
-class MegatronActor(PolicyUpdate, MegatronTrained):
+class MegatronActor(MegatronTrained, PolicyUpdate):
     """One rank's actor: its Megatron shard under DDP, Megatron's optimizer and LR schedule. With the engine's
     offload switches, the weights, gradients and optimizer state are in host memory outside the calls that use
     them (each call brings back what it needs)."""
@@ -105,9 +105,6 @@ class MegatronActor(PolicyUpdate, MegatronTrained):
             return loss_of(micro, log_prob, entropy), None
 
         through_stages(self.model, micros, on_logits, self.engine.sequence_multiple, forward_only=False)
-
-    def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
-        return last_stage_metrics(metrics)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF names and whole tensors gathered from every rank's shard, a layer at a time (a collective: every

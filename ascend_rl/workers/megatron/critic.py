@@ -5,23 +5,21 @@ clipped value-loss update through Megatron's schedule, with the FSDP critic's lo
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tensordict import TensorDict
 
-from ascend_rl.algorithms import global_counts, masked_mean, value_loss
-from ascend_rl.workers.critic import CriticSettings
+from ascend_rl.workers.critic import CriticSettings, ValueUpdate
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_module
 from ascend_rl.workers.megatron.forward import response_values
-from ascend_rl.workers.megatron.pipeline import last_stage_metrics, row_columns, through_stages
+from ascend_rl.workers.megatron.pipeline import row_columns, through_stages
 from ascend_rl.workers.megatron.trained import MegatronTrained
-from ascend_rl.workers.trained import micro_batch_rows, reduced_metrics, split
+from ascend_rl.workers.trained import micro_batch_rows, split
 
 
-class MegatronCritic(MegatronTrained):
+class MegatronCritic(MegatronTrained, ValueUpdate):
     """One rank's critic: its Megatron shard under DDP, Megatron's optimizer and LR schedule (in host memory
     between calls with the engine's offload switches)."""
 
@@ -48,37 +46,18 @@ class MegatronCritic(MegatronTrained):
         return (values * batch["response_mask"]).to(batch["response_mask"].dtype)
 
     def update(self, batch: TensorDict) -> dict[str, float]:
-        """`ppo_epochs` passes over mini-batches, fitting the values to the returns; one LR step per call."""
         with self.training_state():
-            self.model.train()
-            metrics: dict[str, list[float]] = defaultdict(list)
-            for mini in self.mini_batches(batch.to(self.device)):
-                self._update_mini_batch(mini, metrics)
-            self._lr_step()
-        return reduced_metrics(last_stage_metrics(metrics), "critic", ("vf_loss",), self.dp_size,
-                               self.optimizer.param_groups[0]["lr"])
+            return super().update(batch)
 
-    def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
-        s = self.settings
-        counts = {**global_counts(mini["response_mask"]), "loss_scale_factor": s.loss_scale_factor}
-        mini = mini[torch.tensor(self.rows_of_rank(mini))]
-        self._zero_grads()
-        losses: list[float] = []
+    # --- ValueUpdate's steps (MegatronTrained has the others) --------------------------------------------
 
-        def on_output(micro, out, lead):
-            mask = micro["response_mask"]
-            vpreds = response_values(out, lead, micro)
-            loss, clipfrac = value_loss(vpreds, micro["values"], micro["returns"], mask, s.cliprange_value,
-                                        s.loss_agg_mode, **counts)
-            losses.append(loss.item())
-            metrics["vf_clipfrac"].append(clipfrac.item())
-            metrics["vpred_mean"].append(masked_mean(vpreds.detach(), mask).item())
-            return loss, None  # DDP sums gradients over the data-parallel ranks: the losses add up
+    def _forward_backward(self, micros: list[TensorDict], loss_of) -> None:
+        """Through Megatron's schedule; DDP sums gradients over the data-parallel ranks: the losses add up."""
 
-        through_stages(self.model, self.micro_batches(mini), on_output, self.engine.sequence_multiple,
-                       forward_only=False)
-        metrics["grad_norm"].append(self._step())
-        metrics["vf_loss"].append(sum(losses))
+        def on_output(micro, output, lead):
+            return loss_of(micro, response_values(output, lead, micro)), None
+
+        through_stages(self.model, micros, on_output, self.engine.sequence_multiple, forward_only=False)
 
     def save(self, path: Path) -> None:
         """`path/dcp` (`save_shards`) and the HF config beside it (no HF weights: a critic is not served)."""

@@ -12,6 +12,7 @@ import torch
 from ascend_rl.workers.megatron.checkpoint import load_dist_checkpoint, save_dist_checkpoint
 from ascend_rl.workers.megatron.engine import MegatronEngine, MegatronOptim, build_optimizer, megatron_step, wrap_ddp
 from ascend_rl.workers.megatron.offload import model_offload
+from ascend_rl.workers.megatron.pipeline import last_stage_metrics
 from ascend_rl.workers.trained import DCP_DIR, Batching, MiniBatchWalk
 
 
@@ -45,6 +46,9 @@ class MegatronTrained(MiniBatchWalk):
 
     def _lr_step(self) -> None:
         self.scheduler.step(1)
+
+    def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
+        return last_stage_metrics(metrics)  # the last pipeline stage computed the losses
 
     def save_shards(self, path: Path) -> None:
         """`path/dcp`: the model and optimizer as a Megatron dist checkpoint (every rank writes its shards), which
