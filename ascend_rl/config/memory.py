@@ -93,8 +93,11 @@ def estimate_memory(cfg: DictConfig, layout: Layout) -> MemoryEstimate:
 
     critic_gib, critic_off = 0.0, False
     if critic_in_use(cfg):  # sharded as the actor is (it lives in its workers, in the same engine)
-        # a critic whose size cannot be read counts as the actor's: it is usually the same base model
-        critic_params = count_parameters(cfg.critic.model.get("path"))[0] or params
+        # a critic whose size cannot be read counts as the actor's: it is usually the same base model (then it
+        # is not built on the meta device a second time)
+        critic_path = cfg.critic.model.get("path")
+        same = critic_path == arr.model.path
+        critic_params = params if same else count_parameters(critic_path)[0] or params
         section = cfg.critic.megatron if train.strategy == "megatron" else cfg.critic.fsdp
         critic_off = bool(section.param_offload)  # its gradients go with its parameters, as in verl 0.9.1
         critic_gib = round(gib(critic_params * (param_bytes + grad_bytes) / shard, critic_off)
