@@ -25,6 +25,7 @@ from ascend_rl.workers.megatron.convert import (
     stage_layers,
 )
 from ascend_rl.workers.megatron.model import mcore_shard
+from ascend_rl.workers.megatron.pipeline import from_stage
 
 
 def hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
@@ -57,25 +58,6 @@ def hf_weights(model, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
         if pp > 1:
             layer = from_stage(layer, i // len(layers), device)
         yield from _converted(mcore_layer_to_hf(layer, arch, i), layer)
-
-
-def from_stage(tensors: dict[str, torch.Tensor], owner: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pipeline stage `owner`'s `tensors` on every stage of this rank's pipeline, on `device` (their names,
-    shapes and dtypes first, then each tensor)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_pipeline_model_parallel_group()
-    source = dist.get_global_rank(group, owner)
-    mine = ps.get_pipeline_model_parallel_rank() == owner
-    box = [[(name, t.shape, t.dtype) for name, t in tensors.items()] if mine else None]
-    dist.broadcast_object_list(box, source, group=group)
-    out = {}
-    for name, shape, dtype in box[0]:
-        t = tensors[name].contiguous() if mine else torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(t, source, group=group)
-        out[name] = t
-    return out
 
 
 def _converted(hf: dict[str, torch.Tensor], left: dict[str, torch.Tensor]):

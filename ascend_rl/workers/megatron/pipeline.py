@@ -2,7 +2,8 @@
 each stage runs its layers and passes activations to the next (their shapes first: micro-batches differ in rows
 and length), and backward flows back the same way. What is computed from the logits (log-probs, the loss)
 exists on the last stage only, which shares the results with the other stages of its pipeline. Without pipeline
-parallelism the same schedule runs forward and backward one micro-batch at a time."""
+parallelism the same schedule runs forward and backward one micro-batch at a time. Also here: what one stage
+holds sent to the others (`from_last_stage`, `object_from_last_stage`, `from_stage`: the weight gather's)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,22 @@ def object_from_last_stage(value):
     dist.broadcast_object_list(box, ps.get_pipeline_model_parallel_last_rank(),
                                group=ps.get_pipeline_model_parallel_group())
     return box[0]
+
+
+def from_stage(tensors: dict[str, torch.Tensor], owner: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pipeline stage `owner`'s `tensors` on every stage of this rank's pipeline, on `device` (their names,
+    shapes and dtypes first, then each tensor)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_pipeline_model_parallel_group()
+    source = dist.get_global_rank(group, owner)
+    mine = ps.get_pipeline_model_parallel_rank() == owner
+    box = [[(name, t.shape, t.dtype) for name, t in tensors.items()] if mine else None]
+    dist.broadcast_object_list(box, source, group=group)
+    out = {}
+    for name, shape, dtype in box[0]:
+        t = tensors[name].contiguous() if mine else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, source, group=group)
+        out[name] = t
+    return out
