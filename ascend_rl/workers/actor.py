@@ -18,14 +18,13 @@ from ascend_rl.workers.packing import SequenceSettings
 from ascend_rl.workers.trained import (
     DCP_DIR,
     Batching,
-    MiniBatchWalk,
+    ModelUpdate,
     TrainedModel,
     in_row_order,
     load_model,
     micro_batch_rows,
     model_forward,
     place,
-    reduced_metrics,
     split,
 )
 
@@ -140,23 +139,14 @@ def policy_loss(s: ActorSettings, micro: TensorDict, log_prob: torch.Tensor, ent
     return loss
 
 
-class PolicyUpdate(MiniBatchWalk):
-    """The PPO-family update, whichever engine computes it: `ppo_epochs` passes over mini-batches, one optimizer
-    step per mini-batch, `policy_loss` per micro-batch, one LR step per call. An engine supplies the steps that
-    differ: `_zero_grads`, `_forward_backward` (each micro-batch's log-probs, the loss of them, its backward),
-    `_step` (→ the grad norm), `_lr_step`, and `_replica_metrics` (where not every rank computes the losses)."""
+class PolicyUpdate(ModelUpdate):
+    """The PPO-family update, whichever engine computes it: `policy_loss` per micro-batch. An engine supplies
+    the steps that differ: `_zero_grads`, `_forward_backward` (each micro-batch's log-probs, the loss of them,
+    its backward), `_step` (→ the grad norm), `_lr_step`, and `_replica_metrics`."""
 
+    SECTION, SUMMED = "actor", ("pg_loss", "kl_loss")
     settings: ActorSettings
     optimizer: torch.optim.Optimizer
-
-    def update(self, batch: TensorDict) -> dict[str, float]:
-        self.model.train()
-        metrics: dict[str, list[float]] = defaultdict(list)
-        for mini in self.mini_batches(batch.to(self.device)):
-            self._update_mini_batch(mini, metrics)
-        self._lr_step()
-        return reduced_metrics(self._replica_metrics(metrics), "actor", ("pg_loss", "kl_loss"), self.dp_size,
-                               self.optimizer.param_groups[0]["lr"])
 
     def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
         s = self.settings
@@ -173,10 +163,6 @@ class PolicyUpdate(MiniBatchWalk):
         metrics["grad_norm"].append(self._step())
         for name, value in totals.items():
             metrics[name].append(value)
-
-    def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
-        """The metrics as the ranks that computed the losses hold them (every rank, unless pipelined)."""
-        return metrics
 
 
 class Actor(TrainedModel, PolicyUpdate):

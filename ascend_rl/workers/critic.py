@@ -4,7 +4,6 @@ and the clipped value-loss update over mini- and micro-batches."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -17,14 +16,13 @@ from ascend_rl.workers.optimizer import OptimSettings
 from ascend_rl.workers.packing import SequenceSettings
 from ascend_rl.workers.trained import (
     Batching,
-    MiniBatchWalk,
+    ModelUpdate,
     TrainedModel,
     in_row_order,
     load_model,
     micro_batch_rows,
     model_forward,
     place,
-    reduced_metrics,
     split,
 )
 
@@ -78,23 +76,14 @@ def load_value_model(path: str, device: str, fsdp: FsdpSettings | None, forward:
     return model, place(model, device, fsdp, mesh)
 
 
-class ValueUpdate(MiniBatchWalk):
-    """The clipped value-loss update, whichever engine computes it: `ppo_epochs` passes over mini-batches fitting
-    the values to the returns, one optimizer step per mini-batch, one LR step per call. An engine supplies, as
-    for `actor.PolicyUpdate`: `_zero_grads`, `_forward_backward` (each micro-batch's values, the loss of them,
-    its backward), `_step` (→ the grad norm), `_lr_step`, and `_replica_metrics`."""
+class ValueUpdate(ModelUpdate):
+    """The clipped value-loss update, whichever engine computes it: the values fitted to the returns. An engine
+    supplies, as for `actor.PolicyUpdate`: `_zero_grads`, `_forward_backward` (each micro-batch's values, the
+    loss of them, its backward), `_step` (→ the grad norm), `_lr_step`, and `_replica_metrics`."""
 
+    SECTION, SUMMED = "critic", ("vf_loss",)
     settings: CriticSettings
     optimizer: torch.optim.Optimizer
-
-    def update(self, batch: TensorDict) -> dict[str, float]:
-        self.model.train()
-        metrics: dict[str, list[float]] = defaultdict(list)
-        for mini in self.mini_batches(batch.to(self.device)):
-            self._update_mini_batch(mini, metrics)
-        self._lr_step()
-        return reduced_metrics(self._replica_metrics(metrics), "critic", ("vf_loss",), self.dp_size,
-                               self.optimizer.param_groups[0]["lr"])
 
     def _update_mini_batch(self, mini: TensorDict, metrics: dict[str, list[float]]) -> None:
         s = self.settings
@@ -116,10 +105,6 @@ class ValueUpdate(MiniBatchWalk):
         self._forward_backward(self.micro_batches(mini), loss_of)
         metrics["grad_norm"].append(self._step())
         metrics["vf_loss"].append(sum(losses))
-
-    def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
-        """The metrics as the ranks that computed the losses hold them (every rank, unless pipelined)."""
-        return metrics
 
 
 class Critic(TrainedModel, ValueUpdate):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,29 @@ class MiniBatchWalk:
             size = b.ppo_micro_batch_size_per_gpu
             return list(rows.split(size)) if size else [rows]
         return split(rows, micro_batch_rows(rows, None, b.ppo_max_token_len_per_gpu, self.device))
+
+
+class ModelUpdate(MiniBatchWalk):
+    """An update call, whichever model and engine: `ppo_epochs` passes over mini-batches (`_update_mini_batch`
+    each, one optimizer step), one LR step, the metrics reduced over the ranks in `SECTION` (`SUMMED`: each
+    rank's share of a mini-batch loss, which add up). The engine supplies `_lr_step` and, where not every rank
+    computes the losses, `_replica_metrics`."""
+
+    SECTION: str
+    SUMMED: tuple[str, ...]
+
+    def update(self, batch: TensorDict) -> dict[str, float]:
+        self.model.train()
+        metrics: dict[str, list[float]] = defaultdict(list)
+        for mini in self.mini_batches(batch.to(self.device)):
+            self._update_mini_batch(mini, metrics)
+        self._lr_step()
+        return reduced_metrics(self._replica_metrics(metrics), self.SECTION, self.SUMMED, self.dp_size,
+                               self.optimizer.param_groups[0]["lr"])
+
+    def _replica_metrics(self, metrics: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The metrics as the ranks that computed the losses hold them (every rank, unless pipelined)."""
+        return metrics
 
 
 class TrainedModel(MiniBatchWalk):
