@@ -52,8 +52,8 @@ def test_pack_lays_the_real_tokens_end_to_end():
     assert packed.cu_seqlens.tolist() == [0, 4, 5, 9, 12]  # the padding tail is a sequence of its own
     assert packed.max_length == 4
     # Row 0's response is predicted at its positions 1 and 2, row 2's at position 3 (packed 7); row 1 has none.
-    assert packed.predicts_response.nonzero().squeeze(-1).tolist() == [1, 2, 7]
-    assert packed.targets[[1, 2, 7]].tolist() == [ids[2], ids[3], ids[8]]
+    assert packed.predictors.tolist() == [1, 2, 7]
+    assert packed.targets.tolist() == [ids[2], ids[3], ids[8]]
     values = torch.tensor([10.0, 11.0, 12.0])
     assert unpack_responses(values, packed).tolist() == [[10.0, 11.0], [0.0, 0.0], [12.0, 0.0]]
 

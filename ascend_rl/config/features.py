@@ -117,4 +117,3 @@ ONE_INDEXED_LR = Missing("one-indexed LR schedules (optim.zero_indexed_step=Fals
 TOOL_DATA = Missing("tool definitions in the data (data.tool_config_path / function_tool_path)", "prompts without tools")
 OVERRIDE_HF_CONFIG = Missing("overriding the model's config (model.override_config)",
                              "a copy of the model directory with the changed config.json")
-PREFIX_GROUPER = Missing("shared-prefix forward (actor.use_prefix_grouper)", "the default (off)")

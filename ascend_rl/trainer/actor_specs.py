@@ -65,11 +65,13 @@ def reference_settings(cfg: DictConfig, fsdp=None, sequences: SequenceSettings |
 def fsdp_spec(cfg: DictConfig, device: str, total_steps: int, with_ref: bool) -> ActorSpec:
     arr = cfg[A]
     actor = arr.actor
+    shared_prefix = bool(actor.get("use_prefix_grouper", False))  # the reference is the same policy: it shares too
     ref = reference_settings(
         cfg, fsdp_settings(arr.ref.fsdp_config, device, f"{A}.ref.fsdp_config"),
-        SequenceSettings(arr.model.use_remove_padding, arr.ref.ulysses_sequence_parallel_size)) if with_ref else None
+        SequenceSettings(arr.model.use_remove_padding, arr.ref.ulysses_sequence_parallel_size,
+                         shared_prefix)) if with_ref else None
     sequences = SequenceSettings(actor.get("use_remove_padding", arr.model.use_remove_padding),
-                                 actor.ulysses_sequence_parallel_size)
+                                 actor.ulysses_sequence_parallel_size, shared_prefix)
     return ActorSpec(arr.model.path, actor_settings(cfg, actor.grad_clip, sequences),
                      optim_settings(actor.optim, total_steps), arr.model.enable_gradient_checkpointing,
                      fsdp_settings(actor.fsdp_config, device), ref)

@@ -72,7 +72,8 @@ class ActorSettings:
     @property
     def batching(self) -> Batching:
         return Batching(self.ppo_mini_batch_size, self.ppo_micro_batch_size_per_gpu, self.ppo_epochs, self.shuffle,
-                        self.data_loader_seed, self.balance_batch, self.ppo_max_token_len_per_gpu)
+                        self.data_loader_seed, self.balance_batch, self.ppo_max_token_len_per_gpu,
+                        self.sequences.shared_prefix)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class ReferencePolicy:
 
     @torch.no_grad()
     def log_probs(self, batch: TensorDict) -> torch.Tensor:
-        rows = micro_batch_rows(batch, self.settings.micro_batch_size, self.settings.max_token_len, self.device)
+        s = self.settings
+        rows = micro_batch_rows(batch, s.micro_batch_size, s.max_token_len, self.device, s.sequences.shared_prefix)
         with self._compute():
             return in_row_order([self.forward.log_probs(self.model, mb.to(self.device), self.settings.temperature)[0]
                                  for mb in split(batch, rows)], rows).cpu()
@@ -179,8 +181,9 @@ class Actor(TrainedModel, PolicyUpdate):
     def log_probs(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
         """Old log-probs and entropy of the sampled responses under the current weights (on the CPU)."""
         self.model.eval()
-        rows = micro_batch_rows(batch, self.settings.log_prob_micro_batch_size, self.settings.log_prob_max_token_len,
-                                self.device)
+        s = self.settings
+        rows = micro_batch_rows(batch, s.log_prob_micro_batch_size, s.log_prob_max_token_len, self.device,
+                                s.sequences.shared_prefix)
         with self._compute():
             parts = [self.forward.log_probs(self.model, mb.to(self.device), self.settings.temperature, with_entropy=True)
                      for mb in split(batch, rows)]

@@ -44,3 +44,31 @@ def token_budget_groups(tokens: Sequence[int], budget: int, groups: int | None =
         if groups is not None or not over or count >= n:
             return [sorted(m) for m in members if m]
         count += 1
+
+
+def prompt_units(group: Sequence[int], prompt_tokens: Sequence[int], row_tokens: Sequence[int],
+                 budget: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """Rows that share a prompt (`group` ids) as one unit, weighed as shared prefixes pack them: the prompt once
+    and each row's response. A unit heavier than `budget` is left as its rows (each a prompt and a response).
+    → (the units' rows, their weights), units in order of their first row."""
+    members: dict[int, list[int]] = {}
+    for row, g in enumerate(group):
+        members.setdefault(g, []).append(row)
+    units, weights = [], []
+    for rows in members.values():
+        weight = prompt_tokens[rows[0]] + sum(row_tokens[r] - prompt_tokens[r] for r in rows)
+        if budget is not None and weight > budget and len(rows) > 1:
+            units += [[r] for r in rows]
+            weights += [row_tokens[r] for r in rows]
+        else:
+            units.append(rows)
+            weights.append(weight)
+    return units, weights
+
+
+def balanced_unit_partition(units: Sequence[Sequence[int]], weights: Sequence[float], parts: int) -> list[list[int]] | None:
+    """Whole units into `parts` of equal row counts, weights as even as `balanced_partition` makes them; None
+    when units of unequal sizes, or a count `parts` does not divide, cannot give equal row counts."""
+    if len({len(u) for u in units}) != 1 or len(units) % parts:
+        return None
+    return [sorted(r for u in part for r in units[u]) for part in balanced_partition(weights, parts)]

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ascend_rl.algorithms import entropy_from_logits, log_probs_from_logits, masked_mean
-from ascend_rl.workers.packing import PackedBatch, SequenceSettings, pack, unpack_responses
+from ascend_rl.workers.packing import PackedBatch, SequenceSettings, pack, pack_shared_prefixes, unpack_responses
 from ascend_rl.workers.varlen_attention import GatherPositions, register
 
 
@@ -41,11 +41,15 @@ def response_values(model, batch) -> torch.Tensor:
 
 
 class ModelForward:
-    """How a model sees a micro-batch: padded rectangles, or packed into one row (`remove_padding`), whose
-    positions are split over `sp_group` (Ulysses) when given. Both give the same [B, R] results."""
+    """How a model sees a micro-batch: padded rectangles, or packed into one row (`remove_padding`; with each
+    distinct prompt once: `shared_prefix`), whose positions are split over `sp_group` (Ulysses) when given. All
+    give the same [B, R] results."""
 
     def __init__(self, settings: SequenceSettings, sp_group=None):
-        self.packed = settings.remove_padding
+        if settings.shared_prefix and sp_group is not None:
+            raise ValueError("shared prefixes (actor.use_prefix_grouper) with Ulysses sequence parallelism are not "
+                             "built")
+        self.packed, self.shared_prefix = settings.packed, settings.shared_prefix
         self.sp_group = sp_group
 
     @property
@@ -74,24 +78,28 @@ class ModelForward:
 
     def _packed(self, model, batch, per_position, logits: bool = False) -> list[torch.Tensor]:
         """Runs `model` on this rank's slice of the packed micro-batch; `per_position(out, keep, targets)` gives
-        values at the kept positions (those predicting a response token); each comes back as [B, R]."""
+        values at the kept positions (those predicting a response token, one per token); each comes back as
+        [B, R]."""
         group = self.sp_group
         size, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
-        packed = pack(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                      batch["responses"].shape[1], multiple_of=size)
+        args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["responses"].shape[1])
+        packed = pack_shared_prefixes(*args) if self.shared_prefix else pack(*args, multiple_of=size)
         n = packed.length // size
-        mine = slice(rank * n, (rank + 1) * n)
-        keep = packed.predicts_response[mine].nonzero().squeeze(-1)
-        out = model(input_ids=packed.input_ids[:, mine], position_ids=packed.position_ids[:, mine], use_cache=False,
+        keep, targets = packed.predictors, packed.targets
+        if group is not None:  # this rank's slice of the row; the predictors ascend (no shared prompt)
+            mine = (keep >= rank * n) & (keep < (rank + 1) * n)
+            keep, targets = keep[mine] - rank * n, targets[mine]
+        rows = slice(rank * n, (rank + 1) * n)
+        out = model(input_ids=packed.input_ids[:, rows], position_ids=packed.position_ids[:, rows], use_cache=False,
                     sp_group=group, **packed.attention_kwargs(), **({"logits_to_keep": keep} if logits else {}))
-        return [self._to_responses(values, keep, n, packed) for values in per_position(out, keep, packed.targets[mine][keep])]
+        return [self._to_responses(values, keep, n, packed) for values in per_position(out, keep, targets)]
 
     def _to_responses(self, values: torch.Tensor, keep: torch.Tensor, n: int, packed: PackedBatch) -> torch.Tensor:
-        if self.sp_group is None:  # every kept position is here, in order
+        if self.sp_group is None:  # every response token is here, in order
             return unpack_responses(values, packed)
         local = values.new_zeros(n).index_put((keep,), values)
         whole = GatherPositions.apply(local, self.sp_group)
-        return unpack_responses(whole[packed.predicts_response], packed)
+        return unpack_responses(whole[packed.predictors], packed)
 
 
 def logprob_metrics(log_prob: torch.Tensor, entropy: torch.Tensor, rollout_log_probs: torch.Tensor,

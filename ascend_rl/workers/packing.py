@@ -1,7 +1,9 @@
 """Packed sequences (verl's `use_remove_padding`): a micro-batch's real tokens laid end to end in one row, with
 each sequence's own position ids and its boundaries (`cu_seqlens`) for an attention that never looks across
-them, so no FLOP is spent on padding. Pure layout functions: from the trainer's padded batch (left-padded
-prompts, right-padded responses) to the packed row, and from per-position results back to [B, R]."""
+them, so no FLOP is spent on padding. With shared prefixes (verl's `actor.use_prefix_grouper`) rows with the same
+prompt (GRPO's n samples of a prompt) lay it down once: the prompt, then each row's response, which attends to the
+prompt and to itself. Pure layout functions: from the trainer's padded batch (left-padded prompts, right-padded
+responses) to the packed row, and from per-response-token results back to [B, R]."""
 
 from __future__ import annotations
 
@@ -13,21 +15,38 @@ import torch
 @dataclass(frozen=True)
 class SequenceSettings:
     """How micro-batches reach the model: padded rectangles, or packed (`model.use_remove_padding`) and split
-    over `ulysses_sp` ranks (`ulysses_sequence_parallel_size`; needs packing, as in verl)."""
+    over `ulysses_sp` ranks (`ulysses_sequence_parallel_size`; needs packing, as in verl); `shared_prefix`
+    (`actor.use_prefix_grouper`): packed with each distinct prompt once."""
 
     remove_padding: bool = False
     ulysses_sp: int = 1
+    shared_prefix: bool = False
+
+    @property
+    def packed(self) -> bool:
+        return self.remove_padding or self.shared_prefix
+
+
+@dataclass(frozen=True)
+class SharedKeys:
+    """Where the packed row's attention rows find their keys when a row attends to more than its own positions:
+    `index` lists each row's key positions (its prompt's, then its own), rows one after the other."""
+
+    index: torch.Tensor  # [K] positions in the packed row
+    cu_seqlens: torch.Tensor  # int32 [S + 1]: where each attention row's keys start and end in `index`
+    max_length: int
 
 
 @dataclass(frozen=True)
 class PackedBatch:
     input_ids: torch.Tensor  # [1, N]; N is a multiple of the SP size, the tail past the real tokens is padding
     position_ids: torch.Tensor  # [1, N]
-    cu_seqlens: torch.Tensor  # int32 [S + 1]: where each sequence starts and ends (the padding tail is one)
-    max_length: int  # the longest sequence
-    targets: torch.Tensor  # [N]: the token each position's logits predict (the next one in the row)
-    predicts_response: torch.Tensor  # bool [N]: positions whose next token is a response token
-    response_valid: torch.Tensor  # bool [B, R]: the response tokens, in the order predicts_response lists them
+    cu_seqlens: torch.Tensor  # int32 [S + 1]: the attention rows' query positions (the padding tail is one)
+    max_length: int  # the longest attention row (queries)
+    predictors: torch.Tensor  # [T]: the position whose logits predict response token t (response_valid order)
+    targets: torch.Tensor  # [T]: the response tokens, in the same order
+    response_valid: torch.Tensor  # bool [B, R]: the response tokens
+    keys: SharedKeys | None = None  # None: each attention row attends to its own positions only
 
     @property
     def length(self) -> int:
@@ -35,8 +54,11 @@ class PackedBatch:
 
     def attention_kwargs(self) -> dict:
         """What the model passes down to its attention layers (transformers' names for varlen attention)."""
-        return {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
-                "max_length_q": self.max_length, "max_length_k": self.max_length}
+        q = {"cu_seq_lens_q": self.cu_seqlens, "max_length_q": self.max_length}
+        if self.keys is None:
+            return {**q, "cu_seq_lens_k": self.cu_seqlens, "max_length_k": self.max_length}
+        return {**q, "cu_seq_lens_k": self.keys.cu_seqlens, "max_length_k": self.keys.max_length,
+                "key_index": self.keys.index}
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, response_length: int,
@@ -59,14 +81,89 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: to
         position_ids=_pad_tail(positions, tail)[None],
         cu_seqlens=bounds.to(torch.int32),
         max_length=int(max(lengths.max().item(), tail)),
-        targets=_pad_tail(ids.roll(-1), tail),
-        predicts_response=_pad_tail(predictor[real], tail),
+        predictors=predictor[real].nonzero().squeeze(-1),
+        targets=input_ids[:, -response_length:][response_valid],
         response_valid=response_valid,
     )
 
 
+def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
+    """Which group each row's prompt falls in (rows with the same real prompt tokens share one): [B], numbered in
+    order of first appearance."""
+    width = input_ids.shape[1] - response_length
+    prompts = torch.where(attention_mask[:, :width].bool(), input_ids[:, :width], -1)
+    _, group = torch.unique(prompts, dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), len(group), dtype=torch.long).scatter_reduce(
+        0, group, torch.arange(len(group)), "amin")
+    return first.argsort().argsort()[group]
+
+
+def pack_shared_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                         response_length: int) -> PackedBatch:
+    """Each distinct prompt once, followed by the responses of its rows: [prompt A, response a1, a2, ..., prompt
+    B, ...]. Attention rows: each prompt (causal), and each response, whose keys are its prompt's positions then
+    its own (causal within the response). Response positions keep their row's position ids (continuing the
+    prompt's). The prompt's last position predicts the first token of each of its responses."""
+    real = attention_mask.bool()
+    width = input_ids.shape[1] - response_length
+    response_valid = real[:, width:]
+    group = prompt_groups(input_ids, attention_mask, response_length)
+    groups = int(group.max()) + 1
+    first_row = torch.full((groups,), len(group), dtype=torch.long).scatter_reduce(
+        0, group, torch.arange(len(group)), "amin")
+    prompt_len = real[first_row, :width].sum(-1)
+    response_len = response_valid.sum(-1)
+    # Segments in packed order: group g's prompt, then its rows (ascending). A row's segment slot counts the
+    # prompts before it (its own included) and the rows of earlier groups and its own group before it.
+    rows_by_group = torch.argsort(group, stable=True)
+    rank_in_order = torch.empty_like(rows_by_group).scatter_(0, rows_by_group, torch.arange(len(group)))
+    row_slot = rank_in_order + group + 1
+    prompt_slot = torch.cat([group.new_zeros(1), torch.bincount(group, minlength=groups).cumsum(0)[:-1]]) + \
+        torch.arange(groups)
+    slots = groups + len(group)
+    seg_len = torch.zeros(slots, dtype=torch.long).index_copy(0, prompt_slot, prompt_len).index_copy(
+        0, row_slot, response_len)
+    # Each segment is a run of columns in one row of the padded batch: a prompt ends at column `width`.
+    total_width = input_ids.shape[1]
+    seg_source = torch.zeros(slots, dtype=torch.long).index_copy(
+        0, prompt_slot, first_row * total_width + width - prompt_len).index_copy(
+        0, row_slot, torch.arange(len(group)) * total_width + width)
+    starts = torch.cat([seg_len.new_zeros(1), seg_len.cumsum(0)])
+    source = _runs(seg_source, seg_len)
+    # Keys: a prompt's segment attends to itself, a response's to its prompt and itself.
+    prompt_start = starts[prompt_slot]
+    key_start = torch.stack([starts[:-1], starts[:-1]], 1)  # (prompt part, own part) per segment
+    key_len = torch.stack([torch.zeros_like(seg_len), seg_len], 1)
+    key_start[row_slot, 0], key_len[row_slot, 0] = prompt_start[group], prompt_len[group]
+    # Empty responses have no queries: their attention rows are left out (their keys too).
+    queried = seg_len > 0
+    key_start, key_len = key_start[queried], key_len[queried]
+    key_bounds = torch.cat([seg_len.new_zeros(1), key_len.sum(-1).cumsum(0)])
+    # Response token j is predicted by the prompt's last position (j = 0) or by response token j-1.
+    row, column = response_valid.nonzero(as_tuple=True)
+    own = starts[row_slot][row] + column - 1
+    predictors = torch.where(column == 0, (prompt_start + prompt_len - 1)[group][row], own)
+    return PackedBatch(
+        input_ids=input_ids.flatten()[source][None],
+        position_ids=position_ids.flatten()[source][None],
+        cu_seqlens=torch.cat([seg_len.new_zeros(1), seg_len[queried].cumsum(0)]).to(torch.int32),
+        max_length=int(seg_len.max()),
+        predictors=predictors,
+        targets=input_ids[:, width:][response_valid],
+        response_valid=response_valid,
+        keys=SharedKeys(_runs(key_start.flatten(), key_len.flatten()), key_bounds.to(torch.int32),
+                        int(key_len.sum(-1).max())),
+    )
+
+
+def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The indices start_i, start_i + 1, ..., start_i + length_i - 1 of every run, one run after the other."""
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
+    return torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
+
+
 def unpack_responses(values: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
-    """One value per response token (in `predicts_response` order) → [B, R], zero on padding (differentiable)."""
+    """One value per response token (in `response_valid` order) → [B, R], zero on padding (differentiable)."""
     out = values.new_zeros(packed.response_valid.shape)
     return out.masked_scatter(packed.response_valid, values)
 

@@ -23,11 +23,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ascend_rl.workers.balance import balanced_partition, contiguous_partition, token_budget_groups
+from ascend_rl.workers.balance import (
+    balanced_partition,
+    balanced_unit_partition,
+    contiguous_partition,
+    prompt_units,
+    token_budget_groups,
+)
 from ascend_rl.workers.fsdp import FsdpSettings, place_for_compute, reduce_over_ranks
 from ascend_rl.workers.model_io import ModelForward
 from ascend_rl.workers.optimizer import OptimSettings, build_optimizer, build_scheduler
-from ascend_rl.workers.packing import SequenceSettings
+from ascend_rl.workers.packing import SequenceSettings, prompt_groups
 
 DCP_DIR = "dcp"  # inside a checkpoint's actor/ (or critic/) directory
 
@@ -43,6 +49,7 @@ class Batching:
     data_loader_seed: int = 42
     balance_batch: bool = True  # several ranks: even token counts per rank (trainer.balance_batch)
     ppo_max_token_len_per_gpu: int | None = None  # use_dynamic_bsz: micro-batches by tokens instead of rows
+    shared_prefix: bool = False  # rows with the same prompt stay together (in a rank's share, a token budget's)
 
 
 def load_model(path: str, device: str, gradient_checkpointing: bool = False, dtype: torch.dtype = torch.float32,
@@ -83,21 +90,37 @@ def model_forward(sequences: SequenceSettings, mesh=None) -> ModelForward:
     return ModelForward(sequences, ulysses_group(sequences.ulysses_sp) if mesh is not None else None)
 
 
-def micro_batch_rows(batch: TensorDict, size: int | None, budget: int | None, device=None) -> list[list[int]]:
+def micro_batch_rows(batch: TensorDict, size: int | None, budget: int | None, device=None,
+                     shared_prefix: bool = False) -> list[list[int]]:
     """The rows of each micro-batch: `size` rows at a time (None: all at once), or with `budget`, at most that
-    many tokens each (verl's use_dynamic_bsz). Under a process group every rank calls this at once and they agree
-    on the count (FSDP needs the same number of passes on every rank; `device`: where the group's collectives
-    run). Losses normalise by the mini-batch's counts, so any split gives the same update."""
+    many tokens each (verl's use_dynamic_bsz; with `shared_prefix`, rows of a prompt together, counted as packed).
+    Under a process group every rank calls this at once and they agree on the count (FSDP needs the same number
+    of passes on every rank; `device`: where the group's collectives run). Losses normalise by the mini-batch's
+    counts, so any split gives the same update."""
     n = batch.batch_size[0]
     if budget is None:
         step = size or max(n, 1)
         return [list(range(start, min(start + step, n))) for start in range(0, n, step)]
-    tokens = batch["attention_mask"].sum(-1).tolist()
+    units, weights = _units(batch, shared_prefix, budget)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return token_budget_groups(tokens, budget)
-    count = min(_agreed(len(token_budget_groups(tokens, budget)), dist.ReduceOp.MAX, device),
-                _agreed(n, dist.ReduceOp.MIN, device))  # no rank may run out of rows
-    return token_budget_groups(tokens, budget, groups=count)
+        groups = token_budget_groups(weights, budget)
+    else:
+        count = min(_agreed(len(token_budget_groups(weights, budget)), dist.ReduceOp.MAX, device),
+                    _agreed(len(units), dist.ReduceOp.MIN, device))  # no rank may run out of rows
+        groups = token_budget_groups(weights, budget, groups=count)
+    return [sorted(row for unit in group for row in units[unit]) for group in groups]
+
+
+def _units(batch: TensorDict, shared_prefix: bool, budget: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """What micro-batches and ranks are made of: rows, or with `shared_prefix` the rows of each prompt (see
+    balance.prompt_units), and their token counts."""
+    mask = batch["attention_mask"]
+    tokens = mask.sum(-1).tolist()
+    if not shared_prefix:
+        return [[i] for i in range(len(tokens))], tokens
+    response_length = batch["responses"].shape[1]
+    group = prompt_groups(batch["input_ids"], mask, response_length).tolist()
+    return prompt_units(group, mask[:, :-response_length].sum(-1).tolist(), tokens, budget)
 
 
 def split(batch: TensorDict, rows: list[list[int]]) -> list[TensorDict]:
@@ -157,10 +180,13 @@ class MiniBatchWalk:
             yield from batch[order].split(b.ppo_mini_batch_size)
 
     def rows_of_rank(self, batch: TensorDict) -> list[int]:
-        """This rank's rows of a batch every rank holds (the order of rows does not change the update)."""
-        if self.batching.balance_batch and self.dp_size > 1:
-            tokens = batch["attention_mask"].sum(-1).tolist()
-            return balanced_partition(tokens, self.dp_size)[self.dp_rank]
+        """This rank's rows of a batch every rank holds (the order of rows does not change the update). Shared
+        prefixes keep a prompt's rows on one rank when the prompts' rows divide evenly (verl asks the same)."""
+        b = self.batching
+        if b.balance_batch and self.dp_size > 1:
+            units, weights = _units(batch, b.shared_prefix)
+            parts = balanced_unit_partition(units, weights, self.dp_size) if b.shared_prefix else None
+            return (parts or balanced_partition(batch["attention_mask"].sum(-1).tolist(), self.dp_size))[self.dp_rank]
         return contiguous_partition(batch.batch_size[0], self.dp_size)[self.dp_rank]
 
     def micro_batches(self, rows: TensorDict) -> list[TensorDict]:
@@ -169,7 +195,7 @@ class MiniBatchWalk:
         if b.ppo_max_token_len_per_gpu is None:  # fixed sizes: views of the rows, no copies
             size = b.ppo_micro_batch_size_per_gpu
             return list(rows.split(size)) if size else [rows]
-        return split(rows, micro_batch_rows(rows, None, b.ppo_max_token_len_per_gpu, self.device))
+        return split(rows, micro_batch_rows(rows, None, b.ppo_max_token_len_per_gpu, self.device, b.shared_prefix))
 
 
 class ModelUpdate(MiniBatchWalk):

@@ -5,9 +5,10 @@ runs on whole sequences, and a second all-to-all trades back.
 
 Kernels: flash-attention's varlen kernel where transformers has it (flash-attn on CUDA, torch_npu's
 `npu_fusion_attention` on Ascend) for 16-bit inputs; elsewhere (the CPU) exact attention that spends nothing
-across sequences: micro-batches of short sequences (at most `SHORT_KEYS`) as one padded batch for attention
-alone, longer ones grouped by length. 16-bit short sequences use two matmuls (SDPA's CPU kernel is slow there;
-workers/cpu_attention.py says why)."""
+across sequences: micro-batches of short sequences (at most `SHORT_KEYS` keys) as one padded batch for attention
+alone, longer ones grouped by shape. With shared prefixes a response's keys are its prompt's positions and its
+own (`key_index`), gathered before attention, so its gradient flows back to the one shared prompt. 16-bit short
+rows use two matmuls (SDPA's CPU kernel is slow there; workers/cpu_attention.py says why)."""
 
 from __future__ import annotations
 
@@ -33,32 +34,72 @@ def register() -> str:
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                     cu_seq_lens_q: torch.Tensor | None = None, sp_group=None, **kwargs):
-    """transformers' attention-function interface: query [1, H, n, D], key/value [1, KVH, n, D] → [1, n, H, D]."""
+                     cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
+                     key_index: torch.Tensor | None = None, sp_group=None, **kwargs):
+    """transformers' attention-function interface: query [1, H, n, D], key/value [1, KVH, n, D] → [1, n, H, D].
+    Attention row i's queries are positions cu_seq_lens_q[i]:[i + 1]; its keys are the same positions, or with
+    `key_index` (shared prefixes) positions key_index[cu_seq_lens_k[i]:[i + 1]]; either way the queries are the
+    last of the keys, and attend causally."""
     if cu_seq_lens_q is None or attention_mask is not None:
         raise RuntimeError(f"{PACKED_ATTENTION} attention takes packed rows (cu_seq_lens_q), not padded batches")
     if sp_group is not None:
         query, key, value = (_AllToAll.apply(t, sp_group, 1, 2) for t in (query, key, value))
+    if key_index is not None:  # each row's keys end to end; a shared prompt's are read by each of its rows
+        key, value = key.index_select(2, key_index), value.index_select(2, key_index)
+    else:
+        cu_seq_lens_k = cu_seq_lens_q
     half = _sixteen_bit(query, value)
     if half is not None and _flash_varlen_available():
+        from transformers.modeling_flash_attention_utils import flash_attn_supports_top_left_mask
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        if key_index is not None and flash_attn_supports_top_left_mask():
+            raise RuntimeError("shared prefixes (actor.use_prefix_grouper) need a flash-attention kernel whose "
+                               "causal mask is aligned to the bottom right; this one aligns it top-left "
+                               "(unset NPU_FA2_SPARSE_MODE, or flash-attn >= 2.1)")
         query, key, value = (t.to(half) for t in (query, key, value))
-
         out, _ = ALL_ATTENTION_FUNCTIONS[_FLASH](module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                                 cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_q,
+                                                 cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
                                                  max_length_q=kwargs.get("max_length_q"),
                                                  max_length_k=kwargs.get("max_length_k"))
         out = out.transpose(1, 2)  # [1, H, N, D], as the SDPA path gives it
     else:
-        bounds = cu_seq_lens_q.tolist()
-        if max(b - a for a, b in zip(bounds, bounds[1:])) <= SHORT_KEYS:
-            out = _short_sequences(query, key, value, bounds, scaling, half is not None)
+        rows = _Rows(cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist())
+        if rows.longest_keys <= SHORT_KEYS:
+            out = _short_rows(query, key, value, rows, scaling, half is not None)
         else:
-            out = _sdpa_by_length(query, key, value, bounds, scaling, short_as_matmuls=half is not None)
+            out = _sdpa_by_shape(query, key, value, rows, scaling, short_as_matmuls=half is not None)
     if sp_group is not None:
         out = _AllToAll.apply(out, sp_group, 2, 1)
     return out.transpose(1, 2).contiguous(), None
+
+
+class _Rows:
+    """The attention rows of a packed row: each one's query positions and, end to end in the key tensor, its keys
+    (the queries are the last of them)."""
+
+    def __init__(self, q_bounds: list[int], k_bounds: list[int]):
+        self.q_starts, self.k_starts = q_bounds[:-1], k_bounds[:-1]
+        self.q_lengths = [b - a for a, b in zip(q_bounds, q_bounds[1:])]
+        self.k_lengths = [b - a for a, b in zip(k_bounds, k_bounds[1:])]
+        self.longest_keys = max(self.k_lengths)
+
+    def subset(self, rows: list[int]) -> _Rows:
+        out = object.__new__(_Rows)
+        out.q_starts, out.k_starts = [self.q_starts[i] for i in rows], [self.k_starts[i] for i in rows]
+        out.q_lengths, out.k_lengths = [self.q_lengths[i] for i in rows], [self.k_lengths[i] for i in rows]
+        out.longest_keys = max(out.k_lengths)
+        return out
+
+    def by_query_length(self) -> list[list[int]]:
+        """The rows in buckets whose query lengths are within a factor of 4 (longest first), so padding a bucket to
+        its longest wastes at most 3/4 of its queries: shared prompts and their short responses are padded apart."""
+        buckets: dict[int, list[int]] = {}
+        longest = max(self.q_lengths)
+        for i, length in enumerate(self.q_lengths):
+            if length:
+                buckets.setdefault((longest // length).bit_length() // 2, []).append(i)
+        return [buckets[b] for b in sorted(buckets)]
 
 
 def _sixteen_bit(query, value) -> torch.dtype | None:
@@ -72,52 +113,93 @@ def _sixteen_bit(query, value) -> torch.dtype | None:
     return None
 
 
-def _short_sequences(query, key, value, bounds: list[int], scaling: float | None, matmuls: bool) -> torch.Tensor:
-    """Short sequences as one padded batch [S, heads, longest, D] for attention alone (a causal mask that also
-    hides each row's padding): a few large ops instead of a few per sequence length, and only longest² per row."""
-    starts = torch.tensor(bounds[:-1], device=query.device)
-    lengths = torch.tensor(bounds, device=query.device).diff()
-    longest = int(lengths.max())
-    columns = torch.arange(longest, device=query.device)
-    valid = columns < lengths[:, None]  # [S, L]
-    index = starts[:, None] + torch.minimum(columns, (lengths - 1).clamp(min=0)[:, None])
-    q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # [S, heads, L, D]
-    mask = torch.ones(longest, longest, dtype=torch.bool, device=query.device).tril() & valid[:, None, None, :]
+def _padded_index(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of positions padded to the longest (padding repeats a row's last position): index [S, L], lengths [S],
+    valid [S, L]."""
+    start, length = torch.tensor(starts, device=device), torch.tensor(lengths, device=device)
+    columns = torch.arange(max(lengths), device=device)
+    index = start[:, None] + torch.minimum(columns, (length - 1).clamp(min=0)[:, None])
+    return index, length, columns < length[:, None]
+
+
+def _short_rows(query, key, value, rows: _Rows, scaling: float | None, matmuls: bool) -> torch.Tensor:
+    """Short rows as a few padded batches [S, heads, longest, D] for attention alone (a causal mask, aligned to
+    the last key, that also hides each row's padding): a few large ops instead of a few per length. → [1, heads,
+    N, D], the positions in packed order."""
+    parts, positions = [], []
+    for bucket in rows.by_query_length():
+        out, at = _padded_attention(query, key, value, rows.subset(bucket), scaling, matmuls)
+        parts.append(out)
+        positions.append(at)
+    out = torch.cat(parts)  # [N, heads, D]
+    if len(parts) > 1:
+        out = out.index_select(0, torch.cat(positions).argsort())
+    return out.transpose(0, 1)[None]
+
+
+def _padded_attention(query, key, value, rows: _Rows, scaling: float | None,
+                      matmuls: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` as one padded batch → [their query positions, heads, D], row after row, and those positions. Gathers are `index_select`s:
+    their backward adds rows up (`index_add_`), where advanced indexing's accumulating `index_put_` took 2.6 ms a
+    call on the embedded shape."""
+    device = query.device
+    q_index, q_length, q_valid = _padded_index(rows.q_starts, rows.q_lengths, device)
+    k_index, k_length, k_valid = _padded_index(rows.k_starts, rows.k_lengths, device)
+    q = _gather_positions(query, q_index)  # [S, heads, Lq, D]
+    k, v = (_gather_positions(t, k_index) for t in (key, value))  # [S, KV heads, Lk, D]
+    # query t of a row (its keys' (Lk - Lq + t)-th) sees keys up to itself
+    offset = (k_length - q_length)[:, None, None]
+    causal = torch.arange(k.shape[2], device=device) <= offset + torch.arange(q.shape[2], device=device)[:, None]
+    mask = (causal & k_valid[:, None, :])[:, None]  # [S, 1, Lq, Lk]
     if matmuls:
         out = matmul_attention(q, k, v, mask, scaling)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
                                              enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(0, 1)[:, valid][None]  # the real positions, in packed order
+    real = q_valid.flatten().nonzero().squeeze(-1)
+    return out.transpose(1, 2).flatten(0, 1).index_select(0, real), q_index.flatten()[real]
 
 
-def _sdpa_by_length(query, key, value, bounds: list[int], scaling: float | None,
-                    short_as_matmuls: bool = False) -> torch.Tensor:
-    """Causal SDPA within each sequence, one call per distinct length: sequences of a length are gathered into a
-    batch, so no mask is needed and a micro-batch of many short rows costs a few calls, not one per row. One
+def _gather_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[1, heads, N, D] at positions `index` [S, L] → [S, heads, L, D]."""
+    return t[0].transpose(0, 1).index_select(0, index.flatten()).unflatten(0, index.shape).transpose(1, 2)
+
+
+def _sdpa_by_shape(query, key, value, rows: _Rows, scaling: float | None,
+                   short_as_matmuls: bool = False) -> torch.Tensor:
+    """Causal SDPA within each row, one call per distinct (queries, keys) shape: rows of a shape are gathered into
+    a batch, so no padding is needed and a micro-batch of many short rows costs a few calls, not one per row. One
     gather in and one out (not one per group): each indexing op's backward fills a whole-row zero tensor."""
-    by_length: dict[int, list[int]] = {}
-    for start, end in zip(bounds, bounds[1:]):
-        if end > start:
-            by_length.setdefault(end - start, []).append(start)
-    arange = torch.arange(max(by_length), device=query.device)
-    order = torch.cat([(torch.tensor(starts, device=query.device)[:, None] + arange[:length]).flatten()
-                       for length, starts in by_length.items()])
-    sizes = [len(starts) * length for length, starts in by_length.items()]
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for q_start, q_len, k_start, k_len in zip(rows.q_starts, rows.q_lengths, rows.k_starts, rows.k_lengths):
+        if q_len:
+            by_shape.setdefault((q_len, k_len), []).append((q_start, k_start))
+    device = query.device
+    q_order, k_order = (torch.cat([(torch.tensor([s[part] for s in starts], device=device)[:, None]
+                                    + torch.arange(shape[part], device=device)).flatten()
+                                   for shape, starts in by_shape.items()]) for part in (0, 1))
+    q_sizes = [len(starts) * q_len for (q_len, _), starts in by_shape.items()]
+    k_sizes = [len(starts) * k_len for (_, k_len), starts in by_shape.items()]
     gqa = query.shape[1] != key.shape[1]
     # Sequences of distinct lengths (the usual case for long, uneven rows) are already in group order: no gather.
-    in_place = bool(torch.equal(order, torch.arange(len(order), device=order.device)))
-    grouped = zip(*((t[0] if in_place else t[0][:, order]).split(sizes, dim=1) for t in (query, key, value)))
+    q_in_place = bool(torch.equal(q_order, torch.arange(len(q_order), device=device)))
+    k_in_place = bool(torch.equal(k_order, torch.arange(key.shape[2], device=device)))
+    qs = (query[0] if q_in_place else query[0][:, q_order]).split(q_sizes, dim=1)
+    ks, vs = ((t[0] if k_in_place else t[0][:, k_order]).split(k_sizes, dim=1) for t in (key, value))
     outs = []
-    for (q, k, v), (length, starts) in zip(grouped, by_length.items()):
-        q, k, v = (t.unflatten(1, (len(starts), length)).transpose(0, 1) for t in (q, k, v))  # [rows, heads, L, D]
-        if short_as_matmuls and length <= SHORT_KEYS:
-            out = matmul_attention(q, k, v, None, scaling)
+    for q, k, v, ((q_len, k_len), starts) in zip(qs, ks, vs, by_shape.items()):
+        q = q.unflatten(1, (len(starts), q_len)).transpose(0, 1)  # [rows, heads, Lq, D]
+        k, v = (t.unflatten(1, (len(starts), k_len)).transpose(0, 1) for t in (k, v))
+        mask = None if q_len == k_len else torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(
+            k_len - q_len)
+        if short_as_matmuls and k_len <= SHORT_KEYS:
+            out = matmul_attention(q, k, v, mask, scaling)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                                 enable_gqa=gqa)
         outs.append(out.transpose(0, 1).flatten(1, 2))
     out = torch.cat(outs, dim=1)
-    return (out if in_place else out[:, order.argsort()])[None]
+    return (out if q_in_place else out[:, q_order.argsort()])[None]
 
 
 @functools.cache
