@@ -44,9 +44,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         raise RuntimeError(f"{PACKED_ATTENTION} attention takes packed rows (cu_seq_lens_q), not padded batches")
     if sp_group is not None:
         query, key, value = (_AllToAll.apply(t, sp_group, 1, 2) for t in (query, key, value))
-    if key_index is not None:  # each row's keys end to end; a shared prompt's are read by each of its rows
-        key, value = key.index_select(2, key_index), value.index_select(2, key_index)
-    else:
+    if key_index is None:
         cu_seq_lens_k = cu_seq_lens_q
     half = _sixteen_bit(query, value)
     if half is not None and _flash_varlen_available():
@@ -57,6 +55,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             raise RuntimeError("shared prefixes (actor.use_prefix_grouper) need a flash-attention kernel whose "
                                "causal mask is aligned to the bottom right; this one aligns it top-left "
                                "(unset NPU_FA2_SPARSE_MODE, or flash-attn >= 2.1)")
+        if key_index is not None:  # each row's keys end to end; a shared prompt's are read by each of its rows
+            key, value = key.index_select(2, key_index), value.index_select(2, key_index)
         query, key, value = (t.to(half) for t in (query, key, value))
         out, _ = ALL_ATTENTION_FUNCTIONS[_FLASH](module, query, key, value, None, dropout=dropout, scaling=scaling,
                                                  cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
@@ -64,7 +64,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                                  max_length_k=kwargs.get("max_length_k"))
         out = out.transpose(1, 2)  # [1, H, N, D], as the SDPA path gives it
     else:
-        rows = _Rows(cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist())
+        rows = _Rows(cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist(), key_index)
         if rows.longest_keys <= SHORT_KEYS:
             out = _short_rows(query, key, value, rows, scaling, half is not None)
         else:
@@ -75,10 +75,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 class _Rows:
-    """The attention rows of a packed row: each one's query positions and, end to end in the key tensor, its keys
-    (the queries are the last of them)."""
+    """The attention rows of a packed row: each one's query positions and its keys (the queries are the last of
+    them): positions k_bounds[i]:[i + 1] of the key list, which is `key_index` (None: every position once). The
+    key list is never built: its indices are mapped to positions (`key_positions`), one gather per use."""
 
-    def __init__(self, q_bounds: list[int], k_bounds: list[int]):
+    def __init__(self, q_bounds: list[int], k_bounds: list[int], key_index: torch.Tensor | None = None):
+        self.key_index = key_index
         self.q_starts, self.k_starts = q_bounds[:-1], k_bounds[:-1]
         self.q_lengths = [b - a for a, b in zip(q_bounds, q_bounds[1:])]
         self.k_lengths = [b - a for a, b in zip(k_bounds, k_bounds[1:])]
@@ -86,6 +88,7 @@ class _Rows:
 
     def subset(self, rows: list[int]) -> _Rows:
         out = object.__new__(_Rows)
+        out.key_index = self.key_index
         out.q_starts, out.k_starts = [self.q_starts[i] for i in rows], [self.k_starts[i] for i in rows]
         out.q_lengths, out.k_lengths = [self.q_lengths[i] for i in rows], [self.k_lengths[i] for i in rows]
         out.longest_keys = max(out.k_lengths)
@@ -100,6 +103,10 @@ class _Rows:
             if length:
                 buckets.setdefault((longest // length).bit_length() // 2, []).append(i)
         return [buckets[b] for b in sorted(buckets)]
+
+    def key_positions(self, index: torch.Tensor) -> torch.Tensor:
+        """Indices into the key list → positions in the packed row."""
+        return index if self.key_index is None else self.key_index[index]
 
 
 def _sixteen_bit(query, value) -> torch.dtype | None:
@@ -146,7 +153,7 @@ def _padded_attention(query, key, value, rows: _Rows, scaling: float | None,
     q_index, q_length, q_valid = _padded_index(rows.q_starts, rows.q_lengths, device)
     k_index, k_length, k_valid = _padded_index(rows.k_starts, rows.k_lengths, device)
     q = _gather_positions(query, q_index)  # [S, heads, Lq, D]
-    k, v = (_gather_positions(t, k_index) for t in (key, value))  # [S, KV heads, Lk, D]
+    k, v = (_gather_positions(t, rows.key_positions(k_index)) for t in (key, value))  # [S, KV heads, Lk, D]
     # query t of a row (its keys' (Lk - Lq + t)-th) sees keys up to itself
     offset = (k_length - q_length)[:, None, None]
     causal = torch.arange(k.shape[2], device=device) <= offset + torch.arange(q.shape[2], device=device)[:, None]
@@ -162,14 +169,14 @@ def _padded_attention(query, key, value, rows: _Rows, scaling: float | None,
 
 def _gather_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[1, heads, N, D] at positions `index` [S, L] → [S, heads, L, D]."""
-    return t[0].transpose(0, 1).index_select(0, index.flatten()).unflatten(0, index.shape).transpose(1, 2)
+    return _positions_first(t, index.flatten()).unflatten(0, index.shape).transpose(1, 2)
 
 
 def _sdpa_by_shape(query, key, value, rows: _Rows, scaling: float | None,
                    short_as_matmuls: bool = False) -> torch.Tensor:
     """Causal SDPA within each row, one call per distinct (queries, keys) shape: rows of a shape are gathered into
     a batch, so no padding is needed and a micro-batch of many short rows costs a few calls, not one per row. One
-    gather in and one out (not one per group): each indexing op's backward fills a whole-row zero tensor."""
+    gather in and one out (not one per group): each gather's backward fills a whole-row zero tensor."""
     by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for q_start, q_len, k_start, k_len in zip(rows.q_starts, rows.q_lengths, rows.k_starts, rows.k_lengths):
         if q_len:
@@ -178,18 +185,19 @@ def _sdpa_by_shape(query, key, value, rows: _Rows, scaling: float | None,
     q_order, k_order = (torch.cat([(torch.tensor([s[part] for s in starts], device=device)[:, None]
                                     + torch.arange(shape[part], device=device)).flatten()
                                    for shape, starts in by_shape.items()]) for part in (0, 1))
-    q_sizes = [len(starts) * q_len for (q_len, _), starts in by_shape.items()]
-    k_sizes = [len(starts) * k_len for (_, k_len), starts in by_shape.items()]
-    gqa = query.shape[1] != key.shape[1]
-    # Sequences of distinct lengths (the usual case for long, uneven rows) are already in group order: no gather.
-    q_in_place = bool(torch.equal(q_order, torch.arange(len(q_order), device=device)))
+    k_order = rows.key_positions(k_order)
+    # Rows of distinct shapes (the usual case for long, uneven rows) are already in group order: no gather.
+    q_in_place = bool(torch.equal(q_order, torch.arange(query.shape[2], device=device)))
     k_in_place = bool(torch.equal(k_order, torch.arange(key.shape[2], device=device)))
-    qs = (query[0] if q_in_place else query[0][:, q_order]).split(q_sizes, dim=1)
-    ks, vs = ((t[0] if k_in_place else t[0][:, k_order]).split(k_sizes, dim=1) for t in (key, value))
+    q_all = _positions_first(query, None if q_in_place else q_order)
+    k_all, v_all = (_positions_first(t, None if k_in_place else k_order) for t in (key, value))
+    qs = q_all.split([len(starts) * q_len for (q_len, _), starts in by_shape.items()])
+    ks, vs = (t.split([len(starts) * k_len for (_, k_len), starts in by_shape.items()]) for t in (k_all, v_all))
+    gqa = query.shape[1] != key.shape[1]
     outs = []
     for q, k, v, ((q_len, k_len), starts) in zip(qs, ks, vs, by_shape.items()):
-        q = q.unflatten(1, (len(starts), q_len)).transpose(0, 1)  # [rows, heads, Lq, D]
-        k, v = (t.unflatten(1, (len(starts), k_len)).transpose(0, 1) for t in (k, v))
+        q = q.unflatten(0, (len(starts), q_len)).transpose(1, 2)  # [rows, heads, Lq, D]
+        k, v = (t.unflatten(0, (len(starts), k_len)).transpose(1, 2) for t in (k, v))
         mask = None if q_len == k_len else torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(
             k_len - q_len)
         if short_as_matmuls and k_len <= SHORT_KEYS:
@@ -197,9 +205,17 @@ def _sdpa_by_shape(query, key, value, rows: _Rows, scaling: float | None,
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
                                                  enable_gqa=gqa)
-        outs.append(out.transpose(0, 1).flatten(1, 2))
-    out = torch.cat(outs, dim=1)
-    return (out if q_in_place else out[:, q_order.argsort()])[None]
+        outs.append(out.transpose(1, 2).flatten(0, 1))
+    out = torch.cat(outs)  # [N, heads, D]
+    if not q_in_place:
+        out = out.index_select(0, q_order.argsort())
+    return out.transpose(0, 1)[None]
+
+
+def _positions_first(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """[1, heads, N, D] → [N, heads, D], at positions `order` when given."""
+    t = t[0].transpose(0, 1)
+    return t if order is None else t.index_select(0, order)
 
 
 @functools.cache
