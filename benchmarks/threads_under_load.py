@@ -29,6 +29,7 @@ SETTINGS = {  # name → environment; "defaults" is what `ascend-rl train` choos
     "defaults": {},
     "2 threads, spinning wait (OpenMP's default)": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
     "2 threads, passive wait": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    "2 threads, brief spin (GOMP_SPINCOUNT=10000)": {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "10000"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
 }
 NEIGHBOUR = "while True: pass"
