@@ -178,11 +178,27 @@ def test_two_workers_with_shared_prefixes_make_the_update_of_one(tiny_model_dir)
         group.close()
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    ([f"{A}.actor.strategy=megatron"], "shared prefixes are not built for the Megatron engine"),
-    (["trainer.n_gpus_per_node=2", f"{A}.actor.ulysses_sequence_parallel_size=2", f"{A}.model.use_remove_padding=True"],
-     "shared prefixes under Ulysses sequence parallelism are not built"),
+@pytest.mark.parametrize("overrides", [
+    [f"{A}.actor.strategy=megatron"],
+    ["trainer.n_gpus_per_node=2", f"{A}.actor.ulysses_sequence_parallel_size=2", f"{A}.model.use_remove_padding=True"],
 ])
-def test_what_shared_prefixes_are_not_built_for_stops_the_plan(overrides, fragment):
-    errors = plan_of(f"{A}.actor.use_prefix_grouper=True", *overrides).errors
-    assert any(fragment in e for e in errors), errors
+def test_where_shared_prefixes_are_not_built_the_plan_says_they_have_no_effect(overrides):
+    """Shared prefixes change the speed, not the update: where they are not built the run goes on without them,
+    and says so."""
+    plan = plan_of(f"{A}.actor.use_prefix_grouper=True", *overrides)
+    assert not plan.errors, plan.errors
+    assert any(w.startswith(f"{A}.actor.use_prefix_grouper") and "has no effect with the Megatron engine" in w
+               for w in plan.warnings), plan.warnings
+    assert not any("use_prefix_grouper" in w for w in plan_of(f"{A}.actor.use_prefix_grouper=True").warnings)
+
+
+def test_ulysses_runs_without_shared_prefixes():
+    from ascend_rl.config import load_config
+    from ascend_rl.trainer.actor_specs import fsdp_spec
+
+    cfg = load_config([f"{A}.model.path=/m", f"{A}.actor.use_prefix_grouper=True", "trainer.n_gpus_per_node=2",
+                       f"{A}.actor.ulysses_sequence_parallel_size=2", f"{A}.model.use_remove_padding=True"])
+    assert fsdp_spec(cfg, "cpu", 10, with_ref=True).settings.sequences == SequenceSettings(True, 2, False)
+    cfg = load_config([f"{A}.model.path=/m", f"{A}.actor.use_prefix_grouper=True"])
+    spec = fsdp_spec(cfg, "cpu", 10, with_ref=True)
+    assert spec.settings.sequences.shared_prefix and spec.ref.sequences.shared_prefix

@@ -45,6 +45,11 @@ LINT_RULES = (
     LintRule(f"{A}.rollout.max_model_len", _sglang,
              lambda c: f"only caps max_new_tokens; SGLang's context window is {SGLANG_KW}.context_length=N",
              "with SGLang it only caps max_new_tokens; the context window is engine_kwargs.sglang.context_length"),
+    LintRule(f"{A}.actor.use_prefix_grouper",
+             lambda c: c[A].actor.strategy == "megatron" or c[A].actor.ulysses_sequence_parallel_size > 1,
+             lambda c: "has no effect with the Megatron engine or under Ulysses sequence parallelism: shared prefixes "
+                       "are built for the FSDP engine without Ulysses (the update is the same without them, only "
+                       "slower)"),
     LintRule(f"{A}.actor.clip_ratio",
              lambda c: c[A].actor.clip_ratio_low is not None and c[A].actor.clip_ratio_high is not None,
              lambda c: f"has no effect while clip_ratio_low/clip_ratio_high are set (they default to 0.2; as in "

@@ -249,17 +249,9 @@ def _check_mixed_precision(cfg: DictConfig) -> list[str]:
 
 def _check_sequence_parallel(cfg: DictConfig) -> list[str]:
     """Ulysses runs on packed sequences (verl asserts the same); the reference policy and the critic live in the
-    actor's workers and split sequences as it does; an engine config's own SP size must agree with its section's.
-    Shared prefixes are built for the FSDP engine without Ulysses."""
+    actor's workers and split sequences as it does; an engine config's own SP size must agree with its section's."""
     arr, critic, errors = cfg[A], cfg.critic, []
     sp = arr.actor.get("ulysses_sequence_parallel_size", 1)
-    if arr.actor.get("use_prefix_grouper"):
-        if arr.actor.strategy == "megatron":
-            errors.append(f"{A}.actor.use_prefix_grouper=True with {A}.actor.strategy=megatron: shared prefixes are "
-                          f"not built for the Megatron engine (use the FSDP engine, or leave it off)")
-        if sp > 1:
-            errors.append(f"{A}.actor.use_prefix_grouper=True with {A}.actor.ulysses_sequence_parallel_size={sp}: "
-                          f"shared prefixes under Ulysses sequence parallelism are not built (leave one of them off)")
     packed = {f"{A}.actor": arr.actor.get("use_remove_padding", arr.model.use_remove_padding),
               f"{A}.ref": arr.model.use_remove_padding, "critic": critic.model.get("use_remove_padding")}
     sections = {f"{A}.actor": (arr.actor, "fsdp_config"), f"{A}.ref": (arr.ref, "fsdp_config"),

@@ -65,7 +65,8 @@ def reference_settings(cfg: DictConfig, fsdp=None, sequences: SequenceSettings |
 def fsdp_spec(cfg: DictConfig, device: str, total_steps: int, with_ref: bool) -> ActorSpec:
     arr = cfg[A]
     actor = arr.actor
-    shared_prefix = bool(actor.get("use_prefix_grouper", False))  # the reference is the same policy: it shares too
+    # The reference is the same policy: it shares prompts too. Not under Ulysses (lint says so).
+    shared_prefix = bool(actor.get("use_prefix_grouper", False)) and actor.ulysses_sequence_parallel_size == 1
     ref = reference_settings(
         cfg, fsdp_settings(arr.ref.fsdp_config, device, f"{A}.ref.fsdp_config"),
         SequenceSettings(arr.model.use_remove_padding, arr.ref.ulysses_sequence_parallel_size,

@@ -66,7 +66,8 @@ def prompt_units(group: Sequence[int], prompt_tokens: Sequence[int], row_tokens:
     return units, weights
 
 
-def balanced_unit_partition(units: Sequence[Sequence[int]], weights: Sequence[float], parts: int) -> list[list[int]] | None:
+def balanced_unit_partition(units: Sequence[Sequence[int]], weights: Sequence[float],
+                            parts: int) -> list[list[int]] | None:
     """Whole units into `parts` of equal row counts, weights as even as `balanced_partition` makes them; None
     when units of unequal sizes, or a count `parts` does not divide, cannot give equal row counts."""
     if len({len(u) for u in units}) != 1 or len(units) % parts:

@@ -184,8 +184,7 @@ class MiniBatchWalk:
         prefixes keep a prompt's rows on one rank when the prompts' rows divide evenly (verl asks the same)."""
         b = self.batching
         if b.balance_batch and self.dp_size > 1:
-            units, weights = _units(batch, b.shared_prefix)
-            parts = balanced_unit_partition(units, weights, self.dp_size) if b.shared_prefix else None
+            parts = balanced_unit_partition(*_units(batch, True), self.dp_size) if b.shared_prefix else None
             return (parts or balanced_partition(batch["attention_mask"].sum(-1).tolist(), self.dp_size))[self.dp_rank]
         return contiguous_partition(batch.batch_size[0], self.dp_size)[self.dp_rank]
 

@@ -7,12 +7,13 @@ Kernels: flash-attention's varlen kernel where transformers has it (flash-attn o
 `npu_fusion_attention` on Ascend) for 16-bit inputs; elsewhere (the CPU) exact attention that spends nothing
 across sequences: micro-batches of short sequences (at most `SHORT_KEYS` keys) as one padded batch for attention
 alone, longer ones grouped by shape. With shared prefixes a response's keys are its prompt's positions and its
-own (`key_index`), gathered before attention, so its gradient flows back to the one shared prompt. 16-bit short
+own (`key_index`), read where the prompt lies, so every response's gradient flows back to the one prompt. 16-bit short
 rows use two matmuls (SDPA's CPU kernel is slow there; workers/cpu_attention.py says why)."""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -64,7 +65,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                                  max_length_k=kwargs.get("max_length_k"))
         out = out.transpose(1, 2)  # [1, H, N, D], as the SDPA path gives it
     else:
-        rows = _Rows(cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist(), key_index)
+        rows = _Rows.from_bounds(cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist(), key_index)
         if rows.longest_keys <= SHORT_KEYS:
             out = _short_rows(query, key, value, rows, scaling, half is not None)
         else:
@@ -74,25 +75,31 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     return out.transpose(1, 2).contiguous(), None
 
 
+@dataclass(frozen=True)
 class _Rows:
     """The attention rows of a packed row: each one's query positions and its keys (the queries are the last of
-    them): positions k_bounds[i]:[i + 1] of the key list, which is `key_index` (None: every position once). The
-    key list is never built: its indices are mapped to positions (`key_positions`), one gather per use."""
+    them): entries k_start … k_start + k_length - 1 of the key list, which is `key_index` (None: every position
+    once). The key list is never built: its indices are mapped to positions (`key_positions`), one gather per
+    use."""
 
-    def __init__(self, q_bounds: list[int], k_bounds: list[int], key_index: torch.Tensor | None = None):
-        self.key_index = key_index
-        self.q_starts, self.k_starts = q_bounds[:-1], k_bounds[:-1]
-        self.q_lengths = [b - a for a, b in zip(q_bounds, q_bounds[1:])]
-        self.k_lengths = [b - a for a, b in zip(k_bounds, k_bounds[1:])]
-        self.longest_keys = max(self.k_lengths)
+    q_starts: list[int]
+    q_lengths: list[int]
+    k_starts: list[int]
+    k_lengths: list[int]
+    key_index: torch.Tensor | None = None
+
+    @classmethod
+    def from_bounds(cls, q_bounds: list[int], k_bounds: list[int], key_index: torch.Tensor | None) -> _Rows:
+        return cls(q_bounds[:-1], [b - a for a, b in zip(q_bounds, q_bounds[1:])],
+                   k_bounds[:-1], [b - a for a, b in zip(k_bounds, k_bounds[1:])], key_index)
+
+    @property
+    def longest_keys(self) -> int:
+        return max(self.k_lengths)
 
     def subset(self, rows: list[int]) -> _Rows:
-        out = object.__new__(_Rows)
-        out.key_index = self.key_index
-        out.q_starts, out.k_starts = [self.q_starts[i] for i in rows], [self.k_starts[i] for i in rows]
-        out.q_lengths, out.k_lengths = [self.q_lengths[i] for i in rows], [self.k_lengths[i] for i in rows]
-        out.longest_keys = max(out.k_lengths)
-        return out
+        return _Rows(*([values[i] for i in rows] for values in (self.q_starts, self.q_lengths, self.k_starts,
+                                                                 self.k_lengths)), self.key_index)
 
     def by_query_length(self) -> list[list[int]]:
         """The rows in buckets whose query lengths are within a factor of 4 (longest first), so padding a bucket to
