@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -299,8 +300,10 @@ def main() -> None:
         (args.out / f"{args.worker}.json").write_text(json.dumps(result))
         return
     results = {}
+    args.work.mkdir(parents=True, exist_ok=True)
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=args.work))  # fresh: a finished run there would be resumed
     for seed in args.seeds:
-        cache, work = args.work / f"cache-{seed}", args.work / f"seed-{seed}"
+        cache, work = args.work / f"cache-{seed}", runs / f"seed-{seed}"
         run_worker("assets", seed, args.steps, args.eval_every, args.threads, cache, work / "assets")
         pair = {}
         for name in ("ours", "trl"):  # one after the other, same machine state as far as we can make it
