@@ -88,14 +88,18 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: to
 
 
 def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
-    """Which group each row's prompt falls in (rows with the same real prompt tokens share one): [B], numbered in
-    order of first appearance."""
+    """Which group each row's prompt falls in (rows with the same real prompt tokens share one): [B] on the CPU,
+    numbered in order of first appearance."""
     width = input_ids.shape[1] - response_length
-    prompts = torch.where(attention_mask[:, :width].bool(), input_ids[:, :width], -1)
+    prompts = torch.where(attention_mask[:, :width].bool(), input_ids[:, :width], -1).cpu()
     _, group = torch.unique(prompts, dim=0, return_inverse=True)
-    first = torch.full((int(group.max()) + 1,), len(group), dtype=torch.long).scatter_reduce(
-        0, group, torch.arange(len(group)), "amin")
-    return first.argsort().argsort()[group]
+    return _first_rows(group).argsort().argsort()[group]
+
+
+def _first_rows(group: torch.Tensor) -> torch.Tensor:
+    """Each group's first row: [groups]."""
+    rows = torch.arange(len(group))
+    return torch.full((int(group.max()) + 1,), len(group)).scatter_reduce(0, group, rows, "amin")
 
 
 def pack_shared_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -103,56 +107,56 @@ def pack_shared_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """Each distinct prompt once, followed by the responses of its rows: [prompt A, response a1, a2, ..., prompt
     B, ...]. Attention rows: each prompt (causal), and each response, whose keys are its prompt's positions then
     its own (causal within the response). Response positions keep their row's position ids (continuing the
-    prompt's). The prompt's last position predicts the first token of each of its responses."""
+    prompt's). The prompt's last position predicts the first token of each of its responses. The layout is index
+    arithmetic on the CPU (a few hundred rows); what the model reads goes to the batch's device."""
+    device = input_ids.device
+    input_ids, attention_mask, position_ids = (t.cpu() for t in (input_ids, attention_mask, position_ids))
     real = attention_mask.bool()
-    width = input_ids.shape[1] - response_length
+    rows, width, total_width = input_ids.shape[0], input_ids.shape[1] - response_length, input_ids.shape[1]
     response_valid = real[:, width:]
     group = prompt_groups(input_ids, attention_mask, response_length)
     groups = int(group.max()) + 1
-    first_row = torch.full((groups,), len(group), dtype=torch.long).scatter_reduce(
-        0, group, torch.arange(len(group)), "amin")
-    prompt_len = real[first_row, :width].sum(-1)
-    response_len = response_valid.sum(-1)
-    # Segments in packed order: group g's prompt, then its rows (ascending). A row's segment slot counts the
-    # prompts before it (its own included) and the rows of earlier groups and its own group before it.
-    rows_by_group = torch.argsort(group, stable=True)
-    rank_in_order = torch.empty_like(rows_by_group).scatter_(0, rows_by_group, torch.arange(len(group)))
-    row_slot = rank_in_order + group + 1
-    prompt_slot = torch.cat([group.new_zeros(1), torch.bincount(group, minlength=groups).cumsum(0)[:-1]]) + \
+    first_row = _first_rows(group)
+    prompt_len, response_len = real[first_row, :width].sum(-1), response_valid.sum(-1)
+    # Segments in packed order: each group's prompt, then its rows (ascending). A row's slot: the rows of earlier
+    # groups and of its own before it, plus the prompts up to its own.
+    order = torch.empty(rows, dtype=torch.long).scatter_(0, torch.argsort(group, stable=True), torch.arange(rows))
+    row_slot = order + group + 1
+    prompt_slot = torch.bincount(group, minlength=groups).cumsum(0) - torch.bincount(group, minlength=groups) + \
         torch.arange(groups)
-    slots = groups + len(group)
-    seg_len = torch.zeros(slots, dtype=torch.long).index_copy(0, prompt_slot, prompt_len).index_copy(
+    seg_len = torch.zeros(groups + rows, dtype=torch.long).index_copy(0, prompt_slot, prompt_len).index_copy(
         0, row_slot, response_len)
-    # Each segment is a run of columns in one row of the padded batch: a prompt ends at column `width`.
-    total_width = input_ids.shape[1]
-    seg_source = torch.zeros(slots, dtype=torch.long).index_copy(
-        0, prompt_slot, first_row * total_width + width - prompt_len).index_copy(
-        0, row_slot, torch.arange(len(group)) * total_width + width)
     starts = torch.cat([seg_len.new_zeros(1), seg_len.cumsum(0)])
+    # Each segment is a run of columns in one row of the padded batch: a prompt ends at column `width`, its
+    # responses start there.
+    seg_source = torch.zeros(groups + rows, dtype=torch.long).index_copy(
+        0, prompt_slot, first_row * total_width + width - prompt_len).index_copy(
+        0, row_slot, torch.arange(rows) * total_width + width)
     source = _runs(seg_source, seg_len)
-    # Keys: a prompt's segment attends to itself, a response's to its prompt and itself.
+    # Keys, as (prompt part, own part) per segment: a prompt's segment attends to itself, a response's to its
+    # prompt and itself. Empty responses have no queries: their attention rows are left out.
     prompt_start = starts[prompt_slot]
-    key_start = torch.stack([starts[:-1], starts[:-1]], 1)  # (prompt part, own part) per segment
+    key_start = torch.stack([starts[:-1], starts[:-1]], 1)
     key_len = torch.stack([torch.zeros_like(seg_len), seg_len], 1)
     key_start[row_slot, 0], key_len[row_slot, 0] = prompt_start[group], prompt_len[group]
-    # Empty responses have no queries: their attention rows are left out (their keys too).
     queried = seg_len > 0
     key_start, key_len = key_start[queried], key_len[queried]
-    key_bounds = torch.cat([seg_len.new_zeros(1), key_len.sum(-1).cumsum(0)])
     # Response token j is predicted by the prompt's last position (j = 0) or by response token j-1.
     row, column = response_valid.nonzero(as_tuple=True)
-    own = starts[row_slot][row] + column - 1
-    predictors = torch.where(column == 0, (prompt_start + prompt_len - 1)[group][row], own)
+    predictors = torch.where(column == 0, (prompt_start + prompt_len - 1)[group][row],
+                             starts[row_slot][row] + column - 1)
+    keys = SharedKeys(_runs(key_start.flatten(), key_len.flatten()).to(device),
+                      torch.cat([seg_len.new_zeros(1), key_len.sum(-1).cumsum(0)]).to(torch.int32).to(device),
+                      int(key_len.sum(-1).max()))
     return PackedBatch(
-        input_ids=input_ids.flatten()[source][None],
-        position_ids=position_ids.flatten()[source][None],
-        cu_seqlens=torch.cat([seg_len.new_zeros(1), seg_len[queried].cumsum(0)]).to(torch.int32),
+        input_ids=input_ids.flatten()[source][None].to(device),
+        position_ids=position_ids.flatten()[source][None].to(device),
+        cu_seqlens=torch.cat([seg_len.new_zeros(1), seg_len[queried].cumsum(0)]).to(torch.int32).to(device),
         max_length=int(seg_len.max()),
-        predictors=predictors,
-        targets=input_ids[:, width:][response_valid],
-        response_valid=response_valid,
-        keys=SharedKeys(_runs(key_start.flatten(), key_len.flatten()), key_bounds.to(torch.int32),
-                        int(key_len.sum(-1).max())),
+        predictors=predictors.to(device),
+        targets=input_ids[:, width:][response_valid].to(device),
+        response_valid=response_valid.to(device),
+        keys=keys,
     )
 
 
