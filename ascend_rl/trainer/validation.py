@@ -32,9 +32,9 @@ class Validator:
 
 def run_validation(engine, records, decode, rewards, val_kwargs, max_new_tokens: int, seed: int) -> dict[str, float]:
     n = val_kwargs.n
-    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=val_kwargs.temperature,
-                             top_p=val_kwargs.top_p, top_k=val_kwargs.top_k, sampling_seed=seed + i)
-              for i in range(len(records) * n)]
+    shared = dict(max_new_tokens=max_new_tokens, temperature=val_kwargs.temperature, top_p=val_kwargs.top_p,
+                  top_k=val_kwargs.top_k)  # read once: OmegaConf lookups are slow per sample
+    params = [SamplingParams(**shared, sampling_seed=seed + i) for i in range(len(records) * n)]
     expanded = [r for r in records for _ in range(n)]
     outputs = engine.generate([r.input_ids for r in expanded], params)
     scored = rewards.score([r.data_source for r in expanded], decode([o.output_ids for o in outputs]),
