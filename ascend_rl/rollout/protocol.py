@@ -34,6 +34,10 @@ def expand_samples(input_ids: Sequence[Sequence[int]], sampling_params: Sampling
         raise ValueError(f"{len(input_ids)} prompts but {len(sampling_params)} sampling_params")
     prompts, params = [], []
     for ids, p in zip(input_ids, sampling_params):
+        if p.n == 1:  # already one sample (the trainer's requests): as it is, without a copy
+            prompts.append(list(ids))
+            params.append(p)
+            continue
         for j in range(p.n):
             prompts.append(list(ids))
             params.append(replace(p, n=1, sampling_seed=None if p.sampling_seed is None else p.sampling_seed + j))
