@@ -173,7 +173,7 @@ class RLTrainer:
     def generate(self, prompts, step: int) -> RolloutBatch:
         """n samples per prompt (interleaved), each with its own seed."""
         ro, n = self.cfg.actor_rollout_ref.rollout, self.cfg.actor_rollout_ref.rollout.n
-        # the config read once: an OmegaConf lookup per sample cost 60 ms a step for 512 samples
+        # the config read once: six OmegaConf lookups per sample cost 20 ms a step for 512 samples
         shared = dict(max_new_tokens=self.cfg.data.max_response_length, temperature=ro.temperature, top_p=ro.top_p,
                       top_k=ro.top_k, ignore_eos=ro.ignore_eos)
         params = [SamplingParams(**shared, sampling_seed=sample_seed(self.c.seed, step, i))

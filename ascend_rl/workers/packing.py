@@ -73,7 +73,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: to
     response_valid = real[:, -response_length:]
     predictor = torch.zeros_like(real)
     predictor[:, -response_length - 1:-1] = response_valid
-    bounds = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    bounds = _boundaries(lengths)
     if tail:
         bounds = torch.cat([bounds, bounds[-1:] + tail])
     return PackedBatch(
@@ -122,11 +122,10 @@ def pack_shared_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     # groups and of its own before it, plus the prompts up to its own.
     order = torch.empty(rows, dtype=torch.long).scatter_(0, torch.argsort(group, stable=True), torch.arange(rows))
     row_slot = order + group + 1
-    prompt_slot = torch.bincount(group, minlength=groups).cumsum(0) - torch.bincount(group, minlength=groups) + \
-        torch.arange(groups)
+    prompt_slot = _boundaries(torch.bincount(group, minlength=groups))[:-1] + torch.arange(groups)
     seg_len = torch.zeros(groups + rows, dtype=torch.long).index_copy(0, prompt_slot, prompt_len).index_copy(
         0, row_slot, response_len)
-    starts = torch.cat([seg_len.new_zeros(1), seg_len.cumsum(0)])
+    starts = _boundaries(seg_len)
     # Each segment is a run of columns in one row of the padded batch: a prompt ends at column `width`, its
     # responses start there.
     seg_source = torch.zeros(groups + rows, dtype=torch.long).index_copy(
@@ -146,12 +145,12 @@ def pack_shared_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     predictors = torch.where(column == 0, (prompt_start + prompt_len - 1)[group][row],
                              starts[row_slot][row] + column - 1)
     keys = SharedKeys(_runs(key_start.flatten(), key_len.flatten()).to(device),
-                      torch.cat([seg_len.new_zeros(1), key_len.sum(-1).cumsum(0)]).to(torch.int32).to(device),
+                      _boundaries(key_len.sum(-1)).to(torch.int32).to(device),
                       int(key_len.sum(-1).max()))
     return PackedBatch(
         input_ids=input_ids.flatten()[source][None].to(device),
         position_ids=position_ids.flatten()[source][None].to(device),
-        cu_seqlens=torch.cat([seg_len.new_zeros(1), seg_len[queried].cumsum(0)]).to(torch.int32).to(device),
+        cu_seqlens=_boundaries(seg_len[queried]).to(torch.int32).to(device),
         max_length=int(seg_len.max()),
         predictors=predictors.to(device),
         targets=input_ids[:, width:][response_valid].to(device),
@@ -160,10 +159,14 @@ def pack_shared_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     )
 
 
+def _boundaries(lengths: torch.Tensor) -> torch.Tensor:
+    """Where runs of these lengths, laid one after the other, start and end: [0, l0, l0 + l1, ...]."""
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+
+
 def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The indices start_i, start_i + 1, ..., start_i + length_i - 1 of every run, one run after the other."""
-    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
-    return torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
+    return torch.repeat_interleave(starts - _boundaries(lengths)[:-1], lengths) + torch.arange(int(lengths.sum()))
 
 
 def unpack_responses(values: torch.Tensor, packed: PackedBatch) -> torch.Tensor:

@@ -52,11 +52,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         from transformers.modeling_flash_attention_utils import flash_attn_supports_top_left_mask
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        if key_index is not None and flash_attn_supports_top_left_mask():
-            raise RuntimeError("shared prefixes (actor.use_prefix_grouper) need a flash-attention kernel whose "
-                               "causal mask is aligned to the bottom right; this one aligns it top-left "
-                               "(unset NPU_FA2_SPARSE_MODE, or flash-attn >= 2.1)")
         if key_index is not None:  # each row's keys end to end; a shared prompt's are read by each of its rows
+            if flash_attn_supports_top_left_mask():
+                raise RuntimeError("shared prefixes (actor.use_prefix_grouper) need a flash-attention kernel whose "
+                                   "causal mask is aligned to the bottom right; this one aligns it top-left "
+                                   "(unset NPU_FA2_SPARSE_MODE, or flash-attn >= 2.1)")
             key, value = key.index_select(2, key_index), value.index_select(2, key_index)
         query, key, value = (t.to(half) for t in (query, key, value))
         out, _ = ALL_ATTENTION_FUNCTIONS[_FLASH](module, query, key, value, None, dropout=dropout, scaling=scaling,
@@ -153,9 +153,9 @@ def _short_rows(query, key, value, rows: _Rows, scaling: float | None, matmuls: 
 
 def _padded_attention(query, key, value, rows: _Rows, scaling: float | None,
                       matmuls: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rows` as one padded batch → [their query positions, heads, D], row after row, and those positions. Gathers are `index_select`s:
-    their backward adds rows up (`index_add_`), where advanced indexing's accumulating `index_put_` took 2.6 ms a
-    call on the embedded shape."""
+    """`rows` as one padded batch → [their query positions, heads, D], row after row, and those positions.
+    Gathers are `index_select`s: their backward adds rows up (`index_add_`), where advanced indexing's
+    accumulating `index_put_` took 2.6 ms a call on the embedded shape."""
     device = query.device
     q_index, q_length, q_valid = _padded_index(rows.q_starts, rows.q_lengths, device)
     k_index, k_length, k_valid = _padded_index(rows.k_starts, rows.k_lengths, device)
