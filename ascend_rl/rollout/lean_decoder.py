@@ -4,6 +4,8 @@ transformers' forward is written for every model and every feature; for decoding
 and grows the cache with a copy at every token, which dominates the time of small and medium models
 on a CPU. This one reads the same parameters (no copy: weight updates to the model are seen), keeps
 one K/V tensor per layer written in place, and lets rows join (prefilled apart, then merged) and leave.
+On a CPU a decode step runs through fused kernels (`cpu_kernels`) where they are built: a small model's step
+is otherwise ~140 eager ops whose dispatch costs more than their arithmetic.
 
 `LeanDecoder.for_model` checks itself against the model's own forward on a small input and returns None
 (the engine then uses the transformers forward) when the architecture or a setting is not covered.
@@ -12,11 +14,13 @@ one K/V tensor per layer written in place, and lets rows join (prefilled apart, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ascend_rl.data.collate import position_ids_from_mask
+from ascend_rl.rollout import cpu_kernels
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 SELF_CHECK_TOLERANCE = 1e-4  # fp32; in 16 bits, SELF_CHECK_ULPS rounding steps at the logits' scale
@@ -33,6 +37,9 @@ class LeanDecoder:
         self.eps = cfg.rms_norm_eps
         self.has_qk_norm = hasattr(model.model.layers[0].self_attn, "q_norm")
         self.cache_dtype = attention_dtype(model)
+        parameter = next(model.parameters())
+        self.fused = self.cache_dtype == parameter.dtype and cpu_kernels.usable(parameter)
+        self.layer_weights: list[LayerWeights] = []
         self.cache: KVRows | None = None  # the running rows, `room` free columns after `length`
         self.length = 0  # filled cache columns: every row's last token is in column length - 1
 
@@ -62,9 +69,10 @@ class LeanDecoder:
         batch, width = input_ids.shape
         dtype, device = self.cache_dtype, input_ids.device
         shape = (batch, self.n_kv_heads, width, self.head_dim)
+        key_shape = (batch, self.n_kv_heads, self.head_dim, width)
         layers = len(self.model.model.layers)
         positions = position_ids_from_mask(attention_mask)
-        rows = KVRows([torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)],
+        rows = KVRows([torch.empty(key_shape, dtype=dtype, device=device) for _ in range(layers)],
                       [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)],
                       attention_mask.bool(), positions[:, -1] + 1)
         causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
@@ -92,19 +100,23 @@ class LeanDecoder:
         sample = parts[0].k[0]
         batch = sum(len(p.positions) for p in parts)
         shape = (batch, self.n_kv_heads, width + room, self.head_dim)
+        key_shape = (batch, self.n_kv_heads, self.head_dim, width + room)
         # Zeros, not empty: padding columns are masked, but 0 × NaN from stale memory would still be NaN.
-        merged = KVRows([sample.new_zeros(shape) for _ in parts[0].k], [sample.new_zeros(shape) for _ in parts[0].v],
+        merged = KVRows([sample.new_zeros(key_shape) for _ in parts[0].k],
+                        [sample.new_zeros(shape) for _ in parts[0].v],
                         torch.zeros((batch, width + room), dtype=torch.bool, device=sample.device),
                         torch.cat([p.positions for p in parts]))
         row = 0
         for part in parts:
             rows, columns = slice(row, row + len(part.positions)), slice(width - part.width, width)
             for layer in range(len(merged.k)):
-                merged.k[layer][rows, :, columns] = part.k[layer]
+                merged.k[layer][rows, :, :, columns] = part.k[layer]
                 merged.v[layer][rows, :, columns] = part.v[layer]
             merged.key_mask[rows, columns] = part.key_mask
             row += len(part.positions)
         self.cache, self.length = merged, width
+        if self.fused:  # looked up once per batch change, not per step (a weight push copies in place)
+            self.layer_weights = [LayerWeights.of(layer) for layer in self.model.model.layers]
 
     @torch.no_grad()
     def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -114,10 +126,30 @@ class LeanDecoder:
             raise RuntimeError("KV cache full: merge with enough room for the longest row")
         cache.key_mask[:, column] = True
         self.length += 1
-        mask = cache.key_mask[:, None, None, :self.length]
-        hidden = self._forward(next_ids[:, None], cache.positions[:, None], mask, cache, start=column)
+        if self.fused:
+            hidden = self._decode_fused(next_ids, cache, column)
+        else:
+            mask = cache.key_mask[:, None, None, :self.length]
+            hidden = self._forward(next_ids[:, None], cache.positions[:, None], mask, cache, start=column)[:, -1]
         cache.positions = cache.positions + 1
-        return self.logits(hidden[:, -1])
+        return self.logits(hidden)
+
+    def _decode_fused(self, ids: torch.Tensor, cache: KVRows, column: int) -> torch.Tensor:
+        """One token per row [B] through the CPU kernels; the final hidden states [B, H]."""
+        base = self.model.model
+        rotary = base.rotary_emb
+        scale = getattr(rotary, "attention_scaling", 1.0)
+        x = base.embed_tokens(ids)
+        for index, w in enumerate(self.layer_weights):
+            h = cpu_kernels.rms_norm(x, w.input_norm, self.eps)
+            q = cpu_kernels.decode_qkv(F.linear(h, *w.q), F.linear(h, *w.k), F.linear(h, *w.v), w.q_norm, w.k_norm,
+                                       cache.positions, rotary.inv_freq, scale, cache.k[index], cache.v[index], column,
+                                       self.eps)
+            x = x + F.linear(cpu_kernels.decode_attention(q, cache.k[index], cache.v[index], cache.key_mask,
+                                                          column + 1), *w.o)
+            h = cpu_kernels.rms_norm(x, w.post_norm, self.eps)
+            x = x + F.linear(cpu_kernels.silu_mul(F.linear(h, *w.gate), F.linear(h, *w.up)), *w.down)
+        return cpu_kernels.rms_norm(x, base.norm.weight, self.eps)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVRows,
                  start: int) -> torch.Tensor:
@@ -135,23 +167,24 @@ class LeanDecoder:
                 q, k = self._rms(q, attn.q_norm.weight), self._rms(k, attn.k_norm.weight)
             q = _rotate(q.transpose(1, 2), cos, sin)
             k = _rotate(k.transpose(1, 2), cos, sin)
-            cache.k[index][:, :, start:end] = k
+            cache.k[index][..., start:end] = k.transpose(-1, -2)
             cache.v[index][:, :, start:end] = v.transpose(1, 2)
-            out = self._attention(q.to(self.cache_dtype), cache.k[index][:, :, :end], cache.v[index][:, :, :end], mask)
+            out = self._attention(q.to(self.cache_dtype), cache.k[index][..., :end], cache.v[index][:, :, :end], mask)
             x = x + attn.o_proj(out.transpose(1, 2).flatten(-2).to(x.dtype))
             h = self._rms(x, layer.post_attention_layernorm.weight)
             mlp = layer.mlp
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         return self._rms(x, base.norm.weight)
 
-    def _attention(self, q, k, v, mask):
-        """q [B, H, T, D] over k, v [B, KVH, L, D]; mask [B, 1, T, L] (True = attend)."""
+    def _attention(self, q, keys, v, mask):
+        """q [B, H, T, D] over keys [B, KVH, D, L] (transposed), v [B, KVH, L, D]; mask [B, 1, T, L] (True = attend)."""
         if q.shape[2] > 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            return F.scaled_dot_product_attention(q, keys.transpose(-1, -2), v, attn_mask=mask,
+                                                  enable_gqa=self.n_kv_heads != self.n_heads)
         # One new token: grouped heads as a batched matmul, which beats SDPA's masked path on a CPU.
         batch, heads, _, dim = q.shape
         grouped = q.view(batch, self.n_kv_heads, heads // self.n_kv_heads, dim)
-        scores = (grouped @ k.transpose(-1, -2)) * dim ** -0.5  # [B, KVH, G, L]
+        scores = (grouped @ keys) * dim ** -0.5  # [B, KVH, G, L]
         scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
         out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # [B, KVH, G, D]
         return out.view(batch, heads, 1, dim)
@@ -194,11 +227,13 @@ class LeanDecoder:
 
 
 def attention_dtype(model) -> torch.dtype:
-    """The KV cache's and attention's dtype: the model's, except fp32 for a 16-bit model on a CPU, where batched
-    matmuls of many tiny bf16 matrices copy their operands (single-token attention over 64 rows × 256 tokens:
-    0.58 s in bf16 against 0.21 s in fp32, benchmarks/bf16.py's long shape); projections stay 16-bit."""
+    """The KV cache's and attention's dtype: the model's, except fp32 for a 16-bit model on a CPU without the
+    fused kernels (bf16 ones), where batched matmuls of many tiny bf16 matrices copy their operands (single-token
+    attention over 64 rows × 256 tokens: 0.58 s in bf16 against 0.21 s in fp32, benchmarks/bf16.py's long shape);
+    projections stay 16-bit."""
     dtype = model.dtype
-    if dtype in (torch.bfloat16, torch.float16) and next(model.parameters()).device.type == "cpu":
+    parameter = next(model.parameters())
+    if dtype in (torch.bfloat16, torch.float16) and parameter.device.type == "cpu" and not cpu_kernels.usable(parameter):
         return torch.float32
     return dtype
 
@@ -210,10 +245,39 @@ def self_check_tolerance(expected: torch.Tensor) -> float:
     return SELF_CHECK_ULPS * torch.finfo(expected.dtype).eps * scale
 
 
+class LayerWeights(NamedTuple):
+    """One decoder layer's parameters as the fused decode step takes them; linears as (weight, bias or None)."""
+
+    input_norm: torch.Tensor
+    q: tuple
+    k: tuple
+    v: tuple
+    q_norm: torch.Tensor | None  # Qwen3's per-head norms
+    k_norm: torch.Tensor | None
+    o: tuple
+    post_norm: torch.Tensor
+    gate: tuple
+    up: tuple
+    down: tuple
+
+    @classmethod
+    def of(cls, layer) -> LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else (None, None)
+        return cls(layer.input_layernorm.weight, _linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj),
+                   *norms, _linear(attn.o_proj), layer.post_attention_layernorm.weight, _linear(mlp.gate_proj),
+                   _linear(mlp.up_proj), _linear(mlp.down_proj))
+
+
+def _linear(module) -> tuple:
+    return module.weight, module.bias
+
+
 @dataclass
 class KVRows:
-    """The KV cache of some rows: per layer K and V [rows, KV heads, columns, head dim], which columns hold
-    real tokens, and each row's next position id."""
+    """The KV cache of some rows: per layer K transposed [rows, KV heads, head dim, columns] (a decode step's
+    scores read each dimension's keys contiguously) and V [rows, KV heads, columns, head dim], which columns
+    hold real tokens, and each row's next position id."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -226,7 +290,7 @@ class KVRows:
 
     def take(self, rows: torch.Tensor, first: int, end: int) -> KVRows:
         """A copy of these rows' columns first … end − 1."""
-        return KVRows([k[:, :, first:end].index_select(0, rows) for k in self.k],
+        return KVRows([k[..., first:end].index_select(0, rows) for k in self.k],
                       [v[:, :, first:end].index_select(0, rows) for v in self.v],
                       self.key_mask[:, first:end].index_select(0, rows), self.positions.index_select(0, rows))
 

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ascend_rl.rollout import cpu_kernels
 from ascend_rl.rollout.protocol import SamplingParams
 
 # splitmix64's constants, as signed int64 (torch has no uint64 arithmetic; int64 wraps the same way).
@@ -50,6 +51,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, st
     top-k/top-p/min-p: what SGLang's sampler returns (it applies them to the logits in place before its
     log-softmax). Without penalties or a grammar they are the model's, which the trainer recomputes; with
     them, the trainer's recomputation differs, as it would against SGLang."""
+    if params.temperature > 0 and not filters(params, logits.shape[-1]) and cpu_kernels.usable(logits):
+        steps = steps if isinstance(steps, torch.Tensor) else torch.full_like(seeds, steps)
+        return cpu_kernels.sample_gumbel(logits.float(), seeds, steps, params.temperature)  # the same tokens, fused
     scaled = _scaled(logits, params.temperature)
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     if params.temperature == 0:
@@ -71,6 +75,11 @@ def token_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Logits at the temperature; greedy (0) reports log-probs at temperature 1."""
     return logits / temperature if temperature > 0 else logits
+
+
+def filters(params: SamplingParams, vocab: int) -> bool:
+    """Whether min-p, top-k or top-p removes any token."""
+    return params.min_p > 0 or 0 < params.top_k < vocab or params.top_p < 1.0
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:

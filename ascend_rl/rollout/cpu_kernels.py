@@ -1,0 +1,90 @@
+"""Fused CPU kernels for the native engine's decode step (`csrc/decode_kernels.cpp`: RMS norm, q/k/v with
+rotary embedding into the KV cache, single-token attention, SiLU gate, Gumbel-max sampling).
+
+Compiled at first use with torch's extension builder (g++, ninja; ~10 s) for this machine's instruction set and
+cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). Where no compiler is at hand, or with
+ASCEND_RL_CPU_KERNELS=0, the engine runs the same math as eager ATen ops and one log line says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
+SWITCH_ENV = "ASCEND_RL_CPU_KERNELS"  # "0": eager ops only
+DTYPES = (torch.float32, torch.bfloat16)
+# -march=native: built where it runs (the build is cached per machine type, see _machine_tag); no
+# -ffast-math: the kernels rely on inf for masked keys.
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH_ENV, "1") != "0"
+
+
+@functools.cache
+def loaded() -> bool:
+    """Builds (once per machine type) and loads the kernels; False, with one log line, where that fails."""
+    if not enabled():
+        log.info("%s=0: the native engine decodes with eager ATen ops", SWITCH_ENV)
+        return False
+    from torch.utils.cpp_extension import load
+
+    name = f"ascend_rl_decode_{_machine_tag()}"
+    try:
+        load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+             is_python_module=False)
+    except Exception as err:  # no compiler, no ninja, a read-only cache: the eager ops still work
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.warning("CPU decode kernels not built (%s); the native engine decodes with eager ATen ops "
+                    "(slower on small models; set %s=0 to skip the attempt)", reason, SWITCH_ENV)
+        return False
+    return True
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors (on the CPU, in float32 or bfloat16) and are built."""
+    return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors) and loaded()
+
+
+def _machine_tag() -> str:
+    """The build is for this CPU's instruction set: a cache shared by different machines keeps one per flag set."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = "unknown"
+    source = SOURCE.read_bytes()
+    return hashlib.sha256(flags.encode() + source).hexdigest()[:12]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.ascend_rl_decode.rms_norm(x, weight, eps)
+
+
+def decode_qkv(q, k, v, q_norm, k_norm, positions, inv_freq, rope_scale: float, k_cache, v_cache, column: int,
+               eps: float) -> torch.Tensor:
+    """One token per row: q, k, v projections [rows, heads × dim] → rotated q [rows, heads, dim] in float32;
+    k (normalized with `k_norm` if given, rotated) and v are written to the cache's `column`."""
+    return torch.ops.ascend_rl_decode.decode_qkv(q, k, v, q_norm, k_norm, positions, inv_freq, rope_scale, k_cache,
+                                                 v_cache, column, eps)
+
+
+def decode_attention(q, k_cache, v_cache, key_mask, length: int) -> torch.Tensor:
+    """q [rows, heads, dim] over the cache's first `length` columns → [rows, heads × dim] in the cache's dtype."""
+    return torch.ops.ascend_rl_decode.decode_attention(q, k_cache, v_cache, key_mask, length)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.ops.ascend_rl_decode.silu_mul(gate, up)
+
+
+def sample_gumbel(logits, seeds, steps, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.ascend_rl_decode.sample_gumbel(logits, seeds, steps, temperature)
