@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ def loaded() -> bool:
         return False
     from torch.utils.cpp_extension import load
 
+    _put_ninja_on_path()
     name = f"ascend_rl_decode_{_machine_tag()}"
+    log.info("loading the CPU decode kernels (built once per machine type, ~10 s)")
     try:
         load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False)
@@ -53,6 +56,18 @@ def loaded() -> bool:
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels take these tensors (on the CPU, in float32 or bfloat16) and are built."""
     return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors) and loaded()
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the pip package's binary sits in the environment's bin, which is not
+    on PATH when the interpreter is run by its full path without activating the environment."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _machine_tag() -> str:

@@ -16,7 +16,7 @@ from ascend_rl.errors import UserError
 from ascend_rl.rollout.grammar import Grammars
 from ascend_rl.rollout.lean_decoder import attention_dtype
 from ascend_rl.rollout.logprob_outputs import logprob_requests
-from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples, per_sample
+from ascend_rl.rollout.protocol import GenerateOutput, SamplingParams, expand_samples, per_prompt, per_sample
 from ascend_rl.rollout.scheduler import Budget, GenerationControl, Request, Scheduler
 from ascend_rl.rollout.steppers import stepper_for
 from ascend_rl.rollout.tensor_transfer import TENSOR_LOAD_FORMATS
@@ -127,12 +127,15 @@ class NativeEngine:
 
     def _submit(self, input_ids, sampling_params, rids, logprobs=None):
         self._check_ready()
+        vocab = getattr(self.model.config, "vocab_size", None)
+        # Each distinct object once, before the expansion: a sample's copy differs only in n = 1 and its seed,
+        # which verify's range for sampling_seed … sampling_seed + n − 1 covers.
+        for p in {id(p): p for p in per_prompt(sampling_params, len(input_ids))}.values():
+            p.verify(vocab)
         prompts, params = expand_samples(input_ids, sampling_params)
         rids = per_sample(rids, sampling_params) if rids else [None] * len(prompts)
         logprobs = per_sample(logprobs, sampling_params) if logprobs else [None] * len(prompts)
-        vocab = getattr(self.model.config, "vocab_size", None)
         for ids, p, lp in zip(prompts, params, logprobs):
-            p.verify(vocab)
             self._check_length(len(ids), p.max_new_tokens)
             if lp is not None:
                 lp.check(len(ids), vocab)

@@ -183,12 +183,21 @@ void weighted_sum(const float* __restrict p, const T* __restrict values, int64_t
                   int64_t dim = Dim) {
   constexpr int64_t kFixed = Dim > 0 ? Dim : 1;
   if constexpr (Dim > 0) {
-    float sums[kFixed] = {};
-    for (int64_t l = 0; l < length; ++l) {
+    // Four keys at a time into four sums: one chain of dependent adds would wait on each add's latency.
+    float sums[4][kFixed] = {};
+    int64_t l = 0;
+    for (; l + 4 <= length; l += 4) {
+      for (int64_t u = 0; u < 4; ++u) {
 #pragma omp simd
-      for (int64_t d = 0; d < kFixed; ++d) sums[d] += p[l] * to_float(values[l * kFixed + d]);
+        for (int64_t d = 0; d < kFixed; ++d) sums[u][d] += p[l + u] * to_float(values[(l + u) * kFixed + d]);
+      }
     }
-    std::copy_n(sums, kFixed, acc);
+    for (; l < length; ++l) {
+#pragma omp simd
+      for (int64_t d = 0; d < kFixed; ++d) sums[0][d] += p[l] * to_float(values[l * kFixed + d]);
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < kFixed; ++d) acc[d] = (sums[0][d] + sums[1][d]) + (sums[2][d] + sums[3][d]);
   } else {
     for (int64_t l = 0; l < length; ++l) {
 #pragma omp simd
