@@ -183,6 +183,13 @@ def test_doctor_here_on_cpu(capsys):
     rows = {r["check"]: r for r in report["rows"]}
     assert rows["python"]["found"].startswith("3.11") and rows["torch"]["status"] == "OK"
     assert "torch_npu" not in rows  # NPU rows do not apply here
+    assert rows["C++ compiler"]["status"] == "OK"  # this machine builds the CPU decode kernels
+
+
+def test_doctor_warns_without_a_cxx_compiler():
+    machine = Machine("3.11.7", {}, dict.fromkeys(PACKAGES), cxx=None)
+    row = next(r for r in run_checks(machine, Context("cpu")) if r.check == "C++ compiler")
+    assert row.status == "WARN" and "eager ops" in row.fix and "g++" in row.fix
 
 
 # --- Megatron: megatron-core in the engine's range, and on NPUs MindSpeed's branch for that core line ----------

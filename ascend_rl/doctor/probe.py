@@ -42,6 +42,7 @@ class Machine:
     cann_error: str | None = None
     npu_devices: int | None = None  # what torch_npu sees
     npu_probe_error: str | None = None
+    cxx: str | None = None  # the C++ compiler torch's extension builder runs (the CPU decode kernels)
 
     @property
     def dies_per_card(self) -> int:
@@ -68,6 +69,7 @@ def gather(environ: dict[str, str] | None = None, site_paths: list[str] | None =
     machine = Machine(f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}", environ,
                       packages, {name: _dist_files(name, paths) for name in ("torch_memory_saver",)},
                       {name: _editable_branch(name, paths) for name in EDITABLE})
+    machine.cxx = shutil.which(environ.get("CXX", "c++"))
     _read_npu_smi(machine)
     _read_cann(machine)
     if probe_devices and packages["torch_npu"]:

@@ -14,7 +14,6 @@ is otherwise ~140 eager ops whose dispatch costs more than their arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ class LeanDecoder:
         self.cache_dtype = attention_dtype(model)
         parameter = next(model.parameters())
         self.fused = self.cache_dtype == parameter.dtype and cpu_kernels.usable(parameter)
-        self.layer_weights: list[LayerWeights] = []
+        self.layer_weights: list[torch.Tensor | None] = []  # every layer's, flat (`layer_weights`)
         self.cache: KVRows | None = None  # the running rows, `room` free columns after `length`
         self.length = 0  # filled cache columns: every row's last token is in column length - 1
 
@@ -116,7 +115,7 @@ class LeanDecoder:
             row += len(part.positions)
         self.cache, self.length = merged, width
         if self.fused:  # looked up once per batch change, not per step (a weight push copies in place)
-            self.layer_weights = [LayerWeights.of(layer) for layer in self.model.model.layers]
+            self.layer_weights = [w for layer in self.model.model.layers for w in layer_weights(layer)]
 
     @torch.no_grad()
     def decode(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -135,21 +134,13 @@ class LeanDecoder:
         return self.logits(hidden)
 
     def _decode_fused(self, ids: torch.Tensor, cache: KVRows, column: int) -> torch.Tensor:
-        """One token per row [B] through the CPU kernels; the final hidden states [B, H]."""
+        """One token per row [B] through the CPU kernels (all layers in one call); the final hidden states [B, H]."""
         base = self.model.model
         rotary = base.rotary_emb
-        scale = getattr(rotary, "attention_scaling", 1.0)
-        x = base.embed_tokens(ids)
-        for index, w in enumerate(self.layer_weights):
-            h = cpu_kernels.rms_norm(x, w.input_norm, self.eps)
-            q = cpu_kernels.decode_qkv(F.linear(h, *w.q), F.linear(h, *w.k), F.linear(h, *w.v), w.q_norm, w.k_norm,
-                                       cache.positions, rotary.inv_freq, scale, cache.k[index], cache.v[index], column,
-                                       self.eps)
-            x = x + F.linear(cpu_kernels.decode_attention(q, cache.k[index], cache.v[index], cache.key_mask,
-                                                          column + 1), *w.o)
-            h = cpu_kernels.rms_norm(x, w.post_norm, self.eps)
-            x = x + F.linear(cpu_kernels.silu_mul(F.linear(h, *w.gate), F.linear(h, *w.up)), *w.down)
-        return cpu_kernels.rms_norm(x, base.norm.weight, self.eps)
+        hidden = cpu_kernels.decode_layers(base.embed_tokens(ids), self.layer_weights, cache.k, cache.v,
+                                           cache.positions, rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0),
+                                           cache.key_mask, column, self.eps)
+        return cpu_kernels.rms_norm(hidden, base.norm.weight, self.eps)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVRows,
                  start: int) -> torch.Tensor:
@@ -245,32 +236,19 @@ def self_check_tolerance(expected: torch.Tensor) -> float:
     return SELF_CHECK_ULPS * torch.finfo(expected.dtype).eps * scale
 
 
-class LayerWeights(NamedTuple):
-    """One decoder layer's parameters as the fused decode step takes them; linears as (weight, bias or None)."""
-
-    input_norm: torch.Tensor
-    q: tuple
-    k: tuple
-    v: tuple
-    q_norm: torch.Tensor | None  # Qwen3's per-head norms
-    k_norm: torch.Tensor | None
-    o: tuple
-    post_norm: torch.Tensor
-    gate: tuple
-    up: tuple
-    down: tuple
-
-    @classmethod
-    def of(cls, layer) -> LayerWeights:
-        attn, mlp = layer.self_attn, layer.mlp
-        norms = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else (None, None)
-        return cls(layer.input_layernorm.weight, _linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj),
-                   *norms, _linear(attn.o_proj), layer.post_attention_layernorm.weight, _linear(mlp.gate_proj),
-                   _linear(mlp.up_proj), _linear(mlp.down_proj))
+def layer_weights(layer) -> list[torch.Tensor | None]:
+    """A decoder layer's parameters in the order `cpu_kernels.decode_layers` takes them (None where the model has
+    none): input norm, q, k, v projections (weight, bias), q and k norms (Qwen3), o projection, post-attention
+    norm, gate, up and down projections."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = [attn.q_norm.weight, attn.k_norm.weight] if hasattr(attn, "q_norm") else [None, None]
+    return [layer.input_layernorm.weight, *_linear(attn.q_proj), *_linear(attn.k_proj), *_linear(attn.v_proj),
+            *norms, *_linear(attn.o_proj), layer.post_attention_layernorm.weight, *_linear(mlp.gate_proj),
+            *_linear(mlp.up_proj), *_linear(mlp.down_proj)]
 
 
-def _linear(module) -> tuple:
-    return module.weight, module.bias
+def _linear(module) -> list[torch.Tensor | None]:
+    return [module.weight, module.bias]
 
 
 @dataclass

@@ -93,11 +93,13 @@ class GenerationControl:
 
     def __init__(self):
         self.epoch = 0
+        self.calls = 0  # abort calls so far: running rows need checking only after a new one
         self._aborted_rids: set[str] = set()
         self._running = threading.Event()
         self._running.set()
 
     def abort(self, rid: str | None, abort_all: bool) -> None:
+        self.calls += 1
         if abort_all:
             self.epoch += 1
         elif rid is not None:
@@ -159,6 +161,7 @@ class Scheduler:
         self._queue_lock = threading.Lock()
         self._waiting: list[Ticket] = []
         self._batch: _Batch | None = None
+        self._aborts_checked = 0  # control.calls when the running rows were last checked
 
     @property
     def busy(self) -> bool:
@@ -254,7 +257,8 @@ class Scheduler:
     def _sample(self, batch: _Batch) -> torch.Tensor:
         """Every live row draws its next token; finished rows get a placeholder (0) for the decode step."""
         params, rows = batch.params, batch.alive()
-        logits = batch.logits[rows.to(batch.logits.device)].float()
+        every_row = len(rows) == len(batch.tickets)  # then no copy: batch.logits is replaced after this step
+        logits = (batch.logits if every_row else batch.logits[rows.to(batch.logits.device)]).float()
         if batch.penalties is not None:  # log-probs are then under the penalized logits, as SGLang's
             logits = penalties.adjust(logits, batch.penalties, rows, batch.generated[rows],
                                       set(params.stop_token_ids) | self.eos_ids)
@@ -273,10 +277,11 @@ class Scheduler:
         for row in rejected:  # nothing the grammar allows was left to sample (SGLang aborts such a request)
             self._finish(batch, row, "abort")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        stopped = torch.isin(ids, torch.tensor(sorted(stop_ids), dtype=torch.long))
-        for row, token in zip(rows[stopped].tolist(), ids[stopped].tolist()):
-            if not batch.finished[row]:
-                self._finish(batch, row, "stop", token)
+        if stop_ids:
+            stopped = torch.isin(ids, torch.tensor(sorted(stop_ids), dtype=torch.long))
+            for row, token in zip(rows[stopped].tolist(), ids[stopped].tolist()):
+                if not batch.finished[row]:
+                    self._finish(batch, row, "stop", token)
         for row, token in complete:  # the grammar took a stop token: SGLang's FINISH_MATCHED_TOKEN(that token)
             if not batch.finished[row]:
                 self._finish(batch, row, "stop", token)
@@ -323,11 +328,12 @@ class Scheduler:
             self._waiting = [t for t in self._waiting if not self.control.aborted(t.request)]
         for ticket in aborted:
             ticket.output = ticket.result("abort", [], [])
-        batch = self._batch
-        if batch is not None:
+        batch, calls = self._batch, self.control.calls  # read first: an abort during the scan is seen next step
+        if batch is not None and calls != self._aborts_checked:  # rows that joined were checked while waiting
             for row in batch.alive().tolist():
                 if self.control.aborted(batch.tickets[row].request):
                     self._finish(batch, row, "abort")
+        self._aborts_checked = calls
 
     # --- joining ----------------------------------------------------------------------------------------
 

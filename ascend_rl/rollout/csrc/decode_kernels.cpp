@@ -252,6 +252,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cac
             for (int64_t d = 0; d < dim; ++d) {
               const T* __restrict kd = keys + d * width + l0;
               const float qd = qj[d] * scale;
+#pragma omp simd
               for (int64_t i = 0; i < n; ++i) block[i] += qd * to_float(kd[i]);
             }
           }
@@ -406,9 +407,37 @@ std::tuple<at::Tensor, at::Tensor> sample_gumbel(const at::Tensor& logits_in, co
   return {tokens, logprobs};
 }
 
+// ---- the decoder layers for one token per row: each layer's parameters in `LayerWeights` order (lean_decoder.py),
+// kWeightsPerLayer per layer, biases and q/k norms None where the model has none -----------------------------
+
+constexpr int64_t kWeightsPerLayer = 18;
+
+at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
+                         at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& positions,
+                         const at::Tensor& inv_freq, double rope_scale, const at::Tensor& key_mask, int64_t column,
+                         double eps) {
+  const int64_t layers = int64_t(k_caches.size());
+  TORCH_CHECK(int64_t(weights.size()) == layers * kWeightsPerLayer && int64_t(v_caches.size()) == layers,
+              "decode_layers: ", kWeightsPerLayer, " weights and one K and V cache per layer");
+  at::Tensor x = x_in;
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    auto w = [&](int64_t i) -> std::optional<at::Tensor> { return weights.get(layer * kWeightsPerLayer + i); };
+    auto linear = [&](const at::Tensor& input, int64_t i) { return at::linear(input, *w(i), w(i + 1)); };
+    at::Tensor h = rms_norm(x, *w(0), eps);
+    at::Tensor q = decode_qkv(linear(h, 1), linear(h, 3), linear(h, 5), w(7), w(8), positions, inv_freq, rope_scale,
+                              k_caches[layer], v_caches[layer], column, eps);
+    x = x + linear(decode_attention(q, k_caches[layer], v_caches[layer], key_mask, column + 1), 9);
+    h = rms_norm(x, *w(11), eps);
+    x = x + linear(silu_mul(linear(h, 12), linear(h, 14)), 16);
+  }
+  return x;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ascend_rl_decode, m) {
+  m.def("decode_layers(Tensor x, Tensor?[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, "
+        "Tensor inv_freq, float rope_scale, Tensor key_mask, int column, float eps) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_qkv(Tensor q, Tensor k, Tensor v, Tensor? q_norm, Tensor? k_norm, Tensor positions, Tensor inv_freq, "
         "float rope_scale, Tensor(a!) k_cache, Tensor(b!) v_cache, int column, float eps) -> Tensor");
@@ -418,6 +447,7 @@ TORCH_LIBRARY(ascend_rl_decode, m) {
 }
 
 TORCH_LIBRARY_IMPL(ascend_rl_decode, CPU, m) {
+  m.impl("decode_layers", &decode_layers);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_qkv", &decode_qkv);
   m.impl("decode_attention", &decode_attention);
