@@ -1,6 +1,9 @@
 """The native engine's lean forward against transformers' own, per architecture and dtype, over more decode
 steps than its start-up self-check takes."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -55,8 +58,9 @@ def test_lean_forward_equals_the_models_own(kind, dtype, fused):
     model = tiny(kind, dtype)
     decoder = LeanDecoder.for_model(model)
     assert decoder is not None  # the self-check passed
-    if fused and not decoder.fused:
-        pytest.skip("the CPU decode kernels could not be built here")
+    if fused and shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here: the CPU decode kernels are not built")
+    assert decoder.fused or not fused  # where a compiler is, the kernels build and the CPU decodes with them
     decoder.fused = fused
     lean, reference = decoded_and_reference(decoder, model)
     assert lean.shape == reference.shape

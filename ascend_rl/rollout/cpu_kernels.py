@@ -92,12 +92,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.ascend_rl_decode.rms_norm(x, weight, eps)
 
 
-def decode_qkv(q, k, v, q_norm, k_norm, positions, inv_freq, rope_scale: float, k_cache, v_cache, column: int,
-               eps: float) -> torch.Tensor:
+def decode_qkv(q, k, v, q_norm, k_norm, cos, sin, k_cache, v_cache, column: int, eps: float) -> torch.Tensor:
     """One token per row: q, k, v projections [rows, heads × dim] → rotated q [rows, heads, dim] in float32;
-    k (normalized with `k_norm` if given, rotated) and v are written to the cache's `column`."""
-    return torch.ops.ascend_rl_decode.decode_qkv(q, k, v, q_norm, k_norm, positions, inv_freq, rope_scale, k_cache,
-                                                 v_cache, column, eps)
+    k (normalized with `k_norm` if given, rotated) and v are written to the cache's `column`. `cos`, `sin`:
+    [rows, dim / 2] at each row's position."""
+    return torch.ops.ascend_rl_decode.decode_qkv(q, k, v, q_norm, k_norm, cos, sin, k_cache, v_cache, column, eps)
 
 
 def decode_attention(q, k_cache, v_cache, key_mask, length: int) -> torch.Tensor:

@@ -6,8 +6,9 @@ Memory tags are SGLang's: `weights`, `kv_cache`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -40,8 +41,17 @@ def expand_samples(input_ids: Sequence[Sequence[int]], sampling_params: Sampling
             continue
         for j in range(p.n):
             prompts.append(list(ids))
-            params.append(replace(p, n=1, sampling_seed=None if p.sampling_seed is None else p.sampling_seed + j))
+            params.append(_sample_of(p, None if p.sampling_seed is None else p.sampling_seed + j))
     return prompts, params
+
+
+def _sample_of(p: SamplingParams, seed: int | None) -> SamplingParams:
+    """`replace(p, n=1, sampling_seed=seed)` without re-running __init__ over ~40 fields (12 µs a sample: 6 ms of
+    a 512-sample rollout); frozen dataclasses set their own fields with object.__setattr__ the same way."""
+    sample = copy.copy(p)
+    object.__setattr__(sample, "n", 1)
+    object.__setattr__(sample, "sampling_seed", seed)
+    return sample
 
 
 def per_sample(values: Sequence, sampling_params: SamplingParams | Sequence[SamplingParams]) -> list:

@@ -36,10 +36,11 @@ class LeanStepper:
         samples of a prompt share it: each distinct prompt is prefilled once and its KV rows copied.
         `on_prefill(position_logits, vocab)` runs while the prefill's hidden states are at hand (prompt scoring)."""
         device = self.decoder.model.device
-        ids, mask = pad_rows(prompts, self.pad_token_id, "left")
-        distinct, inverse = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+        first: dict[tuple[int, ...], int] = {}  # each distinct prompt's row in the prefill
+        inverse = torch.tensor([first.setdefault(tuple(p), len(first)) for p in prompts], dtype=torch.long)
+        ids, mask = pad_rows(list(first), self.pad_token_id, "left")
         width = ids.shape[1]
-        hidden, rows = self.decoder.prefill_hidden(distinct[:, :width].to(device), distinct[:, width:].to(device))
+        hidden, rows = self.decoder.prefill_hidden(ids.to(device), mask.to(device))
         logits = self.decoder.logits(hidden[:, -1])
         if on_prefill is not None:
             lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)

@@ -95,8 +95,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 template <typename T>
 at::Tensor decode_qkv_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                           const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
-                           const at::Tensor& positions, const at::Tensor& inv_freq, double rope_scale,
+                           const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                           const at::Tensor& cos_table, const at::Tensor& sin_table,
                            at::Tensor& k_cache, at::Tensor& v_cache, int64_t column, double eps) {
   const int64_t rows = q_in.size(0), kv_heads = k_cache.size(1), dim = k_cache.size(2), width = k_cache.size(3);
   const int64_t heads = q_in.size(1) / dim;
@@ -104,11 +104,12 @@ at::Tensor decode_qkv_impl(const at::Tensor& q_in, const at::Tensor& k_in, const
               "decode_qkv: projections do not match the cache's heads");
   TORCH_CHECK(column >= 0 && column < width, "decode_qkv: column ", column, " outside the cache");
   TORCH_CHECK(v_cache.size(2) == width && v_cache.size(3) == dim && k_cache.size(0) == rows, "decode_qkv: cache shapes");
-  TORCH_CHECK(dim % 2 == 0 && inv_freq.numel() == dim / 2, "decode_qkv: inv_freq must have head_dim / 2 values");
+  TORCH_CHECK(dim % 2 == 0 && cos_table.sizes() == at::IntArrayRef({rows, dim / 2}) &&
+              sin_table.sizes() == cos_table.sizes(), "decode_qkv: cos and sin must be [rows, head_dim / 2]");
   check_dtype<T>(k_cache, "k cache");
   check_dtype<T>(v_cache, "v cache");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor pos = positions.to(at::kLong).contiguous(), freq = inv_freq.to(at::kFloat).contiguous();
+  const at::Tensor cos_f = cos_table.to(at::kFloat).contiguous(), sin_f = sin_table.to(at::kFloat).contiguous();
   at::Tensor qn, kn;
   if (q_norm.has_value()) qn = q_norm->contiguous(), check_dtype<T>(qn, "q_norm weight");
   if (k_norm.has_value()) kn = k_norm->contiguous(), check_dtype<T>(kn, "k_norm weight");
@@ -120,16 +121,26 @@ at::Tensor decode_qkv_impl(const at::Tensor& q_in, const at::Tensor& k_in, const
               v_cache.stride(2) == dim, "decode_qkv: the cache must be contiguous per head");
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
+  const T* qs = q.data_ptr<T>();
+  const T* ks = k.data_ptr<T>();
+  const T* vs = v.data_ptr<T>();
+  const T* q_weight = qn.defined() ? qn.data_ptr<T>() : nullptr;
+  const T* k_weight = kn.defined() ? kn.data_ptr<T>() : nullptr;
+  const float* cos_all = cos_f.data_ptr<float>();
+  const float* sin_all = sin_f.data_ptr<float>();
+  float* q_out = out.data_ptr<float>();
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> cos(half), sin(half), buffer(dim);
+    std::vector<float> buffer(dim);
     std::vector<T> normed(dim);
-    // Rotates one head (normalized first when a norm weight is given) into `buffer`, in float.
-    auto rotate = [&](const T* head, const T* norm_weight) {
+    // Rotates one head of row r (normalized first when a norm weight is given) into `buffer`, in float.
+    auto rotate = [&](const T* head, const T* norm_weight, int64_t r) {
       const T* src = head;
       if (norm_weight != nullptr) {
         rms_row(head, norm_weight, normed.data(), dim, float(eps));
         src = normed.data();
       }
+      const float* cos = cos_all + r * half;
+      const float* sin = sin_all + r * half;
       for (int64_t i = 0; i < half; ++i) {  // both halves of a head share frequency i
         const float a = to_float(src[i]), b = to_float(src[i + half]);
         buffer[i] = a * cos[i] - b * sin[i];
@@ -137,22 +148,15 @@ at::Tensor decode_qkv_impl(const at::Tensor& q_in, const at::Tensor& k_in, const
       }
     };
     for (int64_t r = begin; r < end; ++r) {
-      const float p = float(pos.data_ptr<int64_t>()[r]);
-      for (int64_t i = 0; i < half; ++i) {
-        // The eager path's cos/sin are rounded to the activations' dtype; so are these.
-        const float angle = p * freq.data_ptr<float>()[i];
-        cos[i] = to_float(from_float<T>(std::cos(angle) * float(rope_scale)));
-        sin[i] = to_float(from_float<T>(std::sin(angle) * float(rope_scale)));
-      }
       for (int64_t h = 0; h < heads; ++h) {
-        rotate(q.data_ptr<T>() + (r * heads + h) * dim, qn.defined() ? qn.data_ptr<T>() : nullptr);
-        std::copy(buffer.begin(), buffer.end(), out.data_ptr<float>() + (r * heads + h) * dim);
+        rotate(qs + (r * heads + h) * dim, q_weight, r);
+        std::copy(buffer.begin(), buffer.end(), q_out + (r * heads + h) * dim);
       }
       for (int64_t g = 0; g < kv_heads; ++g) {
-        rotate(k.data_ptr<T>() + (r * kv_heads + g) * dim, kn.defined() ? kn.data_ptr<T>() : nullptr);
+        rotate(ks + (r * kv_heads + g) * dim, k_weight, r);
         T* kt = kc + r * k_row + g * k_head + column;
         for (int64_t d = 0; d < dim; ++d) kt[d * width] = from_float<T>(buffer[d]);
-        std::copy_n(v.data_ptr<T>() + (r * kv_heads + g) * dim, dim, vc + r * v_row + g * v_head + column * dim);
+        std::copy_n(vs + (r * kv_heads + g) * dim, dim, vc + r * v_row + g * v_head + column * dim);
       }
     }
   });
@@ -160,15 +164,22 @@ at::Tensor decode_qkv_impl(const at::Tensor& q_in, const at::Tensor& k_in, const
 }
 
 at::Tensor decode_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
-                      const at::Tensor& positions, const at::Tensor& inv_freq, double rope_scale, at::Tensor k_cache,
-                      at::Tensor v_cache, int64_t column, double eps) {
+                      const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                      const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+                      int64_t column, double eps) {
   if (q.scalar_type() == at::kFloat)
-    return decode_qkv_impl<float>(q, k, v, q_norm, k_norm, positions, inv_freq, rope_scale, k_cache, v_cache, column,
-                                  eps);
+    return decode_qkv_impl<float>(q, k, v, q_norm, k_norm, cos, sin, k_cache, v_cache, column, eps);
   TORCH_CHECK(q.scalar_type() == at::kBFloat16, "decode_qkv: float or bfloat16, got ", q.scalar_type());
-  return decode_qkv_impl<c10::BFloat16>(q, k, v, q_norm, k_norm, positions, inv_freq, rope_scale, k_cache, v_cache,
-                                        column, eps);
+  return decode_qkv_impl<c10::BFloat16>(q, k, v, q_norm, k_norm, cos, sin, k_cache, v_cache, column, eps);
+}
+
+// The rotary embedding's cos and sin [rows, head_dim / 2] at each row's position, rounded to the activations'
+// dtype as the eager path's are (its `_rotary`), in float.
+std::tuple<at::Tensor, at::Tensor> rotary_tables(const at::Tensor& positions, const at::Tensor& inv_freq,
+                                                 double rope_scale, const at::Tensor& like) {
+  const at::Tensor angles = positions.to(at::kFloat).unsqueeze(1) * inv_freq.to(at::kFloat).unsqueeze(0);
+  auto rounded = [&](const at::Tensor& t) { return (t * rope_scale).to(like.scalar_type()).to(at::kFloat); };
+  return {rounded(angles.cos()), rounded(angles.sin())};
 }
 
 // ---- single-token attention over the cache's first `length` columns (key_mask: True = attend) -------------
@@ -420,12 +431,13 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
   TORCH_CHECK(int64_t(weights.size()) == layers * kWeightsPerLayer && int64_t(v_caches.size()) == layers,
               "decode_layers: ", kWeightsPerLayer, " weights and one K and V cache per layer");
   at::Tensor x = x_in;
+  const auto [cos, sin] = rotary_tables(positions, inv_freq, rope_scale, x);  // once for every layer
   for (int64_t layer = 0; layer < layers; ++layer) {
     auto w = [&](int64_t i) -> std::optional<at::Tensor> { return weights.get(layer * kWeightsPerLayer + i); };
     auto linear = [&](const at::Tensor& input, int64_t i) { return at::linear(input, *w(i), w(i + 1)); };
     at::Tensor h = rms_norm(x, *w(0), eps);
-    at::Tensor q = decode_qkv(linear(h, 1), linear(h, 3), linear(h, 5), w(7), w(8), positions, inv_freq, rope_scale,
-                              k_caches[layer], v_caches[layer], column, eps);
+    at::Tensor q = decode_qkv(linear(h, 1), linear(h, 3), linear(h, 5), w(7), w(8), cos, sin, k_caches[layer],
+                              v_caches[layer], column, eps);
     x = x + linear(decode_attention(q, k_caches[layer], v_caches[layer], key_mask, column + 1), 9);
     h = rms_norm(x, *w(11), eps);
     x = x + linear(silu_mul(linear(h, 12), linear(h, 14)), 16);
@@ -439,8 +451,8 @@ TORCH_LIBRARY(ascend_rl_decode, m) {
   m.def("decode_layers(Tensor x, Tensor?[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, "
         "Tensor inv_freq, float rope_scale, Tensor key_mask, int column, float eps) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("decode_qkv(Tensor q, Tensor k, Tensor v, Tensor? q_norm, Tensor? k_norm, Tensor positions, Tensor inv_freq, "
-        "float rope_scale, Tensor(a!) k_cache, Tensor(b!) v_cache, int column, float eps) -> Tensor");
+  m.def("decode_qkv(Tensor q, Tensor k, Tensor v, Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, int column, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_mask, int length) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("sample_gumbel(Tensor logits, Tensor seeds, Tensor steps, float temperature) -> (Tensor, Tensor)");
