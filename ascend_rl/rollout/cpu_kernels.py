@@ -80,12 +80,13 @@ def _machine_tag() -> str:
     return hashlib.sha256(flags.encode() + source).hexdigest()[:12]
 
 
-def decode_layers(x, weights: list, k_caches: list, v_caches: list, positions, inv_freq, rope_scale: float, key_mask,
-                  column: int, eps: float) -> torch.Tensor:
-    """One token per row [rows, hidden] through every decoder layer (the ops below, in one call): `weights` are
-    each layer's 18 parameters in `lean_decoder.layer_weights` order, None where the model has none."""
-    return torch.ops.ascend_rl_decode.decode_layers(x, weights, k_caches, v_caches, positions, inv_freq, rope_scale,
-                                                    key_mask, column, eps)
+def decode_step(ids, embedding, weights: list, k_caches: list, v_caches: list, positions, inv_freq,
+                rope_scale: float, key_mask, column: int, final_norm, lm_head, lm_head_bias, eps: float) -> torch.Tensor:
+    """One token per row [rows] → next-token logits [rows, V]: the embedding, every decoder layer (the ops below)
+    writing its K and V to `column`, the final norm and the LM head, in one call. `weights`: each layer's 18
+    parameters in `lean_decoder.layer_weights` order, None where the model has none."""
+    return torch.ops.ascend_rl_decode.decode_step(ids, embedding, weights, k_caches, v_caches, positions, inv_freq,
+                                                  rope_scale, key_mask, column, final_norm, lm_head, lm_head_bias, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

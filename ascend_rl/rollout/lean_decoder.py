@@ -123,24 +123,24 @@ class LeanDecoder:
         cache, column = self.cache, self.length
         if column == cache.width:
             raise RuntimeError("KV cache full: merge with enough room for the longest row")
-        cache.key_mask[:, column] = True
+        cache.key_mask.select(1, column).fill_(True)
         self.length += 1
         if self.fused:
-            hidden = self._decode_fused(next_ids, cache, column)
+            logits = self._decode_fused(next_ids, cache, column)
         else:
             mask = cache.key_mask[:, None, None, :self.length]
-            hidden = self._forward(next_ids[:, None], cache.positions[:, None], mask, cache, start=column)[:, -1]
-        cache.positions = cache.positions + 1
-        return self.logits(hidden)
+            logits = self.logits(self._forward(next_ids[:, None], cache.positions[:, None], mask, cache,
+                                               start=column)[:, -1])
+        cache.positions.add_(1)  # the cache's own tensor (merge and prefill make new ones)
+        return logits
 
     def _decode_fused(self, ids: torch.Tensor, cache: KVRows, column: int) -> torch.Tensor:
-        """One token per row [B] through the CPU kernels (all layers in one call); the final hidden states [B, H]."""
-        base = self.model.model
+        """One token per row [B] through the CPU kernels, the whole step in one call; the next logits [B, V]."""
+        base, head = self.model.model, self.model.lm_head
         rotary = base.rotary_emb
-        hidden = cpu_kernels.decode_layers(base.embed_tokens(ids), self.layer_weights, cache.k, cache.v,
-                                           cache.positions, rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0),
-                                           cache.key_mask, column, self.eps)
-        return cpu_kernels.rms_norm(hidden, base.norm.weight, self.eps)
+        return cpu_kernels.decode_step(ids, base.embed_tokens.weight, self.layer_weights, cache.k, cache.v,
+                                       cache.positions, rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0),
+                                       cache.key_mask, column, base.norm.weight, head.weight, head.bias, self.eps)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVRows,
                  start: int) -> torch.Tensor:

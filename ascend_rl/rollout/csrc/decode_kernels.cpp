@@ -445,11 +445,24 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
   return x;
 }
 
+// The whole step for one token per row: embedding, the layers, the final norm and the LM head → logits [rows, V].
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding,
+                       const c10::List<std::optional<at::Tensor>>& weights,
+                       at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& positions,
+                       const at::Tensor& inv_freq, double rope_scale, const at::Tensor& key_mask, int64_t column,
+                       const at::Tensor& final_norm, const at::Tensor& lm_head,
+                       const std::optional<at::Tensor>& lm_head_bias, double eps) {
+  const at::Tensor x = decode_layers(at::embedding(embedding, ids), weights, k_caches, v_caches, positions, inv_freq,
+                                     rope_scale, key_mask, column, eps);
+  return at::linear(rms_norm(x, final_norm, eps), lm_head, lm_head_bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ascend_rl_decode, m) {
-  m.def("decode_layers(Tensor x, Tensor?[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor positions, "
-        "Tensor inv_freq, float rope_scale, Tensor key_mask, int column, float eps) -> Tensor");
+  m.def("decode_step(Tensor ids, Tensor embedding, Tensor?[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "Tensor positions, Tensor inv_freq, float rope_scale, Tensor key_mask, int column, Tensor final_norm, "
+        "Tensor lm_head, Tensor? lm_head_bias, float eps) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_qkv(Tensor q, Tensor k, Tensor v, Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, int column, float eps) -> Tensor");
@@ -459,7 +472,7 @@ TORCH_LIBRARY(ascend_rl_decode, m) {
 }
 
 TORCH_LIBRARY_IMPL(ascend_rl_decode, CPU, m) {
-  m.impl("decode_layers", &decode_layers);
+  m.impl("decode_step", &decode_step);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_qkv", &decode_qkv);
   m.impl("decode_attention", &decode_attention);
