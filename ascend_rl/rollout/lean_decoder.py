@@ -237,7 +237,7 @@ def self_check_tolerance(expected: torch.Tensor) -> float:
 
 
 def layer_weights(layer) -> list[torch.Tensor | None]:
-    """A decoder layer's parameters in the order `cpu_kernels.decode_layers` takes them (None where the model has
+    """A decoder layer's parameters in the order `cpu_kernels.decode_step` takes them (None where the model has
     none): input norm, q, k, v projections (weight, bias), q and k norms (Qwen3), o projection, post-attention
     norm, gate, up and down projections."""
     attn, mlp = layer.self_attn, layer.mlp

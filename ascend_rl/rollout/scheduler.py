@@ -99,11 +99,11 @@ class GenerationControl:
         self._running.set()
 
     def abort(self, rid: str | None, abort_all: bool) -> None:
-        self.calls += 1
         if abort_all:
             self.epoch += 1
         elif rid is not None:
             self._aborted_rids.add(rid)
+        self.calls += 1  # after: a scan that read the old count may miss this abort, the next one sees it
 
     def aborted(self, request: Request) -> bool:
         return request.epoch < self.epoch or (request.rid is not None and request.rid in self._aborted_rids)

@@ -2,8 +2,9 @@
 //
 // Why by hand: one decode step of a small model over 64 rows is ~140 eager ATen ops, each costing more in
 // dispatch than in arithmetic (an RMS norm of [64, 128]: 27 us for 8 k multiply-adds); torch.compile with
-// inductor's C++ wrapper was measured to save ~20 % (benchmarks/rollout.py's long shape). SGLang's CPU backend
-// (sgl-kernel/csrc/cpu) fuses the same steps; it is not packaged for pip. Matmuls stay ATen's (oneDNN/MKL).
+// inductor's C++ wrapper saved ~20 % of a step on benchmarks/rollout.py's long shape (docs/performance.md).
+// SGLang's CPU backend (sgl-kernel/csrc/cpu) fuses the same steps, but is built from source for Xeon servers,
+// not installable with pip. Matmuls stay ATen's (oneDNN/MKL).
 //
 // Layouts: activations [rows, features] contiguous; the KV cache per layer is K transposed [rows, KV heads,
 // head dim, columns] (a step's scores read each dimension's keys contiguously) and V [rows, KV heads, columns,
@@ -98,6 +99,8 @@ at::Tensor decode_qkv_impl(const at::Tensor& q_in, const at::Tensor& k_in, const
                            const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                            const at::Tensor& cos_table, const at::Tensor& sin_table,
                            at::Tensor& k_cache, at::Tensor& v_cache, int64_t column, double eps) {
+  TORCH_CHECK(q_in.dim() == 2 && k_in.dim() == 2 && v_in.dim() == 2 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "decode_qkv: projections [rows, heads * dim], caches [rows, kv heads, ., .]");
   const int64_t rows = q_in.size(0), kv_heads = k_cache.size(1), dim = k_cache.size(2), width = k_cache.size(3);
   const int64_t heads = q_in.size(1) / dim;
   TORCH_CHECK(q_in.size(1) == heads * dim && k_in.size(1) == kv_heads * dim && v_in.size(1) == kv_heads * dim,
@@ -110,9 +113,15 @@ at::Tensor decode_qkv_impl(const at::Tensor& q_in, const at::Tensor& k_in, const
   check_dtype<T>(v_cache, "v cache");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor cos_f = cos_table.to(at::kFloat).contiguous(), sin_f = sin_table.to(at::kFloat).contiguous();
-  at::Tensor qn, kn;
-  if (q_norm.has_value()) qn = q_norm->contiguous(), check_dtype<T>(qn, "q_norm weight");
-  if (k_norm.has_value()) kn = k_norm->contiguous(), check_dtype<T>(kn, "k_norm weight");
+  at::Tensor qn, kn;  // undefined where the model has no per-head norms
+  if (q_norm.has_value()) {
+    qn = q_norm->contiguous();
+    check_dtype<T>(qn, "q_norm weight");
+  }
+  if (k_norm.has_value()) {
+    kn = k_norm->contiguous();
+    check_dtype<T>(kn, "k_norm weight");
+  }
   at::Tensor out = at::empty({rows, heads, dim}, q.options().dtype(at::kFloat));
   const int64_t half = dim / 2;
   const int64_t k_row = k_cache.stride(0), k_head = k_cache.stride(1);
@@ -222,10 +231,13 @@ at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cac
                                  const at::Tensor& key_mask, int64_t length) {
   const int64_t rows = q_in.size(0), heads = q_in.size(1), dim = q_in.size(2);
   const int64_t kv_heads = k_cache.size(1), width = k_cache.size(3), group = heads / kv_heads;
-  TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(2) == dim && length > 0 && length <= width && dim <= kMaxHeadDim,
-              "decode_attention: shapes do not match");
-  TORCH_CHECK(key_mask.scalar_type() == at::kBool && key_mask.size(1) >= length && key_mask.stride(1) == 1,
-              "decode_attention: key_mask must be bool [rows, columns]");
+  TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(0) == rows && k_cache.size(2) == dim && dim <= kMaxHeadDim &&
+              v_cache.sizes() == at::IntArrayRef({rows, kv_heads, width, dim}) && length > 0 && length <= width,
+              "decode_attention: q, the K cache [rows, kv heads, dim, columns] and V [rows, kv heads, columns, dim] "
+              "do not match");
+  TORCH_CHECK(key_mask.scalar_type() == at::kBool && key_mask.dim() == 2 && key_mask.size(0) == rows &&
+              key_mask.size(1) >= length && key_mask.stride(1) == 1, "decode_attention: key_mask must be bool [rows, "
+              "columns]");
   check_dtype<T>(v_cache, "v cache");
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({rows, heads * dim}, v_cache.options());
@@ -366,7 +378,8 @@ std::tuple<at::Tensor, at::Tensor> sample_gumbel(const at::Tensor& logits_in, co
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor seeds = seeds_in.to(at::kLong).contiguous(), steps = steps_in.to(at::kLong).contiguous();
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  TORCH_CHECK(seeds.numel() == rows && steps.numel() == rows, "sample_gumbel: one seed and step per row");
+  TORCH_CHECK(seeds.numel() == rows && steps.numel() == rows && vocab > 0, "sample_gumbel: one seed and step per row "
+              "of a non-empty vocabulary");
   at::Tensor tokens = at::empty({rows}, seeds.options());
   at::Tensor logprobs = at::empty({rows}, logits.options());
   const float temp = float(temperature);
@@ -418,8 +431,9 @@ std::tuple<at::Tensor, at::Tensor> sample_gumbel(const at::Tensor& logits_in, co
   return {tokens, logprobs};
 }
 
-// ---- the decoder layers for one token per row: each layer's parameters in `LayerWeights` order (lean_decoder.py),
-// kWeightsPerLayer per layer, biases and q/k norms None where the model has none -----------------------------
+// ---- the decoder layers for one token per row: each layer's parameters in `layer_weights` order (lean_decoder.py):
+// 0 input norm, 1-2 q (weight, bias), 3-4 k, 5-6 v, 7 q norm, 8 k norm, 9-10 o, 11 post-attention norm, 12-13 gate,
+// 14-15 up, 16-17 down; biases and q/k norms None where the model has none ------------------------------------
 
 constexpr int64_t kWeightsPerLayer = 18;
 
