@@ -19,6 +19,18 @@ pytestmark = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler here:
 def test_the_kernels_build():
     assert cpu_kernels.loaded()
 
+
+def test_mismatched_shapes_are_refused_with_the_kernels_name():
+    q, mask = torch.randn(2, 4, 32), torch.ones(2, 10, dtype=torch.bool)
+    keys_t, values = torch.randn(2, 2, 32, 10), torch.randn(2, 2, 10, 32)
+    with pytest.raises(RuntimeError, match="decode_attention"):
+        cpu_kernels.decode_attention(q, keys_t, values[:, :, :8], mask, 5)  # V narrower than K
+    with pytest.raises(RuntimeError, match="decode_attention"):
+        cpu_kernels.decode_attention(q, keys_t, values, mask[:1], 5)  # a key mask for one row of two
+    with pytest.raises(RuntimeError, match="sample_gumbel"):
+        cpu_kernels.sample_gumbel(torch.randn(3, 8), torch.arange(2), torch.arange(3), 1.0)
+
+
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
