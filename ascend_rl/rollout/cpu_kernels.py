@@ -27,14 +27,10 @@ DTYPES = (torch.float32, torch.bfloat16)
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
 
-def enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1") != "0"
-
-
 @functools.cache
 def loaded() -> bool:
     """Builds (once per machine type) and loads the kernels; False, with one log line, where that fails."""
-    if not enabled():
+    if os.environ.get(SWITCH_ENV, "1") == "0":
         log.info("%s=0: the native engine decodes with eager ATen ops", SWITCH_ENV)
         return False
     from torch.utils.cpp_extension import load

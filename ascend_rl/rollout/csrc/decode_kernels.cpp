@@ -226,6 +226,24 @@ void weighted_sum(const float* __restrict p, const T* __restrict values, int64_t
   }
 }
 
+// block[i] = scale * sum over d of q[d] * keys[d, i] for i < n (keys: transposed, `width` apart per dimension);
+// Keys > 0 fixes n at compile time, which keeps a full block's sums in registers.
+template <typename T, int64_t Keys>
+void score_block(const float* q, const T* keys, int64_t width, int64_t dim, float scale, float* __restrict block,
+                 int64_t n = Keys) {
+  for (int64_t d = 0; d < dim; ++d) {
+    const T* __restrict kd = keys + d * width;
+    const float qd = q[d] * scale;
+    if constexpr (Keys > 0) {
+#pragma omp simd
+      for (int64_t i = 0; i < Keys; ++i) block[i] += qd * to_float(kd[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) block[i] += qd * to_float(kd[i]);
+    }
+  }
+}
+
 template <typename T>
 at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& key_mask, int64_t length) {
@@ -258,26 +276,16 @@ at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cac
       const uint8_t* __restrict m = mask + r * mask_row;
       const float* qg = queries + (r * heads + g * group) * dim;
       float* __restrict scores = buffer.data();
-      // Scores in blocks of kKeyBlock keys, each block's sums held in registers across the head dimension.
+      // Scores in blocks of kKeyBlock keys.
       for (int64_t l0 = 0; l0 < length; l0 += kKeyBlock) {
         const int64_t n = std::min(kKeyBlock, length - l0);
         for (int64_t j = 0; j < group; ++j) {
           alignas(64) float block[kKeyBlock] = {};
           const float* qj = qg + j * dim;
           if (n == kKeyBlock) {
-            for (int64_t d = 0; d < dim; ++d) {
-              const T* __restrict kd = keys + d * width + l0;
-              const float qd = qj[d] * scale;
-#pragma omp simd
-              for (int64_t i = 0; i < kKeyBlock; ++i) block[i] += qd * to_float(kd[i]);
-            }
+            score_block<T, kKeyBlock>(qj, keys + l0, width, dim, scale, block);
           } else {
-            for (int64_t d = 0; d < dim; ++d) {
-              const T* __restrict kd = keys + d * width + l0;
-              const float qd = qj[d] * scale;
-#pragma omp simd
-              for (int64_t i = 0; i < n; ++i) block[i] += qd * to_float(kd[i]);
-            }
+            score_block<T, 0>(qj, keys + l0, width, dim, scale, block, n);
           }
           std::copy_n(block, n, scores + j * length + l0);
         }
