@@ -5,20 +5,27 @@ by side in one run, same model, prompts, lengths and thread count.
 
 Shapes: the embedded task (arithmetic prompts, 64 prompts × n=8, up to 16 new tokens, eos stops early)
 and a long one (64-token prompts, 256 new tokens with eos ignored, 8 prompts × n=8). Each engine runs
-every shape `--repeats` times, alternating; the median is reported. Writes benchmarks/results/rollout.{md,png}.
+every shape `--repeats` times, alternating; the median is reported. Both run as `ascend-rl` runs them: OpenMP's
+passive wait unless the environment says otherwise (`OMP_WAIT_POLICY=ACTIVE .venv/bin/python benchmarks/rollout.py`
+measures OpenMP's spinning default). Writes benchmarks/results/rollout.{md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ascend_rl.platform import apply_cpu_thread_defaults  # noqa: E402
+
+apply_cpu_thread_defaults(os.environ)  # before torch starts its OpenMP runtime
+import torch  # noqa: E402
 
 
 def shapes(tokenizer, records):
@@ -93,8 +100,8 @@ def main() -> None:
             native, ref = statistics.median(rates["native"]), statistics.median(rates["transformers"])
             medians[name] = (native, ref)
             rows.append(f"| {name} | {native:,.0f} | {ref:,.0f} | {native / ref:.2f}× |")
-    table = [f"tiny Qwen3 (0.4 M params), fp32, {args.threads} threads, median of {args.repeats} "
-             f"(`benchmarks/rollout.py --threads {args.threads}`)", "",
+    table = [f"tiny Qwen3 (0.4 M params), fp32, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+             f"median of {args.repeats} (`benchmarks/rollout.py --threads {args.threads}`)", "",
              "| shape | native tokens/s | transformers generate tokens/s | ratio |", "|---|---|---|---|", *rows]
     print("\n".join(table))
     out = ROOT / "benchmarks" / "results" / "rollout"

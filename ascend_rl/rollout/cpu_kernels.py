@@ -24,6 +24,10 @@ SWITCH_ENV = "ASCEND_RL_CPU_KERNELS"  # "0": eager ops only
 DTYPES = (torch.float32, torch.bfloat16)
 # -march=native: built where it runs (the build is cached per machine type, see _machine_tag); no
 # -ffast-math: the kernels rely on inf for masked keys.
+# decode_step's row split (each thread runs the whole step on its rows) only for models up to this size: every
+# thread then reads all the weights, cheap while they stay in a CPU's last-level cache, a multiple of the
+# memory traffic beyond it.
+ROW_SPLIT_MAX_BYTES = 16 * 2**20
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
 
@@ -77,12 +81,22 @@ def _machine_tag() -> str:
 
 
 def decode_step(ids, embedding, weights: list, k_caches: list, v_caches: list, positions, inv_freq,
-                rope_scale: float, key_mask, column: int, final_norm, lm_head, lm_head_bias, eps: float) -> torch.Tensor:
+                rope_scale: float, key_mask, column: int, final_norm, lm_head, lm_head_bias, eps: float,
+                split_rows: bool) -> torch.Tensor:
     """One token per row [rows] → next-token logits [rows, V]: the embedding, every decoder layer (the ops below)
     writing its K and V to `column`, the final norm and the LM head, in one call. `weights`: each layer's 18
-    parameters in `lean_decoder.layer_weights` order, None where the model has none."""
+    parameters in `lean_decoder.layer_weights` order, None where the model has none. `split_rows`: each thread
+    runs the whole step on its share of the rows (see `splits_rows`) rather than every op splitting its work."""
     return torch.ops.ascend_rl_decode.decode_step(ids, embedding, weights, k_caches, v_caches, positions, inv_freq,
-                                                  rope_scale, key_mask, column, final_norm, lm_head, lm_head_bias, eps)
+                                                  rope_scale, key_mask, column, final_norm, lm_head, lm_head_bias, eps,
+                                                  split_rows)
+
+
+def splits_rows(parameters) -> bool:
+    """Whether a model with these parameters decodes with its rows split between threads: one parallel region
+    per step instead of ~40 (the cost that dominates a small model's step), at the price of every thread reading
+    every weight."""
+    return sum(p.numel() * p.element_size() for p in parameters) <= ROW_SPLIT_MAX_BYTES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

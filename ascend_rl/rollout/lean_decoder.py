@@ -38,6 +38,7 @@ class LeanDecoder:
         self.cache_dtype = attention_dtype(model)
         parameter = next(model.parameters())
         self.fused = self.cache_dtype == parameter.dtype and cpu_kernels.usable(parameter)
+        self.split_rows = self.fused and cpu_kernels.splits_rows(model.parameters())
         self.layer_weights: list[torch.Tensor | None] = []  # every layer's, flat (`layer_weights`)
         self.cache: KVRows | None = None  # the running rows, `room` free columns after `length`
         self.length = 0  # filled cache columns: every row's last token is in column length - 1
@@ -140,7 +141,8 @@ class LeanDecoder:
         rotary = base.rotary_emb
         return cpu_kernels.decode_step(ids, base.embed_tokens.weight, self.layer_weights, cache.k, cache.v,
                                        cache.positions, rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0),
-                                       cache.key_mask, column, base.norm.weight, head.weight, head.bias, self.eps)
+                                       cache.key_mask, column, base.norm.weight, head.weight, head.bias, self.eps,
+                                       self.split_rows)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVRows,
                  start: int) -> torch.Tensor:

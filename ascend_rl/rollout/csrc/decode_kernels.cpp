@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -398,7 +399,8 @@ std::tuple<at::Tensor, at::Tensor> sample_gumbel(const at::Tensor& logits_in, co
   float* logprob_out = logprobs.data_ptr<float>();
   // Per row: a vectorized pass flags the tokens whose noise could lift them to the top-logit token's value (a
   // bound with wide margins, in float), then only those get the exact float64 logarithms.
-  at::parallel_for(0, rows, std::max<int64_t>(1, 2048 / vocab), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / vocab),  // a small vocabulary's rows stay on one thread
+                   [&](int64_t begin, int64_t end) {
     std::vector<float> scaled(vocab);
     std::vector<uint8_t> flags(vocab);
     for (int64_t r = begin; r < end; ++r) {
@@ -468,15 +470,35 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
 }
 
 // The whole step for one token per row: embedding, the layers, the final norm and the LM head → logits [rows, V].
+// With `split_rows`, each thread runs the whole step on its share of the rows (every op of a decode step treats
+// rows independently): one parallel region per step instead of one per op. A small model's step is ~40 ops of
+// tens of microseconds, and with OpenMP's passive wait (ascend-rl's default) each region costs a wake-up of the
+// sleeping threads; the price is that every thread reads all the weights, so the caller splits only models whose
+// weights stay in cache (cpu_kernels.ROW_SPLIT_MAX_BYTES).
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding,
                        const c10::List<std::optional<at::Tensor>>& weights,
                        at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& positions,
                        const at::Tensor& inv_freq, double rope_scale, const at::Tensor& key_mask, int64_t column,
                        const at::Tensor& final_norm, const at::Tensor& lm_head,
-                       const std::optional<at::Tensor>& lm_head_bias, double eps) {
-  const at::Tensor x = decode_layers(at::embedding(embedding, ids), weights, k_caches, v_caches, positions, inv_freq,
-                                     rope_scale, key_mask, column, eps);
-  return at::linear(rms_norm(x, final_norm, eps), lm_head, lm_head_bias);
+                       const std::optional<at::Tensor>& lm_head_bias, double eps, bool split_rows) {
+  auto rows_step = [&](int64_t begin, int64_t end) {
+    auto part = [&](const at::Tensor& t) { return t.narrow(0, begin, end - begin); };
+    std::vector<at::Tensor> ks, vs;
+    for (const auto& t : k_caches) ks.push_back(part(t));
+    for (const auto& t : v_caches) vs.push_back(part(t));
+    const at::Tensor x = decode_layers(at::embedding(embedding, part(ids)), weights, ks, vs, part(positions),
+                                       inv_freq, rope_scale, part(key_mask), column, eps);
+    return at::linear(rms_norm(x, final_norm, eps), lm_head, lm_head_bias);
+  };
+  const int64_t rows = ids.size(0);
+  if (!split_rows || rows < 2 || at::get_num_threads() < 2) return rows_step(0, rows);
+  at::Tensor logits = at::empty({rows, lm_head.size(0)}, embedding.options());
+  const at::ThreadLocalState state;  // no_grad and the dispatch state of the caller, for every thread
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    logits.narrow(0, begin, end - begin).copy_(rows_step(begin, end));
+  });
+  return logits;
 }
 
 }  // namespace
@@ -484,7 +506,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding,
 TORCH_LIBRARY(ascend_rl_decode, m) {
   m.def("decode_step(Tensor ids, Tensor embedding, Tensor?[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor positions, Tensor inv_freq, float rope_scale, Tensor key_mask, int column, Tensor final_norm, "
-        "Tensor lm_head, Tensor? lm_head_bias, float eps) -> Tensor");
+        "Tensor lm_head, Tensor? lm_head_bias, float eps, bool split_rows) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_qkv(Tensor q, Tensor k, Tensor v, Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, int column, float eps) -> Tensor");
