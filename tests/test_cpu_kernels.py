@@ -20,6 +20,12 @@ def test_the_kernels_build():
     assert cpu_kernels.loaded()
 
 
+@pytest.fixture(autouse=True)
+def kernels():
+    """Built and registered before each test, whichever of them runs first (`-k` selections too)."""
+    cpu_kernels.loaded()
+
+
 def test_mismatched_shapes_are_refused_with_the_kernels_name():
     q, mask = torch.randn(2, 4, 32), torch.ones(2, 10, dtype=torch.bool)
     keys_t, values = torch.randn(2, 2, 32, 10), torch.randn(2, 2, 10, 32)
@@ -64,12 +70,14 @@ def eager_attention(q, keys_t, values, key_mask, length):
 @DTYPES
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (8, 1, 64), (2, 2, 128), (6, 3, 24)])
 @pytest.mark.parametrize("length", [1, 63, 64, 150])
-def test_decode_attention_equals_masked_softmax_attention(dtype, heads, kv_heads, dim, length):
+@pytest.mark.parametrize("width", [160, 151])  # 151: the last keys are no whole vector, scored one at a time
+def test_decode_attention_equals_masked_softmax_attention(dtype, heads, kv_heads, dim, length, width):
     torch.manual_seed(1)
-    rows, width = 5, 160
+    rows = 5
     q = torch.randn(rows, heads, dim)
     keys_t = torch.randn(rows, kv_heads, dim, width).to(dtype)
     values = torch.randn(rows, kv_heads, width, dim).to(dtype)
+    keys_t[..., length:], values[:, :, length:] = float("nan"), float("nan")  # columns past `length` never count
     key_mask = torch.rand(rows, width) > 0.3
     key_mask[:, length - 1] = True  # every row attends to its newest token at least
     key_mask[2, :length - 1] = False  # a row that sees only that one

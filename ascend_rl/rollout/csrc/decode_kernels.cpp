@@ -33,6 +33,26 @@ inline float to_float(c10::BFloat16 x) {
 }
 template <typename T> inline T from_float(float x) { return static_cast<T>(x); }  // bf16: round to nearest even
 
+// 16 floats as one GCC/Clang vector (lowered to the machine's SIMD width: one AVX-512 register, two AVX ones, ...),
+// so loops keep their sums in registers whatever the compiler's auto-vectorizer decides.
+constexpr int64_t kLanes = 16;
+using f32x16 = float __attribute__((vector_size(64)));
+using f32x16_unaligned = float __attribute__((vector_size(64), aligned(4)));
+using u16x16_unaligned = uint16_t __attribute__((vector_size(32), aligned(2)));
+using u32x16 = uint32_t __attribute__((vector_size(64)));
+inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16_unaligned*>(p); }
+inline f32x16 load16(const c10::BFloat16* p) {  // bf16 is a float's top half
+  const u16x16_unaligned x = *reinterpret_cast<const u16x16_unaligned*>(p);
+#if defined(__clang__) || __GNUC__ >= 12
+  const u16x16_unaligned zero = {};  // interleaved with zeros as the low halves: one unpack, faster than widening
+  return (f32x16)__builtin_shufflevector(zero, x, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25,
+                                         10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#else
+  return (f32x16)(__builtin_convertvector(x, u32x16) << 16);
+#endif
+}
+inline void store16(float* p, f32x16 v) { *reinterpret_cast<f32x16_unaligned*>(p) = v; }
+
 // e^x written so loops over it vectorize: 2^n * p(r) with r = x - n ln 2, |r| <= ln 2 / 2, p the degree-7
 // Taylor polynomial (relative error < 2e-7); x is clamped to [-87, 88] (e^-87 ~ 1.6e-38 stands in for 0).
 inline float exp_approx(float x) {
@@ -197,28 +217,24 @@ std::tuple<at::Tensor, at::Tensor> rotary_tables(const at::Tensor& positions, co
 
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kKeyBlock = 64;
+static_assert(kKeyBlock == 4 * kLanes, "a block is scored as up to four vectors");
 
-// acc[d] = sum over l of p[l] * values[l, d]; Dim > 0 fixes the head dim at compile time.
+// acc[d] = sum over l of p[l] * values[l, d]; Dim > 0 (a multiple of kLanes) fixes the head dim at compile time.
 template <typename T, int64_t Dim>
 void weighted_sum(const float* __restrict p, const T* __restrict values, int64_t length, float* __restrict acc,
                   int64_t dim = Dim) {
-  constexpr int64_t kFixed = Dim > 0 ? Dim : 1;
   if constexpr (Dim > 0) {
-    // Four keys at a time into four sums: one chain of dependent adds would wait on each add's latency.
-    float sums[4][kFixed] = {};
+    constexpr int64_t kVectors = Dim / kLanes;
+    // Two keys at a time into two sums: one chain of dependent adds would wait on each add's latency.
+    f32x16 sums[2][kVectors] = {};
     int64_t l = 0;
-    for (; l + 4 <= length; l += 4) {
-      for (int64_t u = 0; u < 4; ++u) {
-#pragma omp simd
-        for (int64_t d = 0; d < kFixed; ++d) sums[u][d] += p[l + u] * to_float(values[(l + u) * kFixed + d]);
-      }
+    for (; l + 2 <= length; l += 2) {
+      for (int64_t u = 0; u < 2; ++u)
+        for (int64_t v = 0; v < kVectors; ++v) sums[u][v] += p[l + u] * load16(values + (l + u) * Dim + v * kLanes);
     }
-    for (; l < length; ++l) {
-#pragma omp simd
-      for (int64_t d = 0; d < kFixed; ++d) sums[0][d] += p[l] * to_float(values[l * kFixed + d]);
-    }
-#pragma omp simd
-    for (int64_t d = 0; d < kFixed; ++d) acc[d] = (sums[0][d] + sums[1][d]) + (sums[2][d] + sums[3][d]);
+    for (; l < length; ++l)
+      for (int64_t v = 0; v < kVectors; ++v) sums[0][v] += p[l] * load16(values + l * Dim + v * kLanes);
+    for (int64_t v = 0; v < kVectors; ++v) store16(acc + v * kLanes, sums[0][v] + sums[1][v]);
   } else {
     for (int64_t l = 0; l < length; ++l) {
 #pragma omp simd
@@ -227,21 +243,26 @@ void weighted_sum(const float* __restrict p, const T* __restrict values, int64_t
   }
 }
 
-// block[i] = scale * sum over d of q[d] * keys[d, i] for i < n (keys: transposed, `width` apart per dimension);
-// Keys > 0 fixes n at compile time, which keeps a full block's sums in registers.
-template <typename T, int64_t Keys>
-void score_block(const float* q, const T* keys, int64_t width, int64_t dim, float scale, float* __restrict block,
-                 int64_t n = Keys) {
+// block[i] = scale * sum over d of q[d] * keys[d, i] for i < Vectors * kLanes (keys: transposed, `width` apart per
+// dimension): the sums stay in registers.
+template <typename T, int64_t Vectors>
+void score_vectors(const float* q, const T* keys, int64_t width, int64_t dim, float scale, float* __restrict block) {
+  f32x16 sums[Vectors] = {};
   for (int64_t d = 0; d < dim; ++d) {
-    const T* __restrict kd = keys + d * width;
     const float qd = q[d] * scale;
-    if constexpr (Keys > 0) {
-#pragma omp simd
-      for (int64_t i = 0; i < Keys; ++i) block[i] += qd * to_float(kd[i]);
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) block[i] += qd * to_float(kd[i]);
-    }
+    for (int64_t v = 0; v < Vectors; ++v) sums[v] += qd * load16(keys + d * width + v * kLanes);
+  }
+  for (int64_t v = 0; v < Vectors; ++v) store16(block + v * kLanes, sums[v]);
+}
+
+// The same for n < kLanes keys one at a time (a cache whose width leaves no whole vector).
+template <typename T>
+void score_keys(const float* q, const T* keys, int64_t width, int64_t dim, float scale, float* __restrict block,
+                int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float sum = 0.f;
+    for (int64_t d = 0; d < dim; ++d) sum += q[d] * to_float(keys[d * width + i]);
+    block[i] = sum * scale;
   }
 }
 
@@ -277,17 +298,24 @@ at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cac
       const uint8_t* __restrict m = mask + r * mask_row;
       const float* qg = queries + (r * heads + g * group) * dim;
       float* __restrict scores = buffer.data();
-      // Scores in blocks of kKeyBlock keys.
+      // Scores in blocks of kKeyBlock keys; a partial block in whole vectors where the cache has the columns (the
+      // scores past `length` are computed and dropped), the rest one key at a time.
       for (int64_t l0 = 0; l0 < length; l0 += kKeyBlock) {
         const int64_t n = std::min(kKeyBlock, length - l0);
+        const int64_t vectors = std::min((n + kLanes - 1) / kLanes, (width - l0) / kLanes);
         for (int64_t j = 0; j < group; ++j) {
-          alignas(64) float block[kKeyBlock] = {};
+          alignas(64) float block[kKeyBlock];
           const float* qj = qg + j * dim;
-          if (n == kKeyBlock) {
-            score_block<T, kKeyBlock>(qj, keys + l0, width, dim, scale, block);
-          } else {
-            score_block<T, 0>(qj, keys + l0, width, dim, scale, block, n);
+          const T* k0 = keys + l0;
+          switch (vectors) {
+            case 4: score_vectors<T, 4>(qj, k0, width, dim, scale, block); break;
+            case 3: score_vectors<T, 3>(qj, k0, width, dim, scale, block); break;
+            case 2: score_vectors<T, 2>(qj, k0, width, dim, scale, block); break;
+            case 1: score_vectors<T, 1>(qj, k0, width, dim, scale, block); break;
+            default: break;
           }
+          if (vectors * kLanes < n)
+            score_keys<T>(qj, k0 + vectors * kLanes, width, dim, scale, block + vectors * kLanes, n - vectors * kLanes);
           std::copy_n(block, n, scores + j * length + l0);
         }
       }
@@ -303,12 +331,12 @@ at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cac
           s[l] = e;
           total += e;
         }
-        alignas(64) float acc[kMaxHeadDim] = {};
+        alignas(64) float acc[kMaxHeadDim];
         switch (dim) {  // a fixed head dim keeps the sums in registers
           case 32: weighted_sum<T, 32>(s, values, length, acc); break;
           case 64: weighted_sum<T, 64>(s, values, length, acc); break;
           case 128: weighted_sum<T, 128>(s, values, length, acc); break;
-          default: weighted_sum<T, 0>(s, values, length, acc, dim);
+          default: std::fill_n(acc, dim, 0.f); weighted_sum<T, 0>(s, values, length, acc, dim);
         }
         T* o = outputs + (r * heads + g * group + j) * dim;
         const float inv = total > 0.f ? 1.f / total : 0.f;  // a row with no key left attends to nothing
