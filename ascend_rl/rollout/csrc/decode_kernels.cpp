@@ -31,7 +31,14 @@ inline float to_float(c10::BFloat16 x) {
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
-template <typename T> inline T from_float(float x) { return static_cast<T>(x); }  // bf16: round to nearest even
+template <typename T> inline T from_float(float x) { return x; }
+// Rounded to nearest even, NaN kept quiet, as c10::BFloat16(float) rounds; without its branch, so loops vectorize.
+template <> inline c10::BFloat16 from_float(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint16_t rounded = uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return c10::BFloat16(x != x ? uint16_t(0x7FC0) : rounded, c10::BFloat16::from_bits());
+}
 
 // 16 floats as one GCC/Clang vector (lowered to the machine's SIMD width: one AVX-512 register, two AVX ones, ...),
 // so loops keep their sums in registers whatever the compiler's auto-vectorizer decides.
@@ -87,6 +94,7 @@ void rms_row(const T* x, const T* weight, T* out, int64_t n, float eps) {
 #pragma omp simd reduction(+ : squares)
   for (int64_t i = 0; i < n; ++i) squares += to_float(x[i]) * to_float(x[i]);
   const float scale = 1.f / std::sqrt(squares / n + eps);
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i)
     out[i] = from_float<T>(to_float(weight[i]) * to_float(from_float<T>(to_float(x[i]) * scale)));
 }
@@ -340,6 +348,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cac
         }
         T* o = outputs + (r * heads + g * group + j) * dim;
         const float inv = total > 0.f ? 1.f / total : 0.f;  // a row with no key left attends to nothing
+#pragma omp simd
         for (int64_t d = 0; d < dim; ++d) o[d] = from_float<T>(acc[d] * inv);
       }
     }
@@ -370,6 +379,7 @@ at::Tensor silu_mul_impl(const at::Tensor& gate_in, const at::Tensor& up_in) {
   const T* u = up.data_ptr<T>();
   T* o = out.data_ptr<T>();
   at::parallel_for(0, gate.numel(), 32768, [&](int64_t begin, int64_t end) {
+#pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
       const float x = to_float(g[i]);
       o[i] = from_float<T>(to_float(from_float<T>(x / (1.f + exp_approx(-x)))) * to_float(u[i]));
