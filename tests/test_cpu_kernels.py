@@ -185,3 +185,10 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     assert "Ninja is required" in caplog.records[0].message and "more detail" not in caplog.records[0].message
     monkeypatch.setenv(cpu_kernels.SWITCH_ENV, "0")
     assert cpu_kernels.loaded.__wrapped__() is False  # switched off: not even tried
+
+
+def test_only_models_whose_weights_stay_in_cache_split_their_rows_between_threads():
+    limit = cpu_kernels.ROW_SPLIT_MAX_BYTES
+    assert cpu_kernels.splits_rows([torch.empty(limit // 4), torch.empty(0)])
+    assert not cpu_kernels.splits_rows([torch.empty(limit // 4), torch.empty(1)])
+    assert cpu_kernels.splits_rows([torch.empty(limit // 2, dtype=torch.bfloat16)])  # bytes, not elements

@@ -22,12 +22,12 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
 SWITCH_ENV = "ASCEND_RL_CPU_KERNELS"  # "0": eager ops only
 DTYPES = (torch.float32, torch.bfloat16)
-# -march=native: built where it runs (the build is cached per machine type, see _machine_tag); no
-# -ffast-math: the kernels rely on inf for masked keys.
 # decode_step's row split (each thread runs the whole step on its rows) only for models up to this size: every
 # thread then reads all the weights, cheap while they stay in a CPU's last-level cache, a multiple of the
 # memory traffic beyond it.
 ROW_SPLIT_MAX_BYTES = 16 * 2**20
+# -march=native: built where it runs (the build is cached per machine type, see _machine_tag); no
+# -ffast-math: the kernels rely on inf for masked keys.
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
 
