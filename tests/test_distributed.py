@@ -522,10 +522,14 @@ def test_token_budget_micro_batches_make_the_same_update(tiny_model_dir):
     group = ActorGroup(partial(ProcessWorkerGroup, 2), "cpu", ActorSpec(str(tiny_model_dir), dynamic, optim))
     try:
         assert torch.allclose(group.log_probs(batch)[0], one_fixed.log_probs(batch)[0], atol=1e-6)
-        for _ in range(2):
+        # The first update starts from the same weights: only summation order differs. The second starts from
+        # weights one Adam step apart, where Adam's per-parameter normalisation lets rounding-sized gradient
+        # differences on near-zero gradients move weights further (measured on an AMD CPU: grad norms 2e-6 apart
+        # on the first update, 5e-5 on the second); a wrong loss scale would be off by a factor.
+        for grad_norm_rel in (1e-5, 2e-4):
             m_fixed, m_dynamic, m_group = one_fixed.update(batch), one_dynamic.update(batch), group.update(batch)
             for m in (m_dynamic, m_group):
                 assert m["actor/pg_loss"] == pytest.approx(m_fixed["actor/pg_loss"], abs=3e-5)
-                assert m["actor/grad_norm"] == pytest.approx(m_fixed["actor/grad_norm"], rel=3e-5)
+                assert m["actor/grad_norm"] == pytest.approx(m_fixed["actor/grad_norm"], rel=grad_norm_rel)
     finally:
         group.close()
