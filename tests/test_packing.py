@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_distributed import SETTINGS, fixed_batch
+from test_distributed import SETTINGS, assert_same_adam_update, fixed_batch
 
 from ascend_rl.data.collate import position_ids_from_mask
 from ascend_rl.data.tiny_model import TinyModelSpec, build_tiny_model
@@ -110,8 +110,8 @@ def test_packed_actor_makes_the_padded_update(tiny_model_dir):
         m_padded, m_packed = padded.update(batch), packed.update(batch)
         assert m_packed["actor/pg_loss"] == pytest.approx(m_padded["actor/pg_loss"], abs=1e-5)
         assert m_packed["actor/grad_norm"] == pytest.approx(m_padded["actor/grad_norm"], rel=1e-4)
-    for p, q in zip(padded.model.parameters(), packed.model.parameters()):
-        assert torch.allclose(p, q, atol=1e-5)
+    for (name, p), q in zip(padded.model.named_parameters(), packed.model.parameters()):
+        assert_same_adam_update(q.detach(), p.detach(), optim.lr, 2, name)
 
 
 @pytest.mark.timeout(600)
@@ -135,7 +135,7 @@ def test_ulysses_makes_the_update_of_one_process(tiny_model_dir, world, sp):
             assert m_group["actor/grad_norm"] == pytest.approx(m_single["actor/grad_norm"], rel=1e-5, abs=1e-6)
         weights = dict(group.named_weights())
         for name, p in single.model.named_parameters():
-            assert torch.allclose(weights[name], p.detach(), atol=1e-5), name
+            assert_same_adam_update(weights[name], p.detach(), optim.lr, 2, name)
     finally:
         group.close()
 
