@@ -1,11 +1,9 @@
 """The native engine's lean forward against transformers' own, per architecture and dtype, over more decode
 steps than its start-up self-check takes."""
 
-import os
-import shutil
-
 import pytest
 import torch
+from test_cpu_kernels import HAVE_COMPILER
 
 from ascend_rl.data.collate import position_ids_from_mask
 from ascend_rl.rollout.lean_decoder import LeanDecoder, self_check_tolerance
@@ -71,7 +69,7 @@ def test_lean_forward_equals_the_models_own(kind, dtype, path, two_threads):
     model = tiny(kind, dtype)
     decoder = LeanDecoder.for_model(model)
     assert decoder is not None  # the self-check passed
-    if fused and shutil.which(os.environ.get("CXX", "c++")) is None:
+    if fused and not HAVE_COMPILER:
         pytest.skip("no C++ compiler here: the CPU decode kernels are not built")
     assert decoder.fused or not fused  # where a compiler is, the kernels build and the CPU decodes with them
     assert decoder.split_rows == decoder.fused  # a tiny model's weights stay in cache
@@ -82,12 +80,11 @@ def test_lean_forward_equals_the_models_own(kind, dtype, path, two_threads):
     assert (lean.float() - reference.float()).abs().max() < self_check_tolerance(reference)
 
 
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler here: the CPU decode kernels are not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_row_split_step_equals_the_per_op_step_and_records_no_graph(dtype, two_threads):
     """Each thread running the whole step on its rows computes what the per-op step does, writes the same cache
     columns, and runs under the caller's no_grad (threads start with grad mode on: the state must travel)."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler here: the CPU decode kernels are not built")
     model = tiny("qwen3", dtype).requires_grad_(True)
     results = {}
     for split_rows in (True, False):

@@ -244,6 +244,7 @@ void weighted_sum(const float* __restrict p, const T* __restrict values, int64_t
       for (int64_t v = 0; v < kVectors; ++v) sums[0][v] += p[l] * load16(values + l * Dim + v * kLanes);
     for (int64_t v = 0; v < kVectors; ++v) store16(acc + v * kLanes, sums[0][v] + sums[1][v]);
   } else {
+    std::fill_n(acc, dim, 0.f);
     for (int64_t l = 0; l < length; ++l) {
 #pragma omp simd
       for (int64_t d = 0; d < dim; ++d) acc[d] += p[l] * to_float(values[l * dim + d]);
@@ -344,7 +345,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cac
           case 32: weighted_sum<T, 32>(s, values, length, acc); break;
           case 64: weighted_sum<T, 64>(s, values, length, acc); break;
           case 128: weighted_sum<T, 128>(s, values, length, acc); break;
-          default: std::fill_n(acc, dim, 0.f); weighted_sum<T, 0>(s, values, length, acc, dim);
+          default: weighted_sum<T, 0>(s, values, length, acc, dim);
         }
         T* o = outputs + (r * heads + g * group + j) * dim;
         const float inv = total > 0.f ? 1.f / total : 0.f;  // a row with no key left attends to nothing
@@ -519,22 +520,24 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& embedding,
                        const at::Tensor& inv_freq, double rope_scale, const at::Tensor& key_mask, int64_t column,
                        const at::Tensor& final_norm, const at::Tensor& lm_head,
                        const std::optional<at::Tensor>& lm_head_bias, double eps, bool split_rows) {
-  auto rows_step = [&](int64_t begin, int64_t end) {
+  auto final_hidden = [&](int64_t begin, int64_t end) {  // rows begin … end − 1, before the LM head
     auto part = [&](const at::Tensor& t) { return t.narrow(0, begin, end - begin); };
     std::vector<at::Tensor> ks, vs;
     for (const auto& t : k_caches) ks.push_back(part(t));
     for (const auto& t : v_caches) vs.push_back(part(t));
     const at::Tensor x = decode_layers(at::embedding(embedding, part(ids)), weights, ks, vs, part(positions),
                                        inv_freq, rope_scale, part(key_mask), column, eps);
-    return at::linear(rms_norm(x, final_norm, eps), lm_head, lm_head_bias);
+    return rms_norm(x, final_norm, eps);
   };
   const int64_t rows = ids.size(0);
-  if (!split_rows || rows < 2 || at::get_num_threads() < 2) return rows_step(0, rows);
+  if (!split_rows || rows < 2 || at::get_num_threads() < 2)
+    return at::linear(final_hidden(0, rows), lm_head, lm_head_bias);
   at::Tensor logits = at::empty({rows, lm_head.size(0)}, embedding.options());
   const at::ThreadLocalState state;  // no_grad and the dispatch state of the caller, for every thread
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
-    logits.narrow(0, begin, end - begin).copy_(rows_step(begin, end));
+    at::Tensor part = logits.narrow(0, begin, end - begin);  // whole rows of a contiguous tensor: written in place
+    at::linear_out(part, final_hidden(begin, end), lm_head, lm_head_bias);
   });
   return logits;
 }
